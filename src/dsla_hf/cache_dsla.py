@@ -1,0 +1,185 @@
+"""Hybrid cache: a KV cache for softmax layers and two stacked recurrent states for DSLA layers.
+
+Built on Transformers' own cache classes. Every layer is a `DSLACacheLayer`, which may hold both kinds of state,
+so a layer can switch kind between two forwards:
+
+- `seen_tokens` counts the tokens the layer has processed, whatever its kind (so positions stay right even when no
+  layer keeps keys and values);
+- the keys and values are either complete (`kv_tokens == seen_tokens`) or freed;
+- the DSLA states cover the first `state_tokens` tokens; when they lag behind (the layer ran as softmax attention
+  for a while), the layer's next DSLA forward folds the missing keys and values into them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, LinearAttentionAndFullAttentionLayer
+
+
+class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
+    def __init__(self, keep_kv: bool = False):
+        super().__init__(number_of_states=1)
+        self.keep_kv = keep_kv
+        self.seen_tokens = 0
+        self.state_tokens = 0
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------
+
+    @property
+    def kv_tokens(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    @property
+    def state(self) -> torch.Tensor | None:
+        return self.recurrent_states[0] if self.is_recurrent_states_initialized[0] else None
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    # --- softmax attention ---------------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.kv_tokens != self.seen_tokens:
+            raise RuntimeError(
+                f"This layer's keys and values were freed when it was folded into DSLA states after "
+                f"{self.seen_tokens - self.kv_tokens} tokens, so it cannot run as softmax attention again for this "
+                "request. Create the cache with `DSLACache(config, keep_kv=True)` to make reverts exact."
+            )
+        keys, values = super().update(key_states, value_states)
+        self.seen_tokens += key_states.shape[-2]
+        return keys, values
+
+    # --- DSLA ----------------------------------------------------------------------------------------------------
+
+    def stale_kv(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Keys and values that the DSLA states have not read yet, with the position of the first, or None."""
+        if self.state_tokens == self.seen_tokens:
+            return None
+        if self.kv_tokens != self.seen_tokens:
+            raise RuntimeError("The DSLA states lag behind but the keys and values they need were freed")
+        return self.keys[..., self.state_tokens :, :], self.values[..., self.state_tokens :, :], self.state_tokens
+
+    def set_state(self, state: torch.Tensor, new_tokens: int) -> None:
+        """Store the DSLA states after `new_tokens` more tokens (0 for a fold of tokens already seen)."""
+        if not self.is_recurrent_states_initialized[0] or self.recurrent_states[0].shape != state.shape:
+            self.recurrent_states[0] = state
+            self.is_recurrent_states_initialized[0] = True
+        elif self.recurrent_states[0] is not state:
+            self.recurrent_states[0].copy_(state)
+        # Set here: Transformers only marks a recurrent state as present after a conv-state update.
+        self.has_previous_state[0] = True
+        self.seen_tokens += new_tokens
+        self.state_tokens = self.seen_tokens
+
+    def append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keep keys and values beside the states (for an exact revert), without counting the tokens again."""
+        if self.kv_tokens == self.seen_tokens - key_states.shape[-2]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def free_kv(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    # --- batch operations on both kinds of state -----------------------------------------------------------------
+
+    def _map(self, fn) -> None:
+        if self.kv_tokens:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.state is not None:
+            self.recurrent_states[0] = fn(self.recurrent_states[0])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.free_kv()
+        self.recurrent_states[0] = None
+        self.is_recurrent_states_initialized[0] = False
+        self.has_previous_state[0] = False
+        self.seen_tokens = self.state_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        if self.state is not None:
+            raise RuntimeError("A layer with DSLA states cannot be cropped: recurrent states cannot be rolled back")
+        super(LinearAttentionAndFullAttentionLayer, self).crop(tokens_to_remove)  # the DynamicLayer part
+        self.seen_tokens = self.kv_tokens
+
+    @property
+    def memory_bytes(self) -> int:
+        tensors = [self.keys, self.values] if self.kv_tokens else []
+        if self.state is not None:
+            tensors.append(self.state)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DSLACache(Cache):
+    """The cache of a `DSLALlamaForCausalLM`: one `DSLACacheLayer` per layer, plus the positions seen so far
+    (needed to undo RoPE on cached keys when a layer's keys and values are folded into DSLA states).
+
+    Args:
+        config: the model's `DSLAConfig`.
+        keep_kv: keep the keys and values of DSLA layers beside their states, so that reverting a layer to softmax
+            attention is exact. Without it, a layer's keys and values are freed once folded (that is the memory gain).
+    """
+
+    def __init__(self, config=None, keep_kv: bool = False, num_layers: int | None = None):
+        n = num_layers if num_layers is not None else config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[DSLACacheLayer(keep_kv=keep_kv) for _ in range(n)])
+        self.keep_kv = keep_kv
+        self.position_ids: torch.LongTensor | None = None
+
+    def record_positions(self, position_ids: torch.LongTensor, batch_size: int) -> None:
+        position_ids = position_ids.expand(batch_size, -1)
+        self.position_ids = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], -1)
+
+    def past_positions(self, start: int, end: int) -> torch.LongTensor:
+        if self.position_ids is None or self.position_ids.shape[-1] < end:
+            raise RuntimeError("The cache has no record of the positions of its keys; it cannot fold them")
+        return self.position_ids[:, start:end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def _map_positions(self, fn) -> None:
+        if self.position_ids is not None:
+            self.position_ids = fn(self.position_ids)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_positions(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_positions(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_positions(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        super().reset()
+        self.position_ids = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.position_ids is not None and tokens_to_remove:
+            self.position_ids = self.position_ids[:, : -abs(tokens_to_remove)]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by keys, values and DSLA states across layers."""
+        return sum(layer.memory_bytes for layer in self.layers)
+
+
+__all__ = ["DSLACache", "DSLACacheLayer"]

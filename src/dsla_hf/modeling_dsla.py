@@ -1,0 +1,509 @@
+"""DSLA-Llama: a Llama whose layers each run softmax attention or DSLA (dual-state linear attention).
+
+Every layer keeps the teacher's softmax attention (`self_attn`). Layers listed in `config.dsla_layers` also own a
+`linear_attn` (the DSLA parameters); `config.layer_types` says which of the two each layer runs, and
+`set_dsla_layers` changes that at run time without touching any weight.
+
+    S1_t = diag(a1_t) S1_{t-1} + phi(k_t)^T v_t     history state (slow decay)
+    S2_t = diag(a2_t) S2_{t-1} + phi(k_t)^T v_t     recency state (fast decay)
+    o_t  = psi(q_t) (g1 S1_t + g2 S2_t)              then o_proj
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    rotate_half,
+)
+from transformers.utils import logging
+
+from .cache_dsla import DSLACache, DSLACacheLayer
+from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
+from .kernels import chunk_dsla, fold_kv, fused_recurrent_dsla
+
+logger = logging.get_logger(__name__)
+
+# Decode steps of at most this many tokens use the recurrent kernel; longer inputs the chunked one.
+RECURRENT_MAX_TOKENS = 4
+
+
+def undo_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of RoPE on [B, T, H, D] keys; dividing by cos^2 + sin^2 also undoes any attention scaling."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+def half_life_logit(half_life: float, tau: float) -> float:
+    """Gate bias b such that logsigmoid(b) / tau = log(0.5) / half_life."""
+    log_a = -tau * math.log(2.0) / half_life
+    return log_a - math.log(-math.expm1(log_a))
+
+
+class LowRankDelta(nn.Module):
+    """A LoRA-style delta `up(down(x)) * alpha / r` beside a frozen projection; `up` starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        self.up = nn.Parameter(torch.empty(out_features, rank))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up) * self.scaling
+
+
+class DSLAFeatureMap(nn.Module):
+    """phi / psi applied per head to keys or queries: identity, elu + 1, or Hedgehog (softmax of a learned map, of
+    both signs, which doubles the width)."""
+
+    def __init__(self, kind: str, num_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.kind = kind
+        self.out_dim = 2 * feature_dim if kind == "hedgehog" else head_dim
+        if kind == "hedgehog":
+            self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return x
+        if self.kind == "elu":
+            return F.elu(x) + 1.0
+        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1).to(x.dtype)
+
+
+class DSLAGates(nn.Module):
+    """Per-head, per-feature log decays of the states: `logsigmoid(W x + b) / tau`, from the key of each state head
+    or from the layer's input hidden state."""
+
+    def __init__(self, config: DSLAConfig, num_heads: int, in_dim: int, feature_dim: int):
+        super().__init__()
+        self.tau = config.dsla_gate_tau
+        self.clamp = config.dsla_gate_clamp
+        S = config.dsla_num_states
+        self.weight = nn.Parameter(torch.empty(S, num_heads, feature_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(S, num_heads, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, in_dim] (keys) or [B, T, in_dim] (hidden state). Returns fp32 [B, T, S, H, F]."""
+        pattern = "bthd,shfd->btshf" if x.dim() == 4 else "btd,shfd->btshf"
+        z = torch.einsum(pattern, x.float(), self.weight.float()) + self.bias.float()
+        g = F.logsigmoid(z) / self.tau
+        return g.clamp(min=self.clamp) if self.clamp is not None else g
+
+
+class DSLAAttention(nn.Module):
+    """The DSLA parameters of one layer. The default preset borrows the teacher's q/k/v/o projections (keys and
+    values frozen and shared, so states can be rebuilt exactly from the KV cache); the paper preset owns copies."""
+
+    def __init__(self, config: DSLAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_states = config.dsla_num_states
+        self.state_heads = self.num_kv_heads if config.dsla_gqa else self.num_heads
+        self.normalizer = config.dsla_normalizer
+        feature_dim = config.dsla_feature_dim or self.head_dim
+        D, H, hidden = self.head_dim, self.num_heads, config.hidden_size
+
+        if config.dsla_train_projections:
+            bias = config.attention_bias
+            self.q_proj = nn.Linear(hidden, H * D, bias=bias)
+            self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+            self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=bias)
+            self.o_proj = nn.Linear(H * D, hidden, bias=bias)
+        if config.dsla_lora_rank:
+            self.q_lora = LowRankDelta(hidden, H * D, config.dsla_lora_rank, config.dsla_lora_alpha)
+            self.o_lora = LowRankDelta(H * D, hidden, config.dsla_lora_rank, config.dsla_lora_alpha)
+        self.q_feature_map = DSLAFeatureMap(config.dsla_feature_map, H, D, feature_dim)
+        self.k_feature_map = DSLAFeatureMap(config.dsla_feature_map, self.state_heads, D, feature_dim)
+        self.feature_dim = self.k_feature_map.out_dim
+        gate_in = hidden if config.dsla_gate_source == "hidden" else D
+        self.gates = DSLAGates(config, self.state_heads, gate_in, self.feature_dim)
+        if self.num_states > 1:
+            shape = (self.num_states,) if config.dsla_mixing == "layer" else (H, self.num_states)
+            self.mix_logits = nn.Parameter(torch.empty(shape))
+        if self.normalizer == "rms":
+            self.out_norm = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+        # Softmax-normalised features: the normaliser cancels any scale, keep q.k in [0, 2].
+        self.scale = 1.0 if config.dsla_feature_map == "hedgehog" else self.feature_dim**-0.5
+
+    def reset_dsla_parameters(self) -> None:
+        """Initial values of the DSLA parameters (DESIGN §2.1). Uses `transformers.initialization`, so weights
+        loaded from a checkpoint are left alone."""
+        cfg = self.config
+        gate = self.gates
+        if cfg.dsla_gate_init == "identity_random":
+            # The reference code: history weight the identity, recency weight random, no bias.
+            init.eye_(gate.weight[0].view(-1, gate.weight.shape[-1]))
+            for s in range(1, self.num_states):
+                init.normal_(gate.weight[s], std=cfg.initializer_range)
+            init.zeros_(gate.bias)
+        else:
+            # Small weights and biases that set the half-lives: history thousands of tokens, recency tens.
+            init.normal_(gate.weight, std=0.01 / math.sqrt(gate.weight.shape[-1]))
+            lives = [cfg.dsla_history_half_life, cfg.dsla_recency_half_life][: self.num_states]
+            with torch.no_grad():
+                values = torch.tensor([half_life_logit(life, cfg.dsla_gate_tau) for life in lives])
+            init.copy_(gate.bias, values.view(-1, 1, 1).expand_as(gate.bias).to(gate.bias.dtype))
+        for fmap in (self.q_feature_map, self.k_feature_map):
+            if fmap.kind == "hedgehog":
+                init.copy_(fmap.weight, torch.eye(*fmap.weight.shape[1:]).expand_as(fmap.weight).to(fmap.weight.dtype))
+        if self.num_states > 1:
+            init.zeros_(self.mix_logits)
+        for lora in (getattr(self, "q_lora", None), getattr(self, "o_lora", None)):
+            if lora is not None:
+                init.normal_(lora.down, std=lora.down.shape[-1] ** -0.5)
+                init.zeros_(lora.up)
+
+    # --- pieces shared by the forward and the fold ----------------------------------------------------------------
+
+    def projections(self, teacher: LlamaAttention) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        owner = self if self.config.dsla_train_projections else teacher
+        return owner.q_proj, owner.k_proj, owner.v_proj, owner.o_proj
+
+    def mix_weights(self) -> torch.Tensor | None:
+        return self.mix_logits.float().softmax(-1) if self.num_states > 1 else None
+
+    def key_side(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        hidden_states: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What enters the states: features of the keys, values (with a ones column for the sum normaliser) and the
+        log gates. Padded positions (mask 0) contribute nothing and do not decay the states."""
+        if self.state_heads != self.num_kv_heads:
+            groups = self.num_heads // self.num_kv_heads
+            keys = keys.repeat_interleave(groups, dim=2)
+            values = values.repeat_interleave(groups, dim=2)
+        features = self.k_feature_map(keys)
+        gates = self.gates(keys if self.config.dsla_gate_source == "key" else hidden_states)
+        if self.normalizer == "sum":
+            values = torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
+        if mask is not None:
+            keep = mask[:, :, None, None].to(features.dtype)
+            features = features * keep
+            gates = gates * keep[:, :, None].to(gates.dtype)
+        g2 = gates[:, :, 1] if self.num_states > 1 else None
+        return features, values, gates[:, :, 0], g2
+
+    def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        value_dim = self.head_dim + (self.normalizer == "sum")
+        shape = (batch_size, self.num_states, self.state_heads, self.feature_dim, value_dim)
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def fold(self, cache_layer: DSLACacheLayer, cache: DSLACache, rotary_emb: Callable, mask: torch.Tensor | None):
+        """Bring the states up to date with keys and values the layer saw as softmax attention (exact for the
+        default preset). The paper preset cannot rebuild its states (its keys and gates are not those of the KV
+        cache): its states restart from zero at the switch, as in the paper's system."""
+        stale = cache_layer.stale_kv()
+        if stale is None:
+            return cache_layer.state
+        keys, values, start = stale
+        batch, _, count, _ = keys.shape
+        if not self.config.foldable:
+            logger.warning_once(
+                "The paper preset cannot fold a KV cache into DSLA states; switched layers forget earlier tokens."
+            )
+            state = self.empty_state(batch, keys.device)
+        else:
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+            cos, sin = rotary_emb(keys, cache.past_positions(start, start + count))
+            keys = undo_rotary(keys, cos, sin)
+            past_mask = mask[:, start : start + count] if mask is not None else None
+            features, values, g1, g2 = self.key_side(keys, values, None, past_mask)
+            state = fold_kv(features, values, g1, g2, initial_state=cache_layer.state)
+        cache_layer.set_state(state, 0)
+        if not cache_layer.keep_kv:
+            cache_layer.free_kv()
+        return state
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        teacher: LlamaAttention,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: DSLACache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        rotary_emb: Callable | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        D = self.head_dim
+        q_proj, k_proj, v_proj, o_proj = self.projections(teacher)
+        q = q_proj(hidden_states)
+        if hasattr(self, "q_lora"):
+            q = q + self.q_lora(hidden_states)
+        q = q.view(B, T, self.num_heads, D)
+        k = k_proj(hidden_states).view(B, T, self.num_kv_heads, D)
+        v = v_proj(hidden_states).view(B, T, self.num_kv_heads, D)
+
+        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        state = self.fold(cache_layer, past_key_values, rotary_emb, padding_mask) if cache_layer else None
+        mask = padding_mask[:, -T:] if padding_mask is not None else None
+        features, values, g1, g2 = self.key_side(k, v, hidden_states, mask)
+        queries = self.q_feature_map(q)
+        mix = self.mix_weights()
+
+        if cache_layer is not None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+            o, state = fused_recurrent_dsla(
+                queries, features, values, g1, g2, mix, self.scale, initial_state=state, inplace=True
+            )
+        else:
+            o, state = chunk_dsla(
+                queries, features, values, g1, g2, mix, self.scale, state, output_final_state=cache_layer is not None
+            )
+        if cache_layer is not None:
+            cache_layer.set_state(state, T)
+            if cache_layer.keep_kv:
+                cos, sin = position_embeddings
+                k_rot = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+                cache_layer.append_kv(k_rot, v.transpose(1, 2))
+
+        if self.normalizer == "sum":
+            o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
+        elif self.normalizer == "rms":
+            o = self.out_norm(o)
+        o = o.reshape(B, T, self.num_heads * D)
+        out = o_proj(o)
+        if hasattr(self, "o_lora"):
+            out = out + self.o_lora(o)
+        return out
+
+
+class DSLADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DSLAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.linear_attn = DSLAAttention(config, layer_idx) if layer_idx in config.dsla_layers else None
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DSLACache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        rotary_emb: Callable | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.layer_type == LINEAR_ATTENTION:
+            hidden_states = self.linear_attn(
+                hidden_states, self.self_attn, position_embeddings, past_key_values, padding_mask, rotary_emb
+            )
+        else:
+            hidden_states, _ = self.self_attn(
+                hidden_states=hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class DSLAPreTrainedModel(PreTrainedModel):
+    config_class = DSLAConfig
+    config: DSLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DSLADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DSLAAttention):
+            module.reset_dsla_parameters()
+
+    def set_dsla_layers(self, layers: list[int] | tuple[int, ...] | float | None) -> list[int]:
+        """Run the given layers (indices, or a ratio: a prefix of `config.conversion_order`) as DSLA and every
+        other layer as softmax attention. Changes no weight and loads nothing; returns the DSLA layers."""
+        active = self.config.layers_for(layers)
+        self.config.layer_types = [
+            LINEAR_ATTENTION if i in active else "full_attention" for i in range(self.config.num_hidden_layers)
+        ]
+        for module in self.modules():
+            if isinstance(module, DSLADecoderLayer):
+                module.layer_type = self.config.layer_types[module.layer_idx]
+        return active
+
+    @property
+    def dsla_layers(self) -> list[int]:
+        """The layers that currently run as DSLA."""
+        return self.config.active_dsla_layers
+
+
+class DSLALlamaModel(DSLAPreTrainedModel):
+    def __init__(self, config: DSLAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DSLADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DSLACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DSLACache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, DSLACache):
+            raise TypeError(
+                f"DSLA models need a `DSLACache` (got {type(past_key_values).__name__}): create one with "
+                "`DSLACache(model.config)`, or let the model or `generate()` create it."
+            )
+        batch_size, length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0) + past_seen
+        if past_key_values is not None:
+            past_key_values.record_positions(position_ids, batch_size)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        # DSLA layers read padding from the 2-D mask (past and current tokens); None when nothing is padded.
+        padding_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            padding_mask = attention_mask
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                padding_mask=padding_mask,
+                rotary_emb=self.rotary_emb,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
+
+
+class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DSLAConfig):
+        super().__init__(config)
+        self.model = DSLALlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() would build a plain DynamicCache; DSLA layers need the hybrid one.
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["past_key_values"] = DSLACache(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DSLACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["DSLAAttention", "DSLADecoderLayer", "DSLALlamaForCausalLM", "DSLALlamaModel", "DSLAPreTrainedModel"]

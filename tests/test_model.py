@@ -1,0 +1,255 @@
+"""The DSLA-Llama model on tiny random Llamas: conversion, cache, generation, switching, save/reload, bad input."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from dsla_hf import DSLACache, DSLAConfig, DSLALlamaForCausalLM, convert_llama_to_dsla
+from tests.conftest import tiny_llama_config
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_no_dsla_layer_gives_teacher_logits(tiny_teacher, preset):
+    model = convert_llama_to_dsla(tiny_teacher, layers="all", dsla_preset=preset).eval()
+    model.set_dsla_layers([])
+    ids = torch.randint(3, 101, (2, 33))
+    with torch.no_grad():
+        assert (model(ids).logits - tiny_teacher(ids).logits).abs().max() <= 1e-5
+
+
+def test_teacher_weights_are_shared_not_copied(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    t = tiny_teacher.model.layers[1].self_attn
+    s = model.model.layers[1].self_attn
+    assert s.k_proj.weight.data_ptr() == t.k_proj.weight.data_ptr()
+    assert model.model.embed_tokens.weight.data_ptr() == tiny_teacher.model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight.data_ptr() == tiny_teacher.lm_head.weight.data_ptr()
+
+
+def test_paper_preset_copies_projections(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[2], dsla_preset="paper")
+    dsla, teacher = model.model.layers[2].linear_attn, tiny_teacher.model.layers[2].self_attn
+    assert torch.equal(dsla.q_proj.weight, teacher.q_proj.weight)
+    assert dsla.q_proj.weight.data_ptr() != teacher.q_proj.weight.data_ptr()
+    # The paper's gate init: the history weight is the identity, the recency weight random.
+    w = dsla.gates.weight[0].reshape(-1, dsla.gates.weight.shape[-1])
+    assert torch.equal(w, torch.eye(*w.shape))
+    assert dsla.state_heads == tiny_teacher.config.num_attention_heads  # no GQA in the paper
+
+
+def test_default_preset_init(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[0])
+    dsla = model.model.layers[0].linear_attn
+    assert dsla.state_heads == tiny_teacher.config.num_key_value_heads
+    decay = torch.nn.functional.logsigmoid(dsla.gates.bias) / model.config.dsla_gate_tau
+    half_lives = (-torch.log(torch.tensor(2.0)) / decay.detach()).mean(dim=(1, 2)).tolist()
+    assert half_lives[0] == pytest.approx(model.config.dsla_history_half_life, rel=1e-3)
+    assert half_lives[1] == pytest.approx(model.config.dsla_recency_half_life, rel=1e-3)
+
+
+@pytest.mark.parametrize("active", [[1, 3], [0, 1, 2, 3], []])
+def test_cached_greedy_generation_matches_no_cache_argmax(tiny_teacher, active):
+    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model.set_dsla_layers(active)
+    ids = torch.randint(3, 101, (1, 17))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        x = ids
+        for _ in range(8):
+            x = torch.cat([x, model(x, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, x)
+
+
+def test_all_dsla_model_tracks_positions(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    cache = DSLACache(model.config)
+    ids = torch.randint(3, 101, (1, 10))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == 10
+    assert all(layer.kv_tokens == 0 for layer in cache.layers)  # no layer keeps keys and values
+    model.set_dsla_layers([])  # with no KV left, reverting must fail loudly, not silently
+    with pytest.raises(RuntimeError, match="keep_kv=True"), torch.no_grad():
+        model(ids[:, :1], past_key_values=cache)
+
+
+def test_left_padded_batch_matches_single_sequences(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[0, 2]).eval()
+    a, b = torch.randint(3, 101, (1, 12)), torch.randint(3, 101, (1, 7))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = (torch.arange(12) >= torch.tensor([[0], [5]])).long()
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        single_b = model.generate(b, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        logits = model(ids, attention_mask=mask).logits[1, -1]
+        alone = model(b).logits[0, -1]
+    assert torch.allclose(logits, alone, atol=1e-4)
+    assert torch.equal(batch[1, 12:], single_b[0, 7:])
+
+
+def test_sampling_and_beam_search(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[1, 2]).eval()
+    ids = torch.randint(3, 101, (2, 9))
+    torch.manual_seed(1)
+    s1 = model.generate(ids, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None)
+    torch.manual_seed(1)
+    s2 = model.generate(ids, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None)
+    assert torch.equal(s1, s2) and s1.shape == (2, 14)
+    beams = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
+    # Beam search re-orders the states with the beams: the best beam's score must equal a no-cache rescoring.
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None,
+                             output_scores=True, return_dict_in_generate=True, length_penalty=0.0)
+        logp = torch.log_softmax(model(out.sequences, use_cache=False).logits[:, 8:-1], -1)
+        rescored = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
+    assert torch.equal(beams, out.sequences)
+    assert torch.allclose(rescored, out.sequences_scores, atol=1e-4)
+
+
+def test_switching_folds_kv_exactly(tiny_teacher):
+    # Layers above a switched layer keep the keys they computed before the switch, so the logits match a model that
+    # ran DSLA from the first token when the switched layers sit above every layer whose kind changed.
+    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    ids = torch.randint(3, 101, (2, 40))
+    for before, after in (([], [3]), ([1], [1, 3]), ([0, 1, 2], [0, 1, 2, 3])):
+        model.set_dsla_layers(before)
+        cache = DSLACache(model.config)
+        with torch.no_grad():
+            model(ids[:, :-1], past_key_values=cache)
+            model.set_dsla_layers(after)
+            folded = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+            reference = model(ids, use_cache=False).logits[:, -1]
+        assert rel(folded, reference) <= 1e-4
+        new = sorted(set(after) - set(before))
+        assert all(cache.layers[i].kv_tokens == 0 for i in new)  # folded layers freed their keys and values
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
+    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    ids = torch.randint(3, 101, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding must not enter the folded states either
+    below = list(range(layer))  # the layers below run as DSLA in both, so the layer's inputs are the same
+    with torch.no_grad():
+        model.set_dsla_layers(below)
+        softmax_cache = DSLACache(model.config)
+        model(ids, attention_mask=mask, past_key_values=softmax_cache)
+        model.set_dsla_layers(below + [layer])
+        dsla_cache = DSLACache(model.config)
+        model(ids, attention_mask=mask, past_key_values=dsla_cache)
+        attn = model.model.layers[layer].linear_attn
+        folded = attn.fold(softmax_cache.layers[layer], softmax_cache, model.model.rotary_emb, mask)
+    reference = dsla_cache.layers[layer].state
+    assert ((folded - reference).norm() / reference.norm()).item() <= 1e-5
+
+
+def test_keep_kv_makes_revert_exact(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    ids = torch.randint(3, 101, (1, 30))
+    cache = DSLACache(model.config, keep_kv=True)
+    with torch.no_grad():
+        model.set_dsla_layers([3])
+        model(ids[:, :20], past_key_values=cache)
+        model.set_dsla_layers([])
+        model(ids[:, 20:25], past_key_values=cache)
+        model.set_dsla_layers([3])
+        a = model(ids[:, 25:], past_key_values=cache).logits[:, -1]
+        # The same, but staying on softmax attention after the revert.
+        ref_cache = DSLACache(model.config, keep_kv=True)
+        model.set_dsla_layers([3])
+        model(ids[:, :20], past_key_values=ref_cache)
+        model.set_dsla_layers([])
+        model(ids[:, 20:25], past_key_values=ref_cache)
+        reverted = model(ids[:, 25:], past_key_values=ref_cache).logits[:, -1]
+        softmax = model(ids, use_cache=False).logits[:, -1]
+        model.set_dsla_layers([3])
+        full = model(ids, use_cache=False).logits[:, -1]
+    assert rel(a, full) <= 1e-4  # states folded from the kept keys are those of DSLA from the first token
+    assert rel(reverted, softmax) <= 1e-4  # the revert to softmax attention is exact too
+
+
+def test_set_dsla_layers_by_ratio_and_errors(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[3, 1, 2], conversion_order=[3, 1, 2])
+    assert model.set_dsla_layers(0.5) == [1, 3]
+    assert model.config.layer_types == ["full_attention", "linear_attention", "full_attention", "linear_attention"]
+    assert model.set_dsla_layers(0.0) == []
+    with pytest.raises(ValueError, match="no DSLA weights"):
+        model.set_dsla_layers([0])
+    with pytest.raises(ValueError, match="outside"):
+        model.set_dsla_layers([7])
+    with pytest.raises(ValueError, match="needs 4 DSLA layers"):
+        model.set_dsla_layers(1.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        model.set_dsla_layers(1.5)
+    with pytest.raises(TypeError):
+        model.set_dsla_layers(2)
+
+
+def test_config_errors():
+    base = tiny_llama_config().to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        base.pop(key, None)
+    with pytest.raises(ValueError, match="Unknown layer kinds"):
+        DSLAConfig(**base, dsla_layers=[0], layer_types=["mamba2", "full_attention", "full_attention", "full_attention"])
+    with pytest.raises(ValueError, match="have no DSLA weights"):
+        DSLAConfig(**base, dsla_layers=[0], layer_types=["full_attention", "linear_attention"] + ["full_attention"] * 2)
+    with pytest.raises(ValueError, match="outside"):
+        DSLAConfig(**base, dsla_layers=[4])
+    with pytest.raises(ValueError, match="more than once"):
+        DSLAConfig(**base, dsla_layers=[1, 1])
+    with pytest.raises(ValueError, match="dsla_preset"):
+        DSLAConfig(**base, dsla_preset="fast")
+    with pytest.raises(ValueError, match="positive feature map"):
+        DSLAConfig(**base, dsla_feature_map="identity", dsla_normalizer="sum")
+    with pytest.raises(ValueError, match="dsla_feature_map"):
+        DSLAConfig(**base, dsla_feature_map="cosine")
+
+
+def test_convert_rejects_non_llama():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        convert_llama_to_dsla(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+
+
+def test_save_and_reload(tiny_teacher, tmp_path):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[0, 3], conversion_order=[3, 0]).eval()
+    with torch.no_grad():
+        for p in model.model.layers[3].linear_attn.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # trained-looking DSLA weights must round-trip
+    model.set_dsla_layers([3])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "dsla_llama"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, DSLALlamaForCausalLM)
+    assert loaded.dsla_layers == [3] and loaded.config.conversion_order == [3, 0]
+    ids = torch.randint(3, 101, (1, 21))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_wrong_cache_type_is_a_clear_error(tiny_teacher):
+    from transformers import DynamicCache
+
+    model = convert_llama_to_dsla(tiny_teacher, layers=[1]).eval()
+    with pytest.raises(TypeError, match="DSLACache"), torch.no_grad():
+        model(torch.randint(3, 101, (1, 4)), past_key_values=DynamicCache())
+
+
+def test_gradients_reach_dsla_parameters(tiny_teacher):
+    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    model.train()
+    ids = torch.randint(3, 101, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    dsla = model.model.layers[1].linear_attn
+    for name, p in dsla.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert isinstance(tiny_teacher, LlamaForCausalLM)
