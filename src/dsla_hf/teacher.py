@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,14 +51,19 @@ def teacher_folder() -> Path:
     logger.info("Dequantising %s once into %s", source.name, folder)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    model.config.quantization_config = None
+    # The weights are dequantised to fp32: drop the GGUF quantisation markers so a plain copy can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = TEACHER_NAME
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(folder) if not folder.exists() else None
+    if folder.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(folder)
     return folder
 
 

@@ -1,0 +1,27 @@
+"""The `dsla` command line: one sub-command per module, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module defining `add_arguments(parser)` and `run(args) -> int | None`
+COMMANDS = {
+    "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsla", description="Dual-state linear attention for Transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    args = parser.parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
