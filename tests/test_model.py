@@ -102,8 +102,16 @@ def test_sampling_and_beam_search(tiny_teacher):
     beams = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
     # Beam search re-orders the states with the beams: the best beam's score must equal a no-cache rescoring.
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None,
-                             output_scores=True, return_dict_in_generate=True, length_penalty=0.0)
+        out = model.generate(
+            ids,
+            max_new_tokens=5,
+            num_beams=3,
+            do_sample=False,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+            length_penalty=0.0,
+        )
         logp = torch.log_softmax(model(out.sequences, use_cache=False).logits[:, 8:-1], -1)
         rescored = logp.gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
     assert torch.equal(beams, out.sequences)
@@ -195,9 +203,13 @@ def test_config_errors():
     for key in ("model_type", "transformers_version", "architectures"):
         base.pop(key, None)
     with pytest.raises(ValueError, match="Unknown layer kinds"):
-        DSLAConfig(**base, dsla_layers=[0], layer_types=["mamba2", "full_attention", "full_attention", "full_attention"])
+        DSLAConfig(
+            **base, dsla_layers=[0], layer_types=["mamba2", "full_attention", "full_attention", "full_attention"]
+        )
     with pytest.raises(ValueError, match="have no DSLA weights"):
-        DSLAConfig(**base, dsla_layers=[0], layer_types=["full_attention", "linear_attention"] + ["full_attention"] * 2)
+        DSLAConfig(
+            **base, dsla_layers=[0], layer_types=["full_attention", "linear_attention"] + ["full_attention"] * 2
+        )
     with pytest.raises(ValueError, match="outside"):
         DSLAConfig(**base, dsla_layers=[4])
     with pytest.raises(ValueError, match="more than once"):

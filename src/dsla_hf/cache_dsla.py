@@ -141,7 +141,9 @@ class DSLACache(Cache):
 
     def record_positions(self, position_ids: torch.LongTensor, batch_size: int) -> None:
         position_ids = position_ids.expand(batch_size, -1)
-        self.position_ids = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], -1)
+        self.position_ids = (
+            position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], -1)
+        )
 
     def past_positions(self, start: int, end: int) -> torch.LongTensor:
         if self.position_ids is None or self.position_ids.shape[-1] < end:

@@ -145,7 +145,7 @@ class DSLAConfig(LlamaConfig):
         if self.dsla_gate_tau <= 0:
             raise ValueError(f"dsla_gate_tau must be positive, got {self.dsla_gate_tau}")
         if self.dsla_gate_clamp is not None and self.dsla_gate_clamp >= 0:
-            raise ValueError(f"dsla_gate_clamp is a lower bound on a log gate and must be negative")
+            raise ValueError("dsla_gate_clamp is a lower bound on a log gate and must be negative")
         if self.dsla_lora_rank < 0:
             raise ValueError(f"dsla_lora_rank must be >= 0, got {self.dsla_lora_rank}")
         if self.dsla_gate_source == "hidden" and self.dsla_gqa and self.dsla_gate_init == "identity_random":

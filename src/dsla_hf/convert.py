@@ -27,11 +27,19 @@ def dsla_config_from_llama(
         raise ValueError(f"layers must be 'all' or a list of layer indices, got {layers!r}")
     layers = list(layers)
     base = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config", "layer_types"):
+    for key in (
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "auto_map",
+        "quantization_config",
+        "layer_types",
+    ):
         base.pop(key, None)
     order = list(conversion_order) if conversion_order is not None else layers
-    return DSLAConfig(**base, dsla_layers=layers, conversion_order=order, architectures=["DSLALlamaForCausalLM"],
-                      **dsla_kwargs)
+    return DSLAConfig(
+        **base, dsla_layers=layers, conversion_order=order, architectures=["DSLALlamaForCausalLM"], **dsla_kwargs
+    )
 
 
 def convert_llama_to_dsla(

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_teacher()
     n = teacher.config.num_hidden_layers
     model = convert_llama_to_dsla(teacher, layers="all", active=[]).eval()
-    ids = tokenizer(pydoc_text()[:20 * args.prompt_tokens], return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    ids = tokenizer(pydoc_text()[: 20 * args.prompt_tokens], return_tensors="pt").input_ids[:, : args.prompt_tokens]
     rows = []
     for label, ratio in (("teacher", 0.0), (f"DSLA {args.ratio:.0%} (untrained)", args.ratio)):
         layers = model.set_dsla_layers(ratio)

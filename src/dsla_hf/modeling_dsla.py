@@ -36,6 +36,7 @@ from transformers.utils import logging
 from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
 from .kernels import chunk_dsla, fold_kv, fused_recurrent_dsla
+from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)
 
@@ -355,6 +356,20 @@ class DSLAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, DSLAAttention):
             module.reset_dsla_parameters()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual (safetensors), plus self-contained remote code and its `auto_map`, so the folder also loads
+        with `trust_remote_code=True` where dsla_hf is not installed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        auto_class = type(self)._auto_class
+        type(self)._auto_class = None  # Transformers' exporter cannot follow the kernels sub-package: we write it
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            type(self)._auto_class = auto_class
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+        return result
 
     def set_dsla_layers(self, layers: list[int] | tuple[int, ...] | float | None) -> list[int]:
         """Run the given layers (indices, or a ratio: a prefix of `config.conversion_order`) as DSLA and every
