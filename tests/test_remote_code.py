@@ -92,7 +92,8 @@ def test_remote_model_saves_itself_again(tiny_teacher, tmp_path):
     script = tmp_path / "resave.py"
     script.write_text(
         "import sys\nfrom transformers import AutoModelForCausalLM\n"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\nm.save_pretrained(sys.argv[2])\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "m.save_pretrained(sys.argv[2])\n"
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     run = subprocess.run(
