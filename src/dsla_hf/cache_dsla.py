@@ -41,9 +41,9 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.kv_tokens != self.seen_tokens:
             raise RuntimeError(
-                f"This layer's keys and values were freed when it was folded into DSLA states after "
-                f"{self.seen_tokens - self.kv_tokens} tokens, so it cannot run as softmax attention again for this "
-                "request. Create the cache with `DSLACache(config, keep_kv=True)` to make reverts exact."
+                f"This layer ran as DSLA without keeping the keys and values of {self.seen_tokens - self.kv_tokens} "
+                "tokens, so it cannot run as softmax attention again for this request. Create the cache with "
+                "`DSLACache(config, keep_kv=True)` to make reverts exact."
             )
         keys, values = super().update(key_states, value_states)
         self.seen_tokens += key_states.shape[-2]
@@ -123,6 +123,11 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _pad_left(t: torch.Tensor, count: int) -> torch.Tensor:
+    """Left-pad the time axis: dim -2 of [B, H, T, D] keys and values, dim -1 of [B, T] masks and positions."""
+    return torch.nn.functional.pad(t, (0, 0, count, 0) if t.dim() == 4 else (count, 0))
+
+
 class DSLACache(Cache):
     """The cache of a `DSLALlamaForCausalLM`: one `DSLACacheLayer` per layer, plus the positions seen so far
     (needed to undo RoPE on cached keys when a layer's keys and values are folded into DSLA states).
@@ -177,6 +182,61 @@ class DSLACache(Cache):
         super().crop(tokens_to_remove)
         if self.position_ids is not None and tokens_to_remove:
             self.position_ids = self.position_ids[:, : -abs(tokens_to_remove)]
+
+    @classmethod
+    def stack(cls, caches: list[DSLACache], masks: list[torch.Tensor | None]) -> tuple[DSLACache, torch.LongTensor]:
+        """Join caches of different lengths into one batch, left-padded (for continuous batching).
+
+        `masks[i]` is the 2-D attention mask of cache i (None: no padding). Returns the joined cache and its mask.
+        Padding is exact for both kinds of layer: softmax attention masks it, DSLA never lets it into the states.
+        States that lag behind their keys and values are dropped (a later fold rebuilds them from scratch).
+        """
+        if not caches:
+            raise ValueError("Nothing to stack")
+        first = caches[0]
+        if any(len(c.layers) != len(first.layers) or c.keep_kv != first.keep_kv for c in caches):
+            raise ValueError("Only caches of the same model and keep_kv setting can be stacked")
+        lengths = [c.get_seq_length() for c in caches]
+        total = max(lengths)
+        masks = [
+            torch.ones(c.position_ids.shape, dtype=torch.long) if m is None else m.long()
+            for c, m in zip(caches, masks)
+        ]
+        joined = cls(num_layers=len(first.layers), keep_kv=first.keep_kv)
+        for i, layer in enumerate(joined.layers):
+            parts = [c.layers[i] for c in caches]
+            if any(p.seen_tokens != n for p, n in zip(parts, lengths)):
+                raise ValueError(f"Layer {i} has not seen every token of its request")
+            has_kv = {p.kv_tokens == p.seen_tokens and p.seen_tokens > 0 for p in parts}
+            if len(has_kv) > 1:
+                raise ValueError(f"Layer {i} keeps keys and values for some requests only; fold them first")
+            if has_kv.pop():
+                keys = torch.cat([_pad_left(p.keys, total - n) for p, n in zip(parts, lengths)])
+                values = torch.cat([_pad_left(p.values, total - n) for p, n in zip(parts, lengths)])
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+            current = [p.state is not None and p.state_tokens == p.seen_tokens for p in parts]
+            if all(current):
+                layer.set_state(torch.cat([p.state for p in parts]), 0)
+            elif layer.kv_tokens == 0 and any(p.seen_tokens for p in parts):
+                raise ValueError(f"Layer {i} has neither keys and values nor up-to-date states for every request")
+            layer.seen_tokens = total
+            layer.state_tokens = total if all(current) else 0
+        joined.position_ids = torch.cat([_pad_left(c.position_ids, total - n) for c, n in zip(caches, lengths)])
+        mask = torch.cat([_pad_left(m, total - n) for m, n in zip(masks, lengths)])
+        return joined, mask
+
+    def trim_left(self, count: int) -> None:
+        """Drop the first `count` positions, which must be padding in every row (after requests left the batch)."""
+        if count <= 0:
+            return
+        for layer in self.layers:
+            if layer.kv_tokens:
+                layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
+            layer.seen_tokens -= count
+            layer.state_tokens = max(0, layer.state_tokens - count)
+        if self.position_ids is not None:
+            self.position_ids = self.position_ids[:, count:]
 
     @property
     def memory_bytes(self) -> int:
