@@ -6,8 +6,9 @@ so a layer can switch kind between two forwards:
 - `seen_tokens` counts the tokens the layer has processed, whatever its kind (so positions stay right even when no
   layer keeps keys and values);
 - the keys and values are either complete (`kv_tokens == seen_tokens`) or freed;
-- the DSLA states cover the first `state_tokens` tokens; when they lag behind (the layer ran as softmax attention
-  for a while), the layer's next DSLA forward folds the missing keys and values into them.
+- the DSLA side has read the first `state_tokens` tokens: into its states, or, for a layer with a softmax window,
+  the last `window` of them into a small window of raw keys and values; when it lags behind (the layer ran as softmax
+  attention for a while), the layer's next DSLA forward folds the missing keys and values into it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         self.keep_kv = keep_kv
         self.seen_tokens = 0
         self.state_tokens = 0
+        # Softmax window of a DSLA layer: raw (un-rotated) keys [B, W, HK, D], values, validity [B, W].
+        self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -59,8 +62,9 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
             raise RuntimeError("The DSLA states lag behind but the keys and values they need were freed")
         return self.keys[..., self.state_tokens :, :], self.values[..., self.state_tokens :, :], self.state_tokens
 
-    def set_state(self, state: torch.Tensor, new_tokens: int) -> None:
-        """Store the DSLA states after `new_tokens` more tokens (0 for a fold of tokens already seen)."""
+    def set_state(self, state: torch.Tensor, new_tokens: int, window=None) -> None:
+        """Store the DSLA states (and softmax window) after `new_tokens` more tokens (0 for a fold of tokens seen)."""
+        self.window = window
         if not self.is_recurrent_states_initialized[0] or self.recurrent_states[0].shape != state.shape:
             self.recurrent_states[0] = state
             self.is_recurrent_states_initialized[0] = True
@@ -90,6 +94,8 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
             self.keys, self.values = fn(self.keys), fn(self.values)
         if self.state is not None:
             self.recurrent_states[0] = fn(self.recurrent_states[0])
+        if self.window is not None:
+            self.window = tuple(fn(t) for t in self.window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -103,6 +109,7 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def reset(self) -> None:
         self.free_kv()
         self.recurrent_states[0] = None
+        self.window = None
         self.is_recurrent_states_initialized[0] = False
         self.has_previous_state[0] = False
         self.seen_tokens = self.state_tokens = 0
@@ -120,6 +127,7 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         tensors = [self.keys, self.values] if self.kv_tokens else []
         if self.state is not None:
             tensors.append(self.state)
+        tensors += list(self.window or ())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -217,7 +225,9 @@ class DSLACache(Cache):
                 layer.keys, layer.values = keys, values
             current = [p.state is not None and p.state_tokens == p.seen_tokens for p in parts]
             if all(current):
-                layer.set_state(torch.cat([p.state for p in parts]), 0)
+                windows = [p.window for p in parts]
+                window = None if windows[0] is None else tuple(torch.cat(w) for w in zip(*windows))
+                layer.set_state(torch.cat([p.state for p in parts]), 0, window)
             elif layer.kv_tokens == 0 and any(p.seen_tokens for p in parts):
                 raise ValueError(f"Layer {i} has neither keys and values nor up-to-date states for every request")
             layer.seen_tokens = total

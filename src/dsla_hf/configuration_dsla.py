@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
         dsla_mixing="layer",
         dsla_lora_rank=0,
         dsla_train_projections=True,
+        dsla_window=0,
     ),
     # GQA-aware and foldable: everything entering the states is a function of the teacher's (frozen) keys and values,
     # so a layer's states can be rebuilt exactly from its KV cache at run time.
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict] = {
         dsla_mixing="head",
         dsla_lora_rank=8,
         dsla_train_projections=False,
+        dsla_window=0,
     ),
 }
 
@@ -66,6 +68,8 @@ class DSLAConfig(LlamaConfig):
     dsla_train_projections (`bool`): DSLA layers own trainable copies of q/k/v/o (the paper) instead of borrowing
         the teacher's.
     dsla_num_states (`int`): 2 (history and recency), or 1 for a single-state GLA ablation.
+    dsla_window (`int`): exact softmax attention over the last `dsla_window` tokens beside the states (LoLCATs-style;
+        the states then hold the tokens before the window). 0 turns it off. Needs the sum normaliser.
     """
 
     model_type = "dsla_llama"
@@ -89,6 +93,7 @@ class DSLAConfig(LlamaConfig):
     dsla_lora_rank: int | None = None
     dsla_lora_alpha: float = 16.0
     dsla_train_projections: bool | None = None
+    dsla_window: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.dsla_preset not in PRESETS:
@@ -146,10 +151,12 @@ class DSLAConfig(LlamaConfig):
             raise ValueError(f"dsla_gate_tau must be positive, got {self.dsla_gate_tau}")
         if self.dsla_gate_clamp is not None and self.dsla_gate_clamp >= 0:
             raise ValueError("dsla_gate_clamp is a lower bound on a log gate and must be negative")
+        if self.dsla_window < 0:
+            raise ValueError(f"dsla_window must be >= 0, got {self.dsla_window}")
+        if self.dsla_window and (self.dsla_normalizer != "sum" or self.dsla_gate_source != "key"):
+            raise ValueError("dsla_window needs dsla_normalizer='sum' and dsla_gate_source='key'")
         if self.dsla_lora_rank < 0:
             raise ValueError(f"dsla_lora_rank must be >= 0, got {self.dsla_lora_rank}")
-        if self.dsla_gate_source == "hidden" and self.dsla_gqa and self.dsla_gate_init == "identity_random":
-            pass  # allowed: the identity is taken on the leading block
 
     @property
     def foldable(self) -> bool:

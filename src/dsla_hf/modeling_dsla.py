@@ -145,6 +145,9 @@ class DSLAAttention(nn.Module):
             self.mix_logits = nn.Parameter(torch.empty(shape))
         if self.normalizer == "rms":
             self.out_norm = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+        self.window = config.dsla_window
+        if self.window:
+            self.linear_log_scale = nn.Parameter(torch.empty(H))
         # Softmax-normalised features: the normaliser cancels any scale, keep q.k in [0, 2].
         self.scale = 1.0 if config.dsla_feature_map == "hedgehog" else self.feature_dim**-0.5
 
@@ -171,6 +174,8 @@ class DSLAAttention(nn.Module):
                 init.copy_(fmap.weight, torch.eye(*fmap.weight.shape[1:]).expand_as(fmap.weight).to(fmap.weight.dtype))
         if self.num_states > 1:
             init.zeros_(self.mix_logits)
+        if self.window:
+            init.zeros_(self.linear_log_scale)
         for lora in (getattr(self, "q_lora", None), getattr(self, "o_lora", None)):
             if lora is not None:
                 init.normal_(lora.down, std=lora.down.shape[-1] ** -0.5)
@@ -214,6 +219,35 @@ class DSLAAttention(nn.Module):
         shape = (batch_size, self.num_states, self.state_heads, self.feature_dim, value_dim)
         return torch.zeros(shape, dtype=torch.float32, device=device)
 
+    def empty_window(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A window of `dsla_window` null entries (no key, no contribution) for the start of a sequence."""
+        shape = (batch, self.window, self.num_kv_heads, self.head_dim)
+        return like.new_zeros(shape), like.new_zeros(shape), torch.zeros(batch, self.window, device=like.device)
+
+    def advance(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ):
+        """Split raw keys/values of T new tokens into what enters the states now and what stays in the softmax
+        window: with a window of W, the states take the W oldest of the W + T pending tokens (the window's and the new
+        ones), in order, and the W newest form the next window. Returns (state inputs, pending tokens, next window)."""
+        if not self.window:
+            return (keys, values, mask), None, None
+        B, T = keys.shape[:2]
+        window = window if window is not None else self.empty_window(B, keys)
+        new_mask = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(B, T)
+        pending = (
+            torch.cat([window[0], keys], 1),
+            torch.cat([window[1], values], 1),
+            torch.cat([window[2], new_mask], 1),
+        )
+        state_in = tuple(t[:, :T] for t in pending)
+        next_window = tuple(t[:, T:] for t in pending)
+        return state_in, pending, next_window
+
     def fold(self, cache_layer: DSLACacheLayer, cache: DSLACache, rotary_emb: Callable, mask: torch.Tensor | None):
         """Bring the states up to date with keys and values the layer saw as softmax attention (exact for the
         default preset). The paper preset cannot rebuild its states (its keys and gates are not those of the KV
@@ -223,6 +257,7 @@ class DSLAAttention(nn.Module):
             return cache_layer.state
         keys, values, start = stale
         batch, _, count, _ = keys.shape
+        window = None
         if not self.config.foldable:
             logger.warning_once(
                 "The paper preset cannot fold a KV cache into DSLA states; switched layers forget earlier tokens."
@@ -233,12 +268,54 @@ class DSLAAttention(nn.Module):
             cos, sin = rotary_emb(keys, cache.past_positions(start, start + count))
             keys = undo_rotary(keys, cos, sin)
             past_mask = mask[:, start : start + count] if mask is not None else None
+            (keys, values, past_mask), _, window = self.advance(keys, values, past_mask, cache_layer.window)
             features, values, g1, g2 = self.key_side(keys, values, None, past_mask)
             state = fold_kv(features, values, g1, g2, initial_state=cache_layer.state)
-        cache_layer.set_state(state, 0)
+        cache_layer.set_state(state, 0, window)
         if not cache_layer.keep_kv:
             cache_layer.free_kv()
         return state
+
+    def window_attention(
+        self,
+        q: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        linear: torch.Tensor,
+    ) -> torch.Tensor:
+        """Exact softmax attention (with RoPE, as the teacher) of each new query over the `dsla_window` newest
+        pending tokens up to itself, sharing one normaliser with the states' output `linear` ([..., D] numerator,
+        [..., 1] denominator). `cos`/`sin` cover the W + T pending positions; queries are the last T."""
+        W, D, H, HK = self.window, self.head_dim, self.num_heads, self.num_kv_heads
+        B, T = q.shape[:2]
+        keys, values, valid = pending
+        q = q * cos[:, W:, None] + rotate_half(q) * sin[:, W:, None]
+        keys = keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]
+        # Query block n (queries nW..nW+W-1, pending index W+i) reads pending indices nW .. nW+2W-1: a band of W.
+        blocks = -(-T // W)
+        pad = (blocks + 1) * W - (W + T)
+        q = F.pad(q, (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, H // HK, D)
+        keys = F.pad(keys, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)  # [B, blocks, HK, D, 2W]
+        values = F.pad(values, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)
+        valid = F.pad(valid, (0, pad)).unfold(1, 2 * W, W)  # [B, blocks, 2W]
+        scores = torch.einsum("bnrhgd,bnhdc->bnhgrc", q.float(), keys.float()) * D**-0.5
+        r = torch.arange(W, device=q.device)[:, None]
+        c = torch.arange(2 * W, device=q.device)[None, :]
+        allowed = (c > r) & (c <= r + W) & (valid[:, :, None, None, None, :] > 0)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        top = scores.amax(-1, keepdim=True).clamp(min=0.0)  # >= 0 keeps both exp(s - top) and exp(-top) <= 1
+        weights = torch.exp(scores - top)
+        numerator = torch.einsum("bnhgrc,bnhdc->bnrhgd", weights, values.float())
+        denominator = weights.sum(-1)  # [B, blocks, HK, G, W]
+        numerator = numerator.reshape(B, blocks * W, H, D)[:, :T]
+        denominator = denominator.permute(0, 1, 4, 2, 3).reshape(B, blocks * W, H, 1)[:, :T]
+        top = top.squeeze(-1).permute(0, 1, 4, 2, 3).reshape(B, blocks * W, H, 1)[:, :T]
+        lin_scale = torch.exp(self.linear_log_scale.float()[:, None] - top)
+        linear = linear.float()
+        numerator = numerator + lin_scale * linear[..., :D]
+        denominator = denominator + lin_scale * linear[..., D:]
+        return numerator / (denominator + 1e-6)
 
     def forward(
         self,
@@ -262,7 +339,9 @@ class DSLAAttention(nn.Module):
         cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         state = self.fold(cache_layer, past_key_values, rotary_emb, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
-        features, values, g1, g2 = self.key_side(k, v, hidden_states, mask)
+        window = cache_layer.window if cache_layer is not None else None
+        (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
+        features, values, g1, g2 = self.key_side(state_k, state_v, hidden_states, state_mask)
         queries = self.q_feature_map(q)
         mix = self.mix_weights()
 
@@ -275,13 +354,17 @@ class DSLAAttention(nn.Module):
                 queries, features, values, g1, g2, mix, self.scale, state, output_final_state=cache_layer is not None
             )
         if cache_layer is not None:
-            cache_layer.set_state(state, T)
+            cache_layer.set_state(state, T, window)
             if cache_layer.keep_kv:
                 cos, sin = position_embeddings
                 k_rot = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
                 cache_layer.append_kv(k_rot, v.transpose(1, 2))
 
-        if self.normalizer == "sum":
+        if self.window:
+            positions = self.pending_positions(past_key_values, cache_layer, T, B, hidden_states.device)
+            cos, sin = rotary_emb(hidden_states, positions)
+            o = self.window_attention(q, pending, cos, sin, o).to(hidden_states.dtype)
+        elif self.normalizer == "sum":
             o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
         elif self.normalizer == "rms":
             o = self.out_norm(o)
@@ -290,6 +373,15 @@ class DSLAAttention(nn.Module):
         if hasattr(self, "o_lora"):
             out = out + self.o_lora(o)
         return out
+
+    def pending_positions(self, cache, cache_layer, T: int, batch: int, device) -> torch.LongTensor:
+        """Positions of the W + T pending tokens (the window's, then the new ones); 0 for null entries."""
+        if cache is None:
+            return torch.arange(-self.window, T, device=device).clamp(min=0).expand(batch, -1)
+        seen = cache_layer.seen_tokens  # already counts the new tokens
+        start = seen - T - self.window
+        positions = cache.position_ids[:, max(0, start) : seen]
+        return F.pad(positions, (max(0, -start), 0))
 
 
 class DSLADecoderLayer(GradientCheckpointingLayer):
