@@ -1,10 +1,434 @@
-"""Chunked DSLA (placeholder: the naive recurrence; the fast chunked path replaces it)."""
+"""Chunked DSLA for prefill and training: the optimised PyTorch path (CPU) with a hand-written backward.
+
+Within a chunk of ``C`` tokens (64) let ``b_t`` be the cumulative log decay of a state from the chunk start
+(inclusive). Then, per state and KV head, with ``S`` the state before the chunk,
+
+    o_t   = q_t e^{b_t} S + sum_{i<=t} (q_t e^{b_t - b_i} . k_i) v_i          (times the mixing weight)
+    S_out = e^{b_C} S + sum_i (k_i e^{b_C - b_i})^T v_i
+
+All work is done by batched matmuls over ``[batch, kv head, chunk]``; the ``G`` query heads of a KV group are
+extra rows of the same products, and the two states share one matmul for the inter-chunk term (2K columns) and
+one for the intra-chunk term (the mixed attention matrix). The only sequential part is a scan over chunks of the
+per-chunk states.
+
+Stability: ``e^{b_t - b_i}`` must never be formed as ``e^{b_t} e^{-b_i}`` when ``-b`` can be large. For each
+state the kernel picks, from the gates it is given, the cheapest exact factoring whose exponents stay below
+``SAFE_EXPONENT`` in magnitude:
+
+- ``full``: the whole chunk factors around its start (weak decay, the usual history state);
+- ``sub``: secondary sub-chunks of 16 tokens, each query sub-chunk ``p`` factoring around its own start
+  ``r_p``: ``q_t e^{b_t - b_r}`` (exponent <= 0) and ``k_i e^{b_r - b_i}`` (<= 0 for earlier sub-chunks, and
+  at most the sub-chunk's own decay for the diagonal block);
+- ``exact``: as ``sub`` for the blocks below the diagonal, and the diagonal 16x16 blocks computed pairwise,
+  ``sum_k q_tk k_ik e^{b_tk - b_ik}`` with every exponent <= 0: no gate is too strong.
+
+Exponents outside the causal region are masked to ``-inf`` before ``exp``, so nothing overflows, in any mode.
+
+The gate gradient uses the identity ``dL/db_t = q_t . dq_t - k_t . dk_t`` (per state, per feature, from the
+state's own share of ``dq`` and ``dk``) plus ``sum_v dS_out * S_out`` at the chunk's last position, followed by a
+reverse cumulative sum inside the chunk.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .dispatch import resolve_backend
 from .naive import naive_dsla
+
+SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
+SUB_CHUNK = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout: [B, T, heads, ...] <-> [Bs, heads, chunks, C, ...]
+
+
+class _Layout:
+    """How the (possibly packed) time axis maps onto chunks.
+
+    Without ``cu_seqlens`` every batch row is a sequence padded at its end to a multiple of ``C`` (``Bs = B``).
+    With ``cu_seqlens`` (``B == 1``) each sequence is padded to a multiple of ``C`` on its own and the sequences'
+    chunks are laid end to end (``Bs = 1``); ``spans`` gives each sequence's (batch row, first chunk, end chunk).
+    Padding is zeros: no contribution and no decay, so states pass through it untouched.
+    """
+
+    def __init__(self, B: int, T: int, C: int, cu_seqlens: torch.LongTensor | None, device):
+        self.B, self.T, self.C = B, T, C
+        self.varlen = cu_seqlens is not None
+        if not self.varlen:
+            self.n = max(1, -(-T // C))
+            self.Bs = B
+            self.spans = [(slice(None), 0, self.n)]
+            self.num_seqs = B
+            return
+        if B != 1:
+            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        self.num_seqs = len(bounds) - 1
+        self.Bs = 1
+        src, spans, chunk = [], [], 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            length = end - start
+            chunks = max(1, -(-length // C))
+            src.append(torch.arange(start, end))
+            src.append(torch.full((chunks * C - length,), T, dtype=torch.long))  # index T is the zero pad
+            spans.append((slice(0, 1), chunk, chunk + chunks))
+            chunk += chunks
+        self.n = chunk
+        self.spans = spans
+        self.src = torch.cat(src).to(device)  # padded position -> source token (or T for padding)
+        self.dst = (self.src < T).nonzero().squeeze(1)  # source token t sits at padded position dst[t]
+
+    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, *rest] -> [Bs, n, C, *rest] (zero padded)."""
+        rest = x.shape[2:]
+        if self.varlen:
+            x = torch.cat([x[0], x.new_zeros(1, *rest)])[self.src]
+            return x.view(1, self.n, self.C, *rest)
+        pad = self.n * self.C - self.T
+        if pad:
+            x = torch.cat([x, x.new_zeros(self.B, pad, *rest)], dim=1)
+        return x.view(self.B, self.n, self.C, *rest)
+
+    def from_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[Bs, n, C, *rest] -> [B, T, *rest]."""
+        rest = x.shape[3:]
+        x = x.reshape(self.Bs, self.n * self.C, *rest)
+        if self.varlen:
+            return x[0, self.dst][None]
+        return x[:, : self.T].contiguous()
+
+
+def _scan(decay, U, h0, layout, Sin=None):
+    """States before each chunk (written into ``Sin`` when given) and final states.
+    decay [Bs,HK,n,S,K], U [Bs,HK,n,S,K,V], h0 [N,S,HK,K,V] or None. Returns finals [N,S,HK,K,V]."""
+    finals = []
+    decay = decay.unsqueeze(-1)
+    for idx, (rows, c0, c1) in enumerate(layout.spans):
+        if h0 is None:
+            cur = U.new_zeros(U[rows, :, 0].shape)
+        elif layout.varlen:
+            cur = h0[idx].transpose(0, 1)[None].float()
+        else:
+            cur = h0.transpose(1, 2).float()
+        if Sin is not None:
+            Sin[rows, :, c0] = cur
+            for c in range(c0 + 1, c1):
+                torch.addcmul(U[rows, :, c - 1], decay[rows, :, c - 1], Sin[rows, :, c - 1], out=Sin[rows, :, c])
+            cur = Sin[rows, :, c1 - 1]
+            cur = torch.addcmul(U[rows, :, c1 - 1], decay[rows, :, c1 - 1], cur)
+        else:
+            for c in range(c0, c1):
+                cur = torch.addcmul(U[rows, :, c], decay[rows, :, c], cur)
+        finals.append(cur.transpose(1, 2))  # [b, S, HK, K, V]
+    return torch.cat(finals)
+
+
+def _reverse_scan(decay, dSin_local, dfinal, layout):
+    """Gradient w.r.t. the state after each chunk, and w.r.t. the initial states."""
+    dSout = torch.empty_like(dSin_local)
+    dh0 = []
+    decay = decay.unsqueeze(-1)
+    for idx, (rows, c0, c1) in enumerate(layout.spans):
+        if dfinal is None:
+            dSout[rows, :, c1 - 1] = 0.0
+        elif layout.varlen:
+            dSout[rows, :, c1 - 1] = dfinal[idx].transpose(0, 1)[None].float()
+        else:
+            dSout[rows, :, c1 - 1] = dfinal.transpose(1, 2).float()
+        for c in range(c1 - 1, c0, -1):
+            torch.addcmul(dSin_local[rows, :, c], decay[rows, :, c], dSout[rows, :, c], out=dSout[rows, :, c - 1])
+        cur = torch.addcmul(dSin_local[rows, :, c0], decay[rows, :, c0], dSout[rows, :, c0])
+        dh0.append(cur.transpose(1, 2))
+    return dSout, torch.cat(dh0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# intra-chunk attention matrix of one state, stable factorings
+
+
+def _choose_mode(b: torch.Tensor, s: int) -> str:
+    """b [Bs,HK,n,C,K] cumulative log decay in the chunk (non-increasing when gates are <= 0)."""
+    if float(b.abs().amax()) <= SAFE_EXPONENT:
+        return "full"
+    C = b.shape[-2]
+    if C % s == 0 and C > s:
+        ends = b[..., s - 1 :: s, :]  # [.., nb, K] b at the end of each sub-chunk
+        starts = torch.cat([torch.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], dim=-2)
+        if float((starts - ends).amax()) <= SAFE_EXPONENT:
+            return "sub"
+    return "exact"
+
+
+def _causal(C: int, device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
+
+
+class _Intra:
+    """A[g, t, i] = sum_k q[g,t,k] k[i,k] exp(b[t,k] - b[i,k]) for i <= t (zero above the diagonal)."""
+
+    def __init__(self, q, k, b, mode, s=SUB_CHUNK):
+        # q [X.., G, C, K], k [X.., C, K], b [X.., C, K]
+        self.mode, self.q, self.k, self.b = mode, q, k, b
+        C = k.shape[-2]
+        self.C = C
+        if mode != "full" and (C % s or C <= s):
+            self.mode, s = "exact", C
+        self.s = s
+
+    def forward(self) -> torch.Tensor:
+        q, k, b, C = self.q, self.k, self.b, self.C
+        G, K = q.shape[-3], q.shape[-1]
+        lead = k.shape[:-2]
+        mask = _causal(C, q.device)
+        if self.mode == "full":
+            self.Qs = q * b.exp().unsqueeze(-3)
+            self.Ks = k * (-b).exp()
+            A = self.Qs.reshape(*lead, G * C, K) @ self.Ks.transpose(-1, -2)
+            return A.view(*lead, G, C, C).masked_fill_(~mask, 0.0)
+        s, nb = self.s, C // self.s
+        ends = b[..., s - 1 :: s, :]
+        R = torch.cat([torch.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], dim=-2)  # [.., nb, K]
+        b5 = b.view(*lead, nb, s, K)
+        self.Eq = (b5 - R.unsqueeze(-2)).exp()  # [.., nb, s, K], exponents <= 0
+        self.Qs = q.view(*lead, G, nb, s, K) * self.Eq.unsqueeze(-4)
+        cols = torch.arange(C, device=q.device)
+        blocks = torch.arange(nb, device=q.device)[:, None]
+        keep = cols[None, :] < (blocks + 1) * s if self.mode == "sub" else cols[None, :] < blocks * s  # [nb, C]
+        expo = (R.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~keep[..., None], float("-inf"))
+        self.E = expo.exp()  # [.., nb, C, K]
+        self.Ks = k.unsqueeze(-3) * self.E
+        A = torch.einsum("...gpsk,...pik->...gpsi", self.Qs, self.Ks).reshape(*lead, G, C, C)
+        if self.mode == "exact":
+            tri = _causal(s, q.device)
+            d = (b5.unsqueeze(-2) - b5.unsqueeze(-3)).masked_fill(~tri[..., None], float("-inf"))
+            self.D = d.exp()  # [.., nb, s(t), s(i), K]
+            self.P = k.view(*lead, nb, 1, s, K) * self.D
+            self.q5 = q.view(*lead, G, nb, s, K)
+            Ad = torch.einsum("...gptk,...ptik->...gpti", self.q5, self.P)
+            A6 = A.view(*lead, G, nb, s, nb, s)
+            for p in range(nb):
+                A6[..., p, :, p, :] += Ad[..., p, :, :]
+        return A.masked_fill_(~mask, 0.0)
+
+    def backward(self, dA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dA [X.., G, C, C] (zero above the diagonal) -> (dq [X.., G, C, K], dk [X.., C, K])."""
+        b, C = self.b, self.C
+        G, K = self.q.shape[-3], self.q.shape[-1]
+        lead = self.k.shape[:-2]
+        if self.mode == "full":
+            dA2 = dA.reshape(*lead, G * C, C)
+            dq = (dA2 @ self.Ks).view(*lead, G, C, K) * b.exp().unsqueeze(-3)
+            dk = (dA2.transpose(-1, -2) @ self.Qs.reshape(*lead, G * C, K)) * (-b).exp()
+            return dq, dk
+        s, nb = self.s, C // self.s
+        dA5 = dA.reshape(*lead, G, nb, s, C)
+        dq = torch.einsum("...gpsi,...pik->...gpsk", dA5, self.Ks) * self.Eq.unsqueeze(-4)
+        dk = (torch.einsum("...gpsi,...gpsk->...pik", dA5, self.Qs) * self.E).sum(-3)
+        if self.mode == "exact":
+            dA6 = dA.reshape(*lead, G, nb, s, nb, s)
+            dAd = torch.stack([dA6[..., p, :, p, :] for p in range(nb)], dim=-3)  # [.., G, nb, s, s]
+            dq = dq + torch.einsum("...gpti,...ptik->...gptk", dAd, self.P)
+            dP = torch.einsum("...gpti,...gptk->...ptik", dAd, self.q5)
+            dk = dk + (dP * self.D).sum(-3).reshape(*lead, C, K)
+        return dq.reshape(*lead, G, C, K), dk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd function on the chunk layout
+
+
+def _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward: bool):
+    """q [Bs,HK,n,G,C,K], k [Bs,HK,n,C,K], v [Bs,HK,n,C,V], g [Bs,HK,n,C,S,K] (any strides),
+    w [HK,G,S] mixing weights with the scale folded in. Returns o [Bs,HK,n,G,C,V] (a permuted view of a tensor
+    laid out as [Bs,n,C,HK,G,V]), the final states, and what the backward needs."""
+    Bs, HK, n, G, C, K = q.shape
+    V, S = v.shape[-1], g.shape[-2]
+    b = torch.cumsum(g, dim=3, out=q.new_empty(Bs, HK, n, C, S, K))
+    bC = b[:, :, :, -1]  # [Bs,HK,n,S,K]
+    decay = bC.exp()
+    modes = [_choose_mode(b[..., j, :], SUB_CHUNK) for j in range(S)]
+    full = [j for j in range(S) if modes[j] == "full"]
+    # rhs = [[k e^{-b_s}]_s^T | S_in]: one matmul gives the mixed attention matrix of the weakly decaying states
+    # and the inter-chunk output: [w_s q e^{b_s}]_s @ rhs = [A_mix | o_inter]
+    rhs = q.new_empty(Bs, HK, n, S * K, C + V)
+    Sin = rhs[..., C:].view(Bs, HK, n, S, K, V)
+    if full:
+        neg = -b
+        if len(full) < S:
+            neg[..., [j for j in range(S) if j not in full], :] = float("-inf")  # never exp() a large exponent
+        kf = rhs[..., :C].transpose(-1, -2).view(Bs, HK, n, C, S, K)
+        torch.mul(k.unsqueeze(-2), neg.exp_(), out=kf)
+    else:
+        rhs[..., :C] = 0.0
+        kf = None
+    kd = q.new_empty(Bs, HK, n, C, S, K)
+    if len(full) == S:
+        torch.mul(kf, decay.unsqueeze(3), out=kd)  # k e^{b_C - b}: both factors in range in "full" mode
+    else:
+        torch.mul(k.unsqueeze(-2), (bC.unsqueeze(3) - b).exp(), out=kd)  # exponents <= 0
+    U = (kd.view(Bs, HK, n, C, S * K).transpose(-1, -2) @ v).view(Bs, HK, n, S, K, V)
+    finals = _scan(decay, U, h0, layout, Sin=Sin)
+    eb = b.exp()
+    qe = torch.mul(q.unsqueeze(-2), eb.unsqueeze(3), out=q.new_empty(Bs, HK, n, G, C, S, K))
+    wv = w.view(1, HK, 1, G, 1, S, 1)
+    qw = qe * wv if store_for_backward else qe.mul_(wv)
+    out = qw.view(Bs, HK, n, G * C, S * K) @ rhs  # [Bs,HK,n,G*C,C+V]
+    A_mix = out[..., :C]
+    A5 = A_mix.unflatten(-2, (G, C))
+    intras, As = {}, {}
+    for j in range(S):
+        if j in full:
+            continue
+        intra = _Intra(q, k, b[..., j, :], modes[j])
+        A = intra.forward()
+        A5.add_(A * w[:, :, j].reshape(1, HK, 1, G, 1, 1))
+        intras[j], As[j] = intra, A
+    A5.masked_fill_(~_causal(C, q.device), 0.0)
+    o = torch.empty(Bs, n, C, HK, G, V, dtype=q.dtype, device=q.device).permute(0, 3, 1, 4, 2, 5)
+    torch.add(out[..., C:].unflatten(-2, (G, C)), (A_mix @ v).view(Bs, HK, n, G, C, V), out=o)
+    saved = None
+    if store_for_backward:
+        saved = dict(
+            b=b, bC=bC, eb=eb, kd=kd, U=U, decay=decay, Sin=Sin, qe=qe, qw=qw, kf=kf, rhs=rhs, full=full,
+            intras=intras, As=As, A_mix=A_mix,
+        )  # fmt: skip
+    return o, finals, saved
+
+
+class ChunkDSLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, w, h0, layout):
+        o, finals, saved = _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward=True)
+        ctx.save_for_backward(q, k, v, w)
+        ctx.saved = saved
+        ctx.layout = layout
+        ctx.has_h0 = h0 is not None
+        return o, finals
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, w = ctx.saved_tensors
+        sv, layout = ctx.saved, ctx.layout
+        Bs, HK, n, G, C, K = q.shape
+        V, S = v.shape[-1], w.shape[-1]
+        if do is None:
+            do = q.new_zeros(Bs, HK, n, G, C, V)
+        do2 = do.float().contiguous().view(Bs, HK, n, G * C, V)
+        qw2 = sv["qw"].view(Bs, HK, n, G * C, S * K)
+        # state gradients: this chunk's own contribution, then the reverse scan over chunks
+        dSin_local = (qw2.transpose(-1, -2) @ do2).view(Bs, HK, n, S, K, V)
+        dSout, dh0 = _reverse_scan(sv["decay"], dSin_local, dfinal, layout)
+        Sin, b, full = sv["Sin"], sv["b"], sv["full"]
+        dA_mix = (do2 @ v.transpose(-1, -2)).view(Bs, HK, n, G, C, C).masked_fill_(~_causal(C, q.device), 0.0)
+        dA2 = dA_mix.view(Bs, HK, n, G * C, C)
+        # [dA_mix | do] @ rhs^T = d(qw) of both the intra (factored states) and the inter-chunk term
+        dqw = (torch.cat([dA2, do2], dim=-1) @ sv["rhs"].transpose(-1, -2)).view(Bs, HK, n, G, C, S, K)
+        qe = sv["qe"]
+        dw = (qe * dqw).sum(dim=(0, 2, 4, 6))  # [HK, G, S]
+        dqe = dqw.mul_(w.view(1, HK, 1, G, 1, S, 1))
+        dq = (dqe * sv["eb"].unsqueeze(3)).sum(-2)  # [Bs,HK,n,G,C,K]
+        qdq = (qe * dqe).sum(3)  # [Bs,HK,n,C,S,K]: q . dq of each state, summed over the group
+        # state-update term
+        dSout2 = dSout.view(Bs, HK, n, S * K, V)
+        dkd = (v @ dSout2.transpose(-1, -2)).view(Bs, HK, n, C, S, K)
+        kd = sv["kd"]
+        kdk = kd * dkd
+        dk = (dkd * (sv["bC"].unsqueeze(3) - b).exp()).sum(-2)
+        dv = kd.view(Bs, HK, n, C, S * K) @ dSout2 + sv["A_mix"].transpose(-1, -2) @ do2
+        if full:
+            dkf = (dA2.transpose(-1, -2) @ qw2).view(Bs, HK, n, C, S, K)
+            kdk = kdk + sv["kf"] * dkf
+            dk = dk + _dk_full(dkf, b, full)
+        for j, intra in sv["intras"].items():
+            dw[:, :, j] += (sv["As"][j] * dA_mix).sum(dim=(0, 2, 4, 5))
+            dqi, dki = intra.backward(dA_mix * w[:, :, j].reshape(1, HK, 1, G, 1, 1))
+            dq += dqi
+            dk += dki
+            qdq[..., j, :] += (q * dqi).sum(3)
+            kdk[..., j, :] += k * dki
+        db = qdq - kdk
+        Sout = torch.addcmul(sv["U"], sv["decay"].unsqueeze(-1), Sin)
+        db[:, :, :, -1] += (dSout * Sout).sum(-1)
+        dg = db.flip(3).cumsum(3).flip(3)
+        ctx.saved = None
+        return dq, dk, dv, dg, dw, (dh0 if ctx.has_h0 else None), None
+
+
+def _dk_full(dkf, b, full):
+    """Key gradient of the factored intra-chunk term: dK_s * e^{-b_s}, for the fully factored states only."""
+    S = b.shape[-2]
+    neg = -b
+    if len(full) < S:
+        neg = neg.clone()
+        neg[..., [j for j in range(S) if j not in full], :] = float("-inf")
+    return (dkf * neg.exp()).sum(-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
+    """Chunk-layout views (no copies where the length is a multiple of the chunk) and the scaled mixing weights."""
+    B, T, H, K = q.shape
+    HK = k.shape[2]
+    if H % HK:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
+    G = H // HK
+    S = 1 if g2 is None else 2
+    scale = K**-0.5 if scale is None else scale
+    layout = _Layout(B, T, chunk_size, cu_seqlens, q.device)
+    g = g1.float().unsqueeze(-2) if g2 is None else torch.stack([g1.float(), g2.float()], dim=-2)
+    qc = layout.to_chunks(q.float().view(B, T, HK, G, K)).permute(0, 3, 1, 4, 2, 5)
+    kc = layout.to_chunks(k.float()).permute(0, 3, 1, 2, 4)
+    vc = layout.to_chunks(v.float()).permute(0, 3, 1, 2, 4).contiguous()
+    gc = layout.to_chunks(g).permute(0, 3, 1, 2, 4, 5)
+    if mix is None:
+        w = q.new_full((HK, G, S), scale, dtype=torch.float32)
+    else:
+        w = mix.float()
+        w = (w.expand(H, S) if w.dim() == 1 else w).reshape(HK, G, S) * scale
+    return layout, qc, kc, vc, gc, w
+
+
+def chunk_dsla_torch(
+    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    chunk_size=64,
+):  # fmt: skip
+    B, T, H, K = q.shape
+    layout, qc, kc, vc, gc, w = _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size)
+    h0 = None if initial_state is None else initial_state.float()
+    if torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
+    ):
+        oc, final = ChunkDSLAFunction.apply(qc, kc, vc, gc, w, h0, layout)
+    else:
+        oc, final, _ = _chunk_forward(qc, kc, vc, gc, w, h0, layout, store_for_backward=False)
+    # [Bs,HK,n,G,C,V] -> [Bs,n,C,HK,G,V] (the memory order of oc) -> [B,T,H,V]
+    Bs, HK, n, G, C, V = oc.shape
+    o = layout.from_chunks(oc.permute(0, 2, 4, 1, 3, 5).reshape(Bs, n, C, H, V))
+    return o.to(q.dtype), (final if output_final_state else None)
+
+
+def chunk_states_torch(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, chunk_size=64):
+    """Final states only (no outputs): per-chunk states by batched matmuls, then the scan over chunks."""
+    B, T, HK, K = k.shape
+    V = v.shape[-1]
+    S = 1 if g2 is None else 2
+    layout = _Layout(B, T, chunk_size, cu_seqlens, k.device)
+    g = g1.float().unsqueeze(-2) if g2 is None else torch.stack([g1.float(), g2.float()], dim=-2)
+    kc = layout.to_chunks(k.float()).permute(0, 3, 1, 2, 4)
+    vc = layout.to_chunks(v.float()).permute(0, 3, 1, 2, 4)
+    gc = layout.to_chunks(g).permute(0, 3, 1, 2, 4, 5)
+    Bs, n, C = layout.Bs, layout.n, layout.C
+    b = gc.cumsum(3)
+    bC = b[:, :, :, -1]
+    kd = kc.unsqueeze(-2) * (bC.unsqueeze(3) - b).exp()
+    U = (kd.reshape(Bs, HK, n, C, S * K).transpose(-1, -2) @ vc).view(Bs, HK, n, S, K, V)
+    h0 = None if initial_state is None else initial_state.float()
+    return _scan(bC.exp(), U, h0, layout)
 
 
 def chunk_dsla(
@@ -19,5 +443,20 @@ def chunk_dsla(
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_size: int = 64,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
+    """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
+
+    ``backend``: ``None`` picks Triton for CUDA tensors (when importable) and the PyTorch path otherwise;
+    ``"torch"``, ``"triton"`` or ``"naive"`` force one.
+    """
+    backend = resolve_backend(q, backend)
+    if backend == "naive":
+        return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
+    if backend == "triton":
+        from dsla_hf.kernels.triton_chunk import chunk_dsla_triton
+
+        return chunk_dsla_triton(
+            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size
+        )
+    return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

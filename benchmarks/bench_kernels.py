@@ -1,0 +1,226 @@
+"""Kernel benchmark: one layer's attention module, DSLA against softmax attention, prefill and decode.
+
+Both modules have SmolLM2-135M's shapes (hidden 576, 9 query heads, 3 KV heads, head dim 64) and include their
+projections (q/k/v/o). The DSLA module adds its gates, computed from the key (per KV head a 64 -> 64 linear map
+for each state, then ``logsigmoid / 16``), and runs ``chunk_dsla`` (prefill) or ``fused_recurrent_dsla``
+(decode, states updated in place). The softmax module runs ``scaled_dot_product_attention`` (causal, GQA);
+when decoding it writes the new key/value into a preallocated KV cache of the given length and attends to it.
+fla's ``chunk_gla`` is timed as well when ``fla`` is importable (CUDA only in practice).
+
+Times are medians of a few repeats, taken in one run (the machines are shared: read the ratios).
+
+    python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,png}
+    python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla
+from torch import nn
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 576, 9, 3, 64
+RESULTS = Path(__file__).parent / "results"
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False)
+        self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
+
+    def forward(self, x, cache=None, length=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # decode: write into the preallocated cache, attend to all of it
+            kc, vc = cache
+            kc[:, :, length : length + T] = k
+            vc[:, :, length : length + T] = v
+            o = F.scaled_dot_product_attention(
+                q, kc[:, :, : length + T], vc[:, :, : length + T], is_causal=False, enable_gqa=True
+            )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, HEADS * HEAD_DIM))
+
+
+class DSLAAttention(SoftmaxAttention):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(KV_HEADS, HEAD_DIM, 2 * HEAD_DIM) * HEAD_DIM**-0.5)
+        self.gate_bias = nn.Parameter(torch.cat([torch.full((HEAD_DIM,), 6.0), torch.zeros(HEAD_DIM)]).repeat(3, 1))
+        self.mix = nn.Parameter(torch.zeros(HEADS, 2))
+
+    def gates(self, k):
+        g = torch.einsum("bthd,hde->bthe", k, self.gate) + self.gate_bias
+        g = F.logsigmoid(g) / 16
+        return g[..., :HEAD_DIM], g[..., HEAD_DIM:]
+
+    def forward(self, x, state=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM)
+        k = self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
+        v = self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
+        g1, g2 = self.gates(k)
+        mix = self.mix.softmax(-1)
+        if state is None:
+            o, _ = chunk_dsla(q, k, v, g1, g2, mix)
+        else:
+            o, _ = fused_recurrent_dsla(q, k, v, g1, g2, mix, initial_state=state, inplace=True)
+        return self.o_proj(o.reshape(B, T, HEADS * HEAD_DIM))
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fla_prefill(T: int, repeats: int):
+    """fla's chunk_gla on the same shapes (GQA expanded to full heads), or None when fla is not importable."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, T, HEADS, HEAD_DIM, device=device)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    g = F.logsigmoid(torch.randn_like(q)) / 16
+    try:
+        return timed(lambda: chunk_gla(q, k, v, g), repeats)
+    except Exception:
+        return None
+
+
+@torch.no_grad()
+def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    softmax, dsla = SoftmaxAttention().eval(), DSLAAttention().eval()
+    dsla.load_state_dict(softmax.state_dict(), strict=False)
+    prefill = []
+    for T in lengths:
+        x = torch.randn(1, T, HIDDEN)
+        reps = max(1, repeats if T <= 8192 else repeats - 1)
+        t_sdpa = timed(lambda x=x: softmax(x), reps)
+        t_dsla = timed(lambda x=x: dsla(x), reps)
+        t_proj = timed(lambda x=x: [p(x) for p in (dsla.q_proj, dsla.k_proj, dsla.v_proj, dsla.o_proj)], reps)
+        row = dict(tokens=T, sdpa_s=t_sdpa, dsla_s=t_dsla, projections_s=t_proj, speedup=t_sdpa / t_dsla)
+        t_fla = fla_prefill(T, reps)
+        if t_fla is not None:
+            row["fla_gla_s"] = t_fla
+        prefill.append(row)
+        print(f"prefill {T:6d}: sdpa {t_sdpa * 1e3:8.1f} ms  dsla {t_dsla * 1e3:7.1f} ms  x{t_sdpa / t_dsla:.2f}")
+    decode = []
+    for L in decode_lengths:
+        x = torch.randn(1, 1, HIDDEN)
+        cache = (torch.zeros(1, KV_HEADS, L + 1, HEAD_DIM), torch.zeros(1, KV_HEADS, L + 1, HEAD_DIM))
+        cache[0].normal_(), cache[1].normal_()
+        state = torch.zeros(1, 2, KV_HEADS, HEAD_DIM, HEAD_DIM)
+
+        def steps(fn):
+            return timed(lambda: [fn() for _ in range(decode_steps)], repeats) / decode_steps
+
+        t_sdpa = steps(lambda x=x, cache=cache, L=L: softmax(x, cache, L))
+        t_dsla = steps(lambda x=x, state=state: dsla(x, state))
+        decode.append(dict(context=L, sdpa_step_s=t_sdpa, dsla_step_s=t_dsla, speedup=t_sdpa / t_dsla))
+        print(f"decode  {L:6d}: sdpa {t_sdpa * 1e6:8.1f} us  dsla {t_dsla * 1e6:7.1f} us  x{t_sdpa / t_dsla:.2f}")
+    return prefill, decode
+
+
+def markdown(prefill, decode) -> str:
+    lines = [
+        "| tokens | SDPA module (ms) | DSLA module (ms) | projections (ms) | speedup |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in prefill:
+        lines.append(
+            f"| {r['tokens']} | {r['sdpa_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} | {r['projections_s'] * 1e3:.1f} "
+            f"| {r['speedup']:.2f}x |"
+        )
+    lines += ["", "| context | SDPA decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
+    for r in decode:
+        lines.append(
+            f"| {r['context']} | {r['sdpa_step_s'] * 1e6:.0f} | {r['dsla_step_s'] * 1e6:.0f} | {r['speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(prefill, decode, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = [r["tokens"] for r in prefill]
+    a.plot(tokens, [r["sdpa_s"] * 1e3 for r in prefill], "o-", label="softmax (SDPA) module")
+    a.plot(tokens, [r["dsla_s"] * 1e3 for r in prefill], "o-", label="DSLA module (chunk_dsla)")
+    a.plot(tokens, [r["projections_s"] * 1e3 for r in prefill], "--", color="gray", label="projections alone")
+    if any("fla_gla_s" in r for r in prefill):
+        a.plot([r["tokens"] for r in prefill if "fla_gla_s" in r], [r["fla_gla_s"] * 1e3 for r in prefill], "o-",
+               label="fla chunk_gla (kernel)")  # fmt: skip
+    a.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms", title="prefill, one attention layer")
+    a.set_xticks(tokens, [f"{t // 1024}k" for t in tokens])
+    a.legend()
+    ctx = [r["context"] for r in decode]
+    b.plot(ctx, [r["sdpa_step_s"] * 1e6 for r in decode], "o-", label="softmax + KV cache")
+    b.plot(ctx, [r["dsla_step_s"] * 1e6 for r in decode], "o-", label="DSLA (fused recurrent, in place)")
+    b.set(xscale="log", xlabel="context tokens", ylabel="us per step", title="decode step, one attention layer")
+    b.set_xticks(ctx, [f"{t // 1024}k" for t in ctx])
+    b.set_ylim(bottom=0)
+    b.legend()
+    fig.suptitle(f"SmolLM2 shapes, fp32, batch 1, {torch.get_num_threads()} CPU threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small lengths, few repeats, no files unless --out")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="folder for kernels.json/kernels.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        lengths, decode_lengths, repeats, steps = [512, 1024, 2048], [1024, 4096], args.repeats or 2, 20
+    else:
+        lengths = [1024, 2048, 4096, 8192, 16384]
+        decode_lengths = [1024, 2048, 4096, 8192, 16384, 32768]
+        repeats, steps = args.repeats or 5, 100
+    prefill, decode = run(lengths, decode_lengths, repeats, steps, args.threads)
+    table = markdown(prefill, decode)
+    print()
+    print(table)
+    out = args.out or (None if args.quick else RESULTS)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(
+            torch=torch.__version__, threads=args.threads, machine=platform.machine(), processor=platform.processor(),
+            dtype="float32", batch=1, shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
+        )  # fmt: skip
+        (out / "kernels.json").write_text(json.dumps(dict(meta=meta, prefill=prefill, decode=decode), indent=2))
+        (out / "kernels.md").write_text(table + "\n")
+        plot(prefill, decode, out / "kernels.png")
+        print(f"wrote {out}/kernels.json, kernels.md, kernels.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Choice of the backend of a kernel call: Triton on CUDA tensors, the PyTorch path elsewhere.
+
+This module is part of the flat, self-contained kernel code that saved models carry as remote code: it imports
+nothing from ``dsla_hf`` at module level. The Triton kernels are reached by absolute import, only when asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("torch", "triton", "naive")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    try:
+        import dsla_hf.kernels.triton_chunk  # noqa: F401
+    except Exception:  # remote code without the installed package
+        return False
+    return True
+
+
+def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
+    """``backend`` if given (checked); else ``"triton"`` for CUDA tensors when Triton is importable, or ``"torch"``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        return backend
+    if x.is_cuda and triton_available():
+        return "triton"
+    return "torch"
