@@ -38,6 +38,7 @@ from .naive import naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
 SUB_CHUNK = 16
+BLOCK_CHUNKS = 16  # inference processes this many chunks at a time (~1k tokens): intermediates stay in cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,6 +101,16 @@ class _Layout:
         return x[:, : self.T].contiguous()
 
 
+class _Block:
+    """Layout of a block of whole chunks of a (non-packed) batch."""
+
+    varlen = False
+
+    def __init__(self, n: int):
+        self.n = n
+        self.spans = [(slice(None), 0, n)]
+
+
 def _scan(decay, U, h0, layout, Sin=None):
     """States before each chunk (written into ``Sin`` when given) and final states.
     decay [Bs,HK,n,S,K], U [Bs,HK,n,S,K,V], h0 [N,S,HK,K,V] or None. Returns finals [N,S,HK,K,V]."""
@@ -150,7 +161,8 @@ def _reverse_scan(decay, dSin_local, dfinal, layout):
 
 def _choose_mode(b: torch.Tensor, s: int) -> str:
     """b [Bs,HK,n,C,K] cumulative log decay in the chunk (non-increasing when gates are <= 0)."""
-    if float(b.abs().amax()) <= SAFE_EXPONENT:
+    lo, hi = torch.aminmax(b)
+    if max(-float(lo), float(hi)) <= SAFE_EXPONENT:
         return "full"
     C = b.shape[-2]
     if C % s == 0 and C > s:
@@ -239,10 +251,11 @@ class _Intra:
 # autograd function on the chunk layout
 
 
-def _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward: bool):
+def _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward: bool, out_buffer=None):
     """q [Bs,HK,n,G,C,K], k [Bs,HK,n,C,K], v [Bs,HK,n,C,V], g [Bs,HK,n,C,S,K] (any strides),
     w [HK,G,S] mixing weights with the scale folded in. Returns o [Bs,HK,n,G,C,V] (a permuted view of a tensor
-    laid out as [Bs,n,C,HK,G,V]), the final states, and what the backward needs."""
+    laid out as [Bs,n,C,HK,G,V], or written into ``out_buffer`` of that shape), the final states, and what the
+    backward needs."""
     Bs, HK, n, G, C, K = q.shape
     V, S = v.shape[-1], g.shape[-2]
     b = torch.cumsum(g, dim=3, out=q.new_empty(Bs, HK, n, C, S, K))
@@ -286,7 +299,9 @@ def _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward: bool):
         A5.add_(A * w[:, :, j].reshape(1, HK, 1, G, 1, 1))
         intras[j], As[j] = intra, A
     A5.masked_fill_(~_causal(C, q.device), 0.0)
-    o = torch.empty(Bs, n, C, HK, G, V, dtype=q.dtype, device=q.device).permute(0, 3, 1, 4, 2, 5)
+    if out_buffer is None:
+        out_buffer = torch.empty(Bs, n, C, HK, G, V, dtype=q.dtype, device=q.device)
+    o = out_buffer.permute(0, 3, 1, 4, 2, 5)
     torch.add(out[..., C:].unflatten(-2, (G, C)), (A_mix @ v).view(Bs, HK, n, G, C, V), out=o)
     saved = None
     if store_for_backward:
@@ -404,8 +419,19 @@ def chunk_dsla_torch(
         x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
     ):
         oc, final = ChunkDSLAFunction.apply(qc, kc, vc, gc, w, h0, layout)
-    else:
+    elif layout.varlen or layout.n <= BLOCK_CHUNKS:
         oc, final, _ = _chunk_forward(qc, kc, vc, gc, w, h0, layout, store_for_backward=False)
+    else:
+        # inference on long inputs: blocks of chunks, so every intermediate stays in cache; states carried over
+        Bs, HK, n, G, C, _ = qc.shape
+        buffer = qc.new_empty(Bs, n, C, HK, G, vc.shape[-1])
+        final = h0
+        for c0 in range(0, n, BLOCK_CHUNKS):
+            c1 = min(n, c0 + BLOCK_CHUNKS)
+            part = (slice(None), slice(None), slice(c0, c1))
+            _, final, _ = _chunk_forward(qc[part], kc[part], vc[part], gc[part], w, final, _Block(c1 - c0), False,
+                                         out_buffer=buffer[:, c0:c1])  # fmt: skip
+        oc = buffer.permute(0, 3, 1, 4, 2, 5)
     # [Bs,HK,n,G,C,V] -> [Bs,n,C,HK,G,V] (the memory order of oc) -> [B,T,H,V]
     Bs, HK, n, G, C, V = oc.shape
     o = layout.from_chunks(oc.permute(0, 2, 4, 1, 3, 5).reshape(Bs, n, C, H, V))
