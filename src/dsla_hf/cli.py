@@ -9,6 +9,7 @@ import sys
 # sub-command -> module defining `add_arguments(parser)` and `run(args) -> int | None`
 COMMANDS = {
     "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
+    "rank": ("dsla_hf.ranking", "Rank layers by sensitivity (attention entropy or measured loss) for conversion"),
 }
 
 

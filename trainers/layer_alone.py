@@ -1,0 +1,148 @@
+"""The cheap first stage of DESIGN §2.5: one DSLA layer trained alone to reproduce the teacher's attention output on
+inputs captured from the model (teacher-forced, as LoLCATs does).
+
+Inputs are captured with forwards that stop at the layer, through the model as it stands (earlier conversions in
+place), so the layer learns on the inputs it will see. With `torch.distributed` initialised, every process trains on
+its own share of the captured batches and gradients are averaged (data parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    """Raised once the captured layer has run: nothing above it is needed."""
+
+
+def _layers(model):
+    return model.model.layers
+
+
+@torch.no_grad()
+def capture_layer_io(model, layer_idx: int, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
+    """Inputs of layer `layer_idx`'s attention (after its input norm) and its softmax attention's outputs, for
+    every row of `input_ids`, from forwards that stop at that layer. The layer must run as softmax attention."""
+    block = _layers(model)[layer_idx]
+    inputs, outputs = [], []
+
+    def keep_input(module, args, out):
+        inputs.append(out.detach())
+
+    def keep_output(module, args, out):
+        outputs.append(out[0].detach())
+        raise _Stop
+
+    hooks = [
+        block.input_layernorm.register_forward_hook(keep_input),
+        block.self_attn.register_forward_hook(keep_output),
+    ]
+    try:
+        for rows in tqdm(input_ids.split(batch_size), desc=f"capture L{layer_idx}", leave=False, disable=not progress):
+            try:
+                model.model(rows, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(inputs), torch.cat(outputs)
+
+
+@torch.no_grad()
+def capture_all_layers(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
+    """One pass of a model running softmax attention everywhere: for every layer, the residual stream entering it,
+    its attention input (after the norm) and its attention output. Lists of [N, T, hidden] tensors per layer."""
+    layers = _layers(model)
+    n = len(layers)
+    resid, x, y = ([[] for _ in range(n)] for _ in range(3))
+    hooks = []
+    for i, block in enumerate(layers):
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: resid[i].append(a[0].detach())))
+        hooks.append(block.input_layernorm.register_forward_hook(lambda m, a, out, i=i: x[i].append(out.detach())))
+        hooks.append(block.self_attn.register_forward_hook(lambda m, a, out, i=i: y[i].append(out[0].detach())))
+    try:
+        for rows in tqdm(input_ids.split(batch_size), desc="capture", leave=False, disable=not progress):
+            model.model(rows, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(t) for t in resid], [torch.cat(t) for t in x], [torch.cat(t) for t in y]
+
+
+def relative_error(linear_attn, teacher_attn, rotary_emb, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4):
+    """||DSLA(x) - teacher(x)|| / ||teacher(x)|| over captured inputs."""
+    num = den = 0.0
+    positions = torch.arange(x.shape[1], device=x.device)[None]
+    with torch.no_grad():
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            out = linear_attn(xb, teacher_attn, rotary_emb(xb, positions), rotary_emb=rotary_emb)
+            num += (out.float() - yb.float()).pow(2).sum().item()
+            den += yb.float().pow(2).sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def fit_layer_alone(
+    model,
+    layer_idx: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 2,
+    x_eval: torch.Tensor | None = None,
+    y_eval: torch.Tensor | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Train the DSLA parameters of one layer alone (Adam on the MSE to the teacher's attention output, normalised by
+    the target's mean square) on captured inputs `x` -> `y`. Returns the relative errors before and after (on
+    `x_eval`/`y_eval` when given, else on `x`/`y`) and the final training loss."""
+    block = _layers(model)[layer_idx]
+    attn, teacher_attn, rotary = block.linear_attn, block.self_attn, model.model.rotary_emb
+    if attn is None:
+        raise ValueError(f"Layer {layer_idx} has no DSLA weights")
+    params = [p for p in attn.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    x_eval, y_eval = (x, y) if x_eval is None else (x_eval, y_eval)
+    before = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    positions = torch.arange(x.shape[1], device=x.device)[None]
+    scale = y.float().pow(2).mean().clamp(min=1e-12)
+    order, cursor, loss_value = torch.randperm(len(x), generator=generator), 0, float("nan")
+    for _step in tqdm(range(steps), desc=f"layer {layer_idx} alone", leave=False, disable=not progress):
+        if cursor + batch_size * world > len(order):
+            order, cursor = torch.randperm(len(x), generator=generator), 0
+        batch = order[cursor : cursor + batch_size * world][rank::world]  # same permutation everywhere, own share
+        cursor += batch_size * world
+        xb = x[batch]
+        out = attn(xb, teacher_attn, rotary(xb, positions), rotary_emb=rotary)
+        loss = F.mse_loss(out.float(), y[batch].float()) / scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        optimizer.step()
+        loss_value = loss.item()
+    after = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
+    for p, flag in zip(params, was):
+        p.requires_grad_(flag)
+    return {"rel_error_before": before, "rel_error_after": after, "train_loss": loss_value, "steps": steps}
