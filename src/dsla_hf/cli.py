@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
     "rank": ("dsla_hf.ranking", "Rank layers by sensitivity (attention entropy or measured loss) for conversion"),
+    "distill": ("dsla_hf.trainers.chain", "Chained layer-by-layer distillation in ranking order (resumable)"),
 }
 
 
