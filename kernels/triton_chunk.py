@@ -1,0 +1,238 @@
+"""Triton kernels for chunked DSLA on CUDA (forward, both states in one pass) and the KV fold.
+
+Not part of the flat remote code: reached only through ``dsla_hf.kernels`` by absolute import, when Triton is
+importable. Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
+
+One program per (sequence, KV head, block of V columns) walks the sequence chunk by chunk, keeping both states in
+registers; q, k, v and the gates of a chunk are read once for both states. Inside a chunk, query sub-chunk ``p``
+(``BC`` rows) reads
+
+- the states: ``w1 (q e^{b1}) S1 + w2 (q e^{b2}) S2``;
+- each earlier sub-chunk ``r < p`` factored around the start of ``p`` (``ref``): ``(q e^{b - ref})`` and
+  ``(k e^{ref - b})``, both exponents <= 0;
+- its own sub-chunk pairwise, ``sum_k q_tk k_jk e^{b_tk - b_jk}`` for ``j <= t`` (exponents <= 0, masked).
+
+No exponent is ever positive, so no gate is too strong and no clamp is needed.
+
+The backward of the chunked form on CUDA currently runs the PyTorch chunked backward (torch ops on the GPU, the
+same hand-written autograd as on CPUs); see ``chunk_dsla_triton``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_cumsum_kernel(g, b, starts, T_total, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr):  # fmt: skip
+    """b = cumulative sum of g inside each chunk of each sequence (chunks start at the sequence start)."""
+    i_c, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HK, i_nh % HK
+    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    t0 = bos + i_c * BT
+    if t0 < eos:
+        o_t = t0 + tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        m = (o_t[:, None] < eos) & (o_k[None, :] < K)
+        p = (o_t[:, None] * HK + i_h) * K + o_k[None, :]
+        x = tl.load(g + p, mask=m, other=0.0)
+        tl.store(b + p, tl.cumsum(x, axis=0), mask=m)
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    q, k, v, b1, b2, w, h0, ht, o, starts,
+    scale,
+    H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    TWO: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STATES_ONLY: tl.constexpr,
+):  # fmt: skip
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HK, i_nh % HK
+    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    S: tl.constexpr = 2 if TWO else 1
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = ((i_n * S) * HK + i_h) * K * V + o_k[:, None] * V + o_v[None, :]  # state 0 of this head
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    s2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        s1 += tl.load(h0 + p_state, mask=m_kv, other=0.0)
+        if TWO:
+            s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
+    o_c = tl.arange(0, BC)
+    for t0 in range(bos, eos, BT):
+        if not STATES_ONLY:
+            for p in range(0, BT // BC):
+                if t0 + p * BC < eos:  # sub-chunks wholly past the end are skipped
+                    tp = t0 + p * BC + o_c  # rows of query sub-chunk p
+                    m_p = tp < eos
+                    pk = (tp[:, None] * HK + i_h) * K + o_k[None, :]
+                    m_pk = m_p[:, None] & m_k[None, :]
+                    # rows past the end get -inf: every factor of theirs is exp(-inf) = 0, never exp(+large)
+                    bp1 = tl.where(m_pk, tl.load(b1 + pk, mask=m_pk, other=0.0), float("-inf"))
+                    bp2 = tl.zeros([BC, BK], dtype=tl.float32)
+                    if TWO:
+                        bp2 = tl.where(m_pk, tl.load(b2 + pk, mask=m_pk, other=0.0), float("-inf"))
+                    # reference: b at the row before the sub-chunk (0 at the chunk start)
+                    t_ref = t0 + p * BC - 1
+                    t_refv = t_ref + o_k * 0  # as a vector: masks stay tensors on every backend
+                    m_ref = m_k & (t_refv >= t0) & (t_refv < eos)
+                    ref1 = tl.load(b1 + (t_refv * HK + i_h) * K + o_k, mask=m_ref, other=0.0)
+                    ref2 = tl.zeros([BK], dtype=tl.float32)
+                    if TWO:
+                        ref2 += tl.load(b2 + (t_refv * HK + i_h) * K + o_k, mask=m_ref, other=0.0)
+                    for gi in range(G):
+                        h = i_h * G + gi
+                        w1 = tl.load(w + h * S) * scale
+                        w2 = 0.0
+                        if TWO:
+                            w2 = tl.load(w + h * S + 1) * scale
+                        qp = tl.load(q + (tp[:, None] * H + h) * K + o_k[None, :], mask=m_pk, other=0.0)
+                        # states
+                        acc = tl.dot(qp * tl.exp(bp1) * w1, s1)
+                        if TWO:
+                            acc += tl.dot(qp * tl.exp(bp2) * w2, s2)
+                        # earlier sub-chunks, factored around the start of this one
+                        qf1 = qp * tl.exp(bp1 - ref1[None, :]) * w1
+                        qf2 = qp * tl.exp(bp2 - ref2[None, :]) * w2
+                        for r in range(0, p):
+                            tr = t0 + r * BC + o_c
+                            m_r = tr < eos
+                            rk = (tr[:, None] * HK + i_h) * K + o_k[None, :]
+                            m_rk = m_r[:, None] & m_k[None, :]
+                            kr = tl.load(k + rk, mask=m_rk, other=0.0)
+                            br1 = tl.load(b1 + rk, mask=m_rk, other=0.0)
+                            a = tl.dot(qf1, tl.trans(kr * tl.exp(ref1[None, :] - br1)))
+                            if TWO:
+                                br2 = tl.load(b2 + rk, mask=m_rk, other=0.0)
+                                a += tl.dot(qf2, tl.trans(kr * tl.exp(ref2[None, :] - br2)))
+                            m_rv = m_r[:, None] & m_v[None, :]
+                            vr = tl.load(v + (tr[:, None] * HK + i_h) * V + o_v[None, :], mask=m_rv, other=0.0)
+                            acc += tl.dot(a, vr)
+                        # own sub-chunk, pairwise: column by column
+                        for j in range(0, BC):
+                            tj = t0 + p * BC + j + o_k * 0  # as a vector: masks stay tensors on every backend
+                            m_j = m_k & (tj < eos)
+                            kj = tl.load(k + (tj * HK + i_h) * K + o_k, mask=m_j, other=0.0)
+                            bj1 = tl.load(b1 + (tj * HK + i_h) * K + o_k, mask=m_j, other=0.0)
+                            causal = (o_c[:, None] >= j) & m_k[None, :]
+                            e = w1 * tl.exp(tl.where(causal, bp1 - bj1[None, :], float("-inf")))
+                            if TWO:
+                                bj2 = tl.load(b2 + (tj * HK + i_h) * K + o_k, mask=m_j, other=0.0)
+                                e += w2 * tl.exp(tl.where(causal, bp2 - bj2[None, :], float("-inf")))
+                            a_j = tl.sum(qp * kj[None, :] * e, axis=1)  # [BC]
+                            tjv = t0 + p * BC + j + o_v * 0
+                            vj = tl.load(v + (tjv * HK + i_h) * V + o_v, mask=m_v & (tjv < eos), other=0.0)
+                            acc += a_j[:, None] * vj[None, :]
+                        tl.store(o + (tp[:, None] * H + h) * V + o_v[None, :], acc, mask=m_p[:, None] & m_v[None, :])
+        # state update over the whole chunk: S = e^{bC} S + (k e^{bC - b})^T v
+        tc = t0 + tl.arange(0, BT)
+        m_c = tc < eos
+        ck = (tc[:, None] * HK + i_h) * K + o_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        kc = tl.load(k + ck, mask=m_ck, other=0.0)
+        vc = tl.load(v + (tc[:, None] * HK + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        t_last = tl.minimum(t0 + BT + o_k * 0, eos) - 1
+        bc1 = tl.load(b1 + ck, mask=m_ck, other=0.0)
+        last1 = tl.load(b1 + (t_last * HK + i_h) * K + o_k, mask=m_k, other=0.0)
+        kd1 = tl.where(m_ck, kc * tl.exp(last1[None, :] - bc1), 0.0)
+        s1 = s1 * tl.exp(last1)[:, None] + tl.dot(tl.trans(kd1), vc)
+        if TWO:
+            bc2 = tl.load(b2 + ck, mask=m_ck, other=0.0)
+            last2 = tl.load(b2 + (t_last * HK + i_h) * K + o_k, mask=m_k, other=0.0)
+            kd2 = tl.where(m_ck, kc * tl.exp(last2[None, :] - bc2), 0.0)
+            s2 = s2 * tl.exp(last2)[:, None] + tl.dot(tl.trans(kd2), vc)
+    if STORE_HT:
+        tl.store(ht + p_state, s1, mask=m_kv)
+        if TWO:
+            tl.store(ht + p_state + HK * K * V, s2, mask=m_kv)
+
+
+def _next_pow2(x: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(x))
+
+
+def _starts(B, T, cu_seqlens, device):
+    if cu_seqlens is None:
+        return torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32), B
+    if B != 1:
+        raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
+    return cu_seqlens.to(device=device, dtype=torch.int32), len(cu_seqlens) - 1
+
+
+def _cumsum(g, starts, N, max_len, HK, K, chunk_size):
+    b = torch.empty_like(g)
+    BK = _next_pow2(K)
+    grid = (triton.cdiv(max_len, chunk_size), N * HK)
+    _chunk_cumsum_kernel[grid](g, b, starts, g.shape[0], HK=HK, K=K, BT=chunk_size, BK=BK)
+    return b
+
+
+def _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+             states_only=False):  # fmt: skip
+    B, T, HK, K = k.shape
+    V = v.shape[-1]
+    H = q.shape[2] if q is not None else HK
+    if H % HK:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
+    G = H // HK
+    S = 1 if g2 is None else 2
+    scale = K**-0.5 if scale is None else scale
+    BC = 16
+    if chunk_size % BC:
+        raise ValueError(f"the Triton kernel needs a chunk size that is a multiple of {BC}")
+    starts, N = _starts(B, T, cu_seqlens, k.device)
+    lengths = (starts[1:] - starts[:-1]).tolist()
+    max_len = max(lengths) if lengths else 0
+    # flatten the batch into one packed sequence axis: [B*T, heads, dim]
+    k_, v_ = k.float().reshape(B * T, HK, K).contiguous(), v.float().reshape(B * T, HK, V).contiguous()
+    q_ = q.float().reshape(B * T, H, K).contiguous() if q is not None else k_
+    b1 = _cumsum(g1.float().reshape(B * T, HK, K).contiguous(), starts, N, max_len, HK, K, chunk_size)
+    b2 = (
+        _cumsum(g2.float().reshape(B * T, HK, K).contiguous(), starts, N, max_len, HK, K, chunk_size) if S == 2 else b1
+    )
+    if mix is None:
+        w = torch.ones(H, S, device=k.device)
+    else:
+        w = mix.float()
+        w = (w.expand(H, S) if w.dim() == 1 else w).contiguous()
+    o = torch.empty(B * T, H, V, device=k.device, dtype=torch.float32) if not states_only else k_
+    h0 = initial_state.float().contiguous() if initial_state is not None else k_
+    ht = torch.empty(N, S, HK, K, V, device=k.device, dtype=torch.float32) if output_final_state else k_
+    BK, BV = _next_pow2(K), min(64, _next_pow2(V))
+    grid = (triton.cdiv(V, BV), N * HK)
+    _chunk_fwd_kernel[grid](
+        q_, k_, v_, b1, b2, w, h0, ht, o, starts, scale,
+        H=H, HK=HK, G=G, K=K, V=V, BT=chunk_size, BC=BC, BK=BK, BV=BV,
+        TWO=S == 2, USE_H0=initial_state is not None, STORE_HT=output_final_state, STATES_ONLY=states_only,
+    )  # fmt: skip
+    out = None if states_only else o.view(B, T, H, V).to(q.dtype)
+    return out, (ht if output_final_state else None)
+
+
+def chunk_dsla_triton(
+    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    chunk_size=64,
+):  # fmt: skip
+    """Triton forward; when gradients are needed the PyTorch chunked path (its hand-written backward, in torch ops
+    on the same device) runs instead, so training on CUDA is correct but not yet fused."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
+    )
+    if needs_grad:
+        from dsla_hf.kernels.chunk import chunk_dsla_torch
+
+        return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    return _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+
+def fold_kv_triton(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, chunk_size=64):
+    with torch.no_grad():
+        return _forward(None, k, v, g1, g2, None, None, initial_state, True, cu_seqlens, chunk_size,
+                        states_only=True)[1]  # fmt: skip

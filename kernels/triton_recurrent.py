@@ -1,0 +1,115 @@
+"""Triton fused recurrent DSLA step for decoding on CUDA: both states of a KV head updated together, in place.
+
+Not part of the flat remote code: reached only through ``dsla_hf.kernels`` by absolute import, when Triton is
+importable. Interpreter-safe (``TRITON_INTERPRET=1``). One program per (sequence, KV head, block of V columns)
+loads both states once, applies the few new tokens, writes the outputs of the G query heads of the group, and
+stores the states back (into ``initial_state`` itself when ``inplace``). Forward only: training uses the chunked
+form.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _recurrent_kernel(
+    q, k, v, g1, g2, w, h0, ht, o, starts,
+    scale,
+    H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, TWO: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):  # fmt: skip
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HK, i_nh % HK
+    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    S: tl.constexpr = 2 if TWO else 1
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = ((i_n * S) * HK + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    s2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        s1 += tl.load(h0 + p_state, mask=m_kv, other=0.0)
+        if TWO:
+            s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
+    for t in range(bos, eos):
+        kt = tl.load(k + (t * HK + i_h) * K + o_k, mask=m_k, other=0.0)
+        vt = tl.load(v + (t * HK + i_h) * V + o_v, mask=m_v, other=0.0)
+        kv = kt[:, None] * vt[None, :]
+        s1 = s1 * tl.exp(tl.load(g1 + (t * HK + i_h) * K + o_k, mask=m_k, other=0.0))[:, None] + kv
+        if TWO:
+            s2 = s2 * tl.exp(tl.load(g2 + (t * HK + i_h) * K + o_k, mask=m_k, other=0.0))[:, None] + kv
+        for gi in range(G):
+            h = i_h * G + gi
+            qt = tl.load(q + (t * H + h) * K + o_k, mask=m_k, other=0.0) * scale
+            ot = tl.sum(qt[:, None] * s1, axis=0) * tl.load(w + h * S)
+            if TWO:
+                ot += tl.sum(qt[:, None] * s2, axis=0) * tl.load(w + h * S + 1)
+            tl.store(o + (t * H + h) * V + o_v, ot, mask=m_v)
+    if STORE_HT:
+        tl.store(ht + p_state, s1, mask=m_kv)
+        if TWO:
+            tl.store(ht + p_state + HK * K * V, s2, mask=m_kv)
+
+
+def fused_recurrent_dsla_triton(
+    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    inplace=False,
+):  # fmt: skip
+    B, T, H, K = q.shape
+    HK, V = k.shape[2], v.shape[-1]
+    if H % HK:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
+    S = 1 if g2 is None else 2
+    scale = K**-0.5 if scale is None else scale
+    if cu_seqlens is None:
+        starts, N = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32), B
+    else:
+        if B != 1:
+            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
+        starts, N = cu_seqlens.to(device=q.device, dtype=torch.int32), len(cu_seqlens) - 1
+    if (
+        torch.is_grad_enabled()
+        and not inplace
+        and any(x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state))
+    ):  # differentiable steps: the PyTorch path
+        from dsla_hf.kernels.fused_recurrent import fused_recurrent_dsla_torch
+
+        return fused_recurrent_dsla_torch(
+            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, inplace
+        )
+    if mix is None:
+        w = torch.ones(H, S, device=q.device)
+    else:
+        w = mix.float()
+        w = (w.expand(H, S) if w.dim() == 1 else w).contiguous()
+    q_ = q.float().reshape(B * T, H, K).contiguous()
+    k_ = k.float().reshape(B * T, HK, K).contiguous()
+    v_ = v.float().reshape(B * T, HK, V).contiguous()
+    g1_ = g1.float().reshape(B * T, HK, K).contiguous()
+    g2_ = g2.float().reshape(B * T, HK, K).contiguous() if S == 2 else g1_
+    if inplace:
+        if initial_state is None:
+            initial_state = torch.zeros(N, S, HK, K, V, device=q.device)
+        if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+            raise ValueError("inplace=True needs a contiguous fp32 initial_state")
+        ht = initial_state
+    else:
+        ht = torch.empty(N, S, HK, K, V, device=q.device) if output_final_state else k_
+    h0 = initial_state.float().contiguous() if initial_state is not None else k_
+    o = torch.empty(B * T, H, V, device=q.device, dtype=torch.float32)
+    BK, BV = max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+    grid = (triton.cdiv(V, BV), N * HK)
+    _recurrent_kernel[grid](
+        q_, k_, v_, g1_, g2_, w, h0, ht, o, starts, scale,
+        H=H, HK=HK, G=H // HK, K=K, V=V, BK=BK, BV=BV, TWO=S == 2, USE_H0=initial_state is not None,
+        STORE_HT=inplace or output_final_state,
+    )  # fmt: skip
+    o = o.view(B, T, H, V).to(q.dtype)
+    if inplace:
+        return o, initial_state
+    return o, (ht if output_final_state else None)
