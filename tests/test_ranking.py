@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
@@ -72,3 +73,24 @@ def test_forward_from_a_layer_matches_the_full_model(tiny_teacher):
         full = student(ids).logits
         assert torch.allclose(_forward_from(student, resid[2], 2), full, atol=1e-5)
         assert torch.allclose(_forward_from(student, resid[0], 0), full, atol=1e-5)
+
+
+def test_cli_lists_rank_distill_and_demo(capsys):
+
+    from dsla_hf.cli import main
+
+    for command in ("rank", "distill", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: dsla " + command in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_entropy_ranking_on_smollm2(smollm2, cpython_text):
+    model, tokenizer = smollm2
+    ids = tokenizer(cpython_text[:20000], return_tensors="pt").input_ids[:, :512].view(2, 256)
+    entropies = attention_entropy(model, ids)
+    assert len(entropies) == model.config.num_hidden_layers
+    assert all(0.0 <= e <= torch.log(torch.tensor(256.0)).item() + 1e-4 for e in entropies)
+    assert len(set(order_from_scores(entropies))) == model.config.num_hidden_layers
