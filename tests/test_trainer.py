@@ -197,3 +197,12 @@ def test_two_process_chain_with_accelerate(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert model.config.conversion_order == [0, 1, 2, 3] and model.dsla_layers == [0, 1]
+
+
+def test_chain_with_teacher_captured_inputs(student, tmp_path):
+    config = ChainConfig(
+        output_dir=str(tmp_path), target_ratio=0.5, layer_alone_steps=3, capture="teacher", progress=False
+    )
+    state = run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
+    assert [s["layer"] for s in state["stages"]] == [2, 0]
+    assert all(s["layer_alone"]["steps"] == 3 for s in state["stages"])

@@ -41,6 +41,9 @@ class ChainConfig:
     layer_alone_lr: float = 3e-3
     layer_alone_batch: int = 2
     capture_sequences: int = 8
+    # "chain": capture each layer's inputs with the earlier conversions in place (a forward up to the layer per stage);
+    # "teacher": one teacher pass captures every layer's inputs up front (LoLCATs-style, much cheaper)
+    capture: str = "chain"
     # logit distillation through DSLADistillTrainer (0 steps: skipped)
     distill_steps: int = 0
     distill_lr: float = 1e-3
@@ -188,6 +191,21 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         }
     done = len(state["stages"])
     teacher_ppl = state["teacher"]["ppl"]
+    teacher_io = {}
+    if config.layer_alone_steps > 0 and config.capture == "teacher" and done < target:
+        from .layer_alone import capture_all_layers
+
+        active = student.dsla_layers
+        student.set_dsla_layers([])
+        g = torch.Generator().manual_seed(config.seed)
+        rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
+        _, xs, ys = capture_all_layers(student, train_ids[rows], progress=config.progress and _is_main())
+        _, xe, ye = capture_all_layers(student, eval_ids[: max(1, config.eval_batch)])
+        teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in order[done:target]}
+        del xs, ys, xe, ye
+        student.set_dsla_layers(active)
+    elif config.capture not in ("chain", "teacher"):
+        raise ValueError(f"capture must be 'chain' or 'teacher', got {config.capture!r}")
     bar = tqdm(total=target, initial=min(done, target), desc="chain", disable=not config.progress or not _is_main())
     for stage in range(done, target):
         if state["stopped"]:
@@ -198,10 +216,13 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         # 1. layer alone, teacher-forced on inputs captured with the earlier conversions in place
         student.set_dsla_layers(order[:stage])
         if config.layer_alone_steps > 0:
-            g = torch.Generator().manual_seed(config.seed + stage)
-            rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
-            x, y = capture_layer_io(student, layer, train_ids[rows])
-            x_eval, y_eval = capture_layer_io(student, layer, eval_ids[: max(1, config.eval_batch)])
+            if layer in teacher_io:
+                x, y, x_eval, y_eval = teacher_io.pop(layer)
+            else:
+                g = torch.Generator().manual_seed(config.seed + stage)
+                rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
+                x, y = capture_layer_io(student, layer, train_ids[rows])
+                x_eval, y_eval = capture_layer_io(student, layer, eval_ids[: max(1, config.eval_batch)])
             record["layer_alone"] = fit_layer_alone(
                 student,
                 layer,
