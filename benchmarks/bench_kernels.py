@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -214,7 +215,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(
             torch=torch.__version__, threads=args.threads, machine=platform.machine(), processor=platform.processor(),
-            dtype="float32", batch=1, shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
+            dtype="float32", batch=1, load_average_after=os.getloadavg(),
+            shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
         )  # fmt: skip
         (out / "kernels.json").write_text(json.dumps(dict(meta=meta, prefill=prefill, decode=decode), indent=2))
         (out / "kernels.md").write_text(table + "\n")
