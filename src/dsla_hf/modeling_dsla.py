@@ -176,6 +176,8 @@ class DSLAAttention(nn.Module):
             init.zeros_(self.mix_logits)
         if self.window:
             init.zeros_(self.linear_log_scale)
+        if self.normalizer == "rms":
+            init.ones_(self.out_norm.weight)
         for lora in (getattr(self, "q_lora", None), getattr(self, "o_lora", None)):
             if lora is not None:
                 init.normal_(lora.down, std=lora.down.shape[-1] ** -0.5)
