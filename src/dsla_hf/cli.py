@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
     "rank": ("dsla_hf.ranking", "Rank layers by sensitivity (attention entropy or measured loss) for conversion"),
     "distill": ("dsla_hf.trainers.chain", "Chained layer-by-layer distillation in ranking order (resumable)"),
+    "push": ("dsla_hf.hub", "Write a DSLA checkpoint's Hub repository (weights, remote code, card) and upload it"),
 }
 
 
