@@ -14,11 +14,13 @@ registers; q, k, v and the gates of a chunk are read once for both states. Insid
 
 No exponent is ever positive, so no gate is too strong and no clamp is needed.
 
-The backward of the chunked form on CUDA currently runs the PyTorch chunked backward (torch ops on the GPU, the
-same hand-written autograd as on CPUs); see ``chunk_dsla_triton``.
+With ``store_states`` the forward also writes the state before each chunk (and the final one) for the hand-written
+Triton backward in ``triton_chunk_bwd``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -44,11 +46,12 @@ def _chunk_cumsum_kernel(g, b, starts, T_total, HK: tl.constexpr, K: tl.constexp
 
 @triton.jit
 def _chunk_fwd_kernel(
-    q, k, v, b1, b2, w, h0, ht, o, starts,
+    q, k, v, b1, b2, w, h0, ht, o, starts, hs, slots,
     scale,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     TWO: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STATES_ONLY: tl.constexpr,
+    STORE_STATES: tl.constexpr,
 ):  # fmt: skip
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HK, i_nh % HK
@@ -66,7 +69,14 @@ def _chunk_fwd_kernel(
         if TWO:
             s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
     o_c = tl.arange(0, BC)
+    if STORE_STATES:  # for the backward: the state before each chunk, then the final state ([slots, S, HK, K, V])
+        slot0 = tl.load(slots + i_n).to(tl.int64)  # int64 offsets into the saved states
     for t0 in range(bos, eos, BT):
+        if STORE_STATES:
+            p_slot = (slot0 + (t0 - bos) // BT) * S * HK * K * V + p_state - i_n * S * HK * K * V
+            tl.store(hs + p_slot, s1, mask=m_kv)
+            if TWO:
+                tl.store(hs + p_slot + HK * K * V, s2, mask=m_kv)
         if not STATES_ONLY:
             for p in range(0, BT // BC):
                 if t0 + p * BC < eos:  # sub-chunks wholly past the end are skipped
@@ -148,6 +158,11 @@ def _chunk_fwd_kernel(
             last2 = tl.load(b2 + (t_last * HK + i_h) * K + o_k, mask=m_k, other=0.0)
             kd2 = tl.where(m_ck, kc * tl.exp(last2[None, :] - bc2), 0.0)
             s2 = s2 * tl.exp(last2)[:, None] + tl.dot(tl.trans(kd2), vc)
+    if STORE_STATES:
+        p_slot = (slot0 + (eos - bos + BT - 1) // BT) * S * HK * K * V + p_state - i_n * S * HK * K * V
+        tl.store(hs + p_slot, s1, mask=m_kv)
+        if TWO:
+            tl.store(hs + p_slot + HK * K * V, s2, mask=m_kv)
     if STORE_HT:
         tl.store(ht + p_state, s1, mask=m_kv)
         if TWO:
@@ -174,8 +189,20 @@ def _cumsum(g, starts, N, max_len, HK, K, chunk_size):
     return b
 
 
+def _slots(starts, chunk_size):
+    """Per-sequence chunk counts and the first state slot of each sequence (a sequence of ``nc`` chunks has
+    ``nc + 1`` slots: the state before each chunk, then the final state)."""
+    lengths = (starts[1:] - starts[:-1]).tolist()
+    counts = [-(-n // chunk_size) for n in lengths]
+    first = [0]
+    for c in counts:
+        first.append(first[-1] + c + 1)
+    return counts, first
+
+
 def _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-             states_only=False):  # fmt: skip
+             states_only=False, store_states=False):  # fmt: skip
+    """Returns (o, final state), or with ``store_states`` the dict of what the backward needs."""
     B, T, HK, K = k.shape
     V = v.shape[-1]
     H = q.shape[2] if q is not None else HK
@@ -205,14 +232,25 @@ def _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_
     o = torch.empty(B * T, H, V, device=k.device, dtype=torch.float32) if not states_only else k_
     h0 = initial_state.float().contiguous() if initial_state is not None else k_
     ht = torch.empty(N, S, HK, K, V, device=k.device, dtype=torch.float32) if output_final_state else k_
+    hs, slots = k_, starts
+    if store_states:
+        counts, first = _slots(starts, chunk_size)
+        hs = torch.empty(first[-1], S, HK, K, V, device=k.device, dtype=torch.float32)
+        slots = torch.tensor(first, device=k.device, dtype=torch.int32)
     BK, BV = _next_pow2(K), min(64, _next_pow2(V))
     grid = (triton.cdiv(V, BV), N * HK)
     _chunk_fwd_kernel[grid](
-        q_, k_, v_, b1, b2, w, h0, ht, o, starts, scale,
+        q_, k_, v_, b1, b2, w, h0, ht, o, starts, hs, slots, scale,
         H=H, HK=HK, G=G, K=K, V=V, BT=chunk_size, BC=BC, BK=BK, BV=BV,
         TWO=S == 2, USE_H0=initial_state is not None, STORE_HT=output_final_state, STATES_ONLY=states_only,
+        STORE_STATES=store_states,
     )  # fmt: skip
     out = None if states_only else o.view(B, T, H, V).to(q.dtype)
+    if store_states:
+        return dict(
+            o=out, final=hs[slots[1:].long() - 1], q=q_, k=k_, v=v_, b1=b1, b2=b2, w=w, hs=hs, slots=slots,
+            counts=counts, starts=starts, N=N, S=S, H=H, HK=HK, G=G, K=K, V=V, scale=scale, BC=BC,
+        )  # fmt: skip
     return out, (ht if output_final_state else None)
 
 
@@ -220,15 +258,22 @@ def chunk_dsla_triton(
     q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     chunk_size=64,
 ):  # fmt: skip
-    """Triton forward; when gradients are needed the PyTorch chunked path (its hand-written backward, in torch ops
-    on the same device) runs instead, so training on CUDA is correct but not yet fused."""
+    """Triton forward; when gradients are needed, the Triton forward (keeping the state before each chunk) and the
+    hand-written Triton backward of :mod:`dsla_hf.kernels.triton_chunk_bwd`. CPU tensors outside the interpreter
+    take the PyTorch chunked path (Triton cannot run them)."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        from dsla_hf.kernels.chunk import chunk_dsla_torch
+
+        return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
     )
     if needs_grad:
-        from dsla_hf.kernels.chunk import chunk_dsla_torch
+        from dsla_hf.kernels.triton_chunk_bwd import chunk_dsla_triton_autograd
 
-        return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+        return chunk_dsla_triton_autograd(
+            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size
+        )
     return _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
