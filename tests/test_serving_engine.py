@@ -1,0 +1,171 @@
+"""The serving engine on a tiny random model: batching, exact switching under load, cancellation, limits."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from dsla_hf.serving.engine import Engine, EngineConfig, QueueFull
+from dsla_hf.serving.models import toy_model, toy_tokenizer
+from dsla_hf.serving.policy import AdaptivePolicy, StaticPolicy
+from dsla_hf.serving.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_model(), toy_tokenizer()
+
+
+def collect(engine, prompts, params, max_steps=2000):
+    """Submit every prompt, step the engine synchronously until all finish; returns (requests, outputs)."""
+    outputs = [[] for _ in prompts]
+    requests = [engine.submit(p, params, outputs[i].append) for i, p in enumerate(prompts)]
+    batch_sizes = []
+    for _ in range(max_steps):
+        if all(r.finish_reason for r in requests):
+            break
+        engine.step()
+        batch_sizes.append(len(engine.running))
+    return requests, outputs, batch_sizes
+
+
+def reference_token(model, ids, layers):
+    """Greedy next token of a fresh full forward (no cache) with the given DSLA layers."""
+    saved = model.config.active_dsla_layers
+    model.set_dsla_layers(list(layers))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+    model.set_dsla_layers(saved)
+    return int(logits.argmax())
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 101, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("active", [[], [3, 2]])
+def test_batched_greedy_matches_each_request_alone(toy, active):
+    model, tok = toy
+    model.set_dsla_layers(active)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4, prefill_chunk=7), policy=StaticPolicy(len(active)))
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    prompts = prompts_of([13, 5, 21, 8])
+    requests, outputs, batch_sizes = collect(engine, prompts, params)
+    assert max(batch_sizes) >= 3  # decoded together, admitted without draining
+    for request, prompt in zip(requests, prompts):
+        assert request.finish_reason == "length" and len(request.output_ids) == 9
+        for j, token in enumerate(request.output_ids):
+            assert token == reference_token(model, prompt + request.output_ids[:j], active), j
+    assert engine.cache is None and engine.running == []  # everything freed
+    model.set_dsla_layers([])
+
+
+def test_switching_under_load_is_exact_for_the_top_layer(toy):
+    """Layer 3 (the top layer) becomes DSLA while requests are in flight: its KV is folded, and every token equals
+    a fresh forward with the layer kinds that the token was produced with (recorded per request and token)."""
+    model, tok = toy
+    model.set_dsla_layers([])
+    policy = AdaptivePolicy(
+        num_layers=4, step=0.25, max_ratio=0.25, prompt_caps=((1e9, 0.25),), queue_high=3, queue_low=0, kv_high=1.0,
+        kv_low=1.0, prompt_high=None, prompt_low=None, cooldown_s=0.0,
+    )  # fmt: skip
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=policy)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = prompts_of([11, 4, 17, 9, 6, 14], seed=1)
+    requests = [engine.submit(p, params, lambda out: None) for p in prompts[:2]]
+    for _ in range(4):
+        engine.step()  # two requests decoding with every layer as softmax attention
+    assert engine.layer_switches == 0 and len(engine.running) == 2
+    more, _, _ = collect(engine, prompts[2:], params)  # the queue grows: layer 3 switches mid-flight
+    requests += more
+    assert all(r.finish_reason == "length" for r in requests)
+    assert engine.layer_switches == 1 and engine.deferred_decreases > 0  # the decrease waits for the batch
+    engine.step()  # idle: now it can revert
+    assert engine.layer_switches == 2 and model.config.active_dsla_layers == []
+    switched_mid_flight = [r for r in requests if len(r.modes) > 1]
+    assert switched_mid_flight, "no request saw a switch"
+    for request, prompt in zip(requests, prompts):
+        for j, token in enumerate(request.output_ids):
+            layers = request.dsla_layers_at(j)
+            assert token == reference_token(model, prompt + request.output_ids[:j], layers), (j, layers)
+
+
+def test_sampling_is_reproducible_with_a_seed(toy):
+    model, tok = toy
+    engine = Engine(model, tok)
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=1234, ignore_eos=True)
+    a, _, _ = collect(engine, prompts_of([6]), params)
+    b, _, _ = collect(engine, prompts_of([6]), params)
+    assert a[0].output_ids == b[0].output_ids
+
+
+def test_stop_strings_min_tokens_and_eos(toy):
+    model, tok = toy
+    engine = Engine(model, tok)
+    prompt = prompts_of([7], seed=3)
+    (free,), (outs,), _ = collect(engine, prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    text = "".join(o.text for o in outs)
+    assert text == tok.decode(free.output_ids, skip_special_tokens=True)
+    stop = text[10:12]
+    (stopped,), (outs,), _ = collect(engine, prompt, SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))
+    assert stopped.finish_reason == "stop" and "".join(o.text for o in outs) == text[: text.index(stop)]
+    # Pretend the third greedy token is the end of sequence: it ends the request, unless min_tokens forbids it.
+    eos_id = free.output_ids[2]
+    first = free.output_ids.index(eos_id)
+    engine.eos_ids = [eos_id]
+    (eos,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0))
+    assert eos.finish_reason == "stop" and len(eos.output_ids) == first + 1
+    (forced,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0, min_tokens=5))
+    assert len(forced.output_ids) >= 5 and eos_id not in forced.output_ids[:5]
+    (ignored,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert ignored.finish_reason == "length" and ignored.output_ids == free.output_ids[:10]
+
+
+def test_limits_queue_cancel_and_timeout(toy):
+    model, tok = toy
+    engine = Engine(model, tok, EngineConfig(max_queue=2, max_num_seqs=1, request_timeout_s=0.05))
+    with pytest.raises(ValueError, match="maximum context length is 512"):
+        engine.submit([5] * 500, SamplingParams(max_tokens=20), print)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([5, 1000], SamplingParams(max_tokens=2), print)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    outs = [[], [], []]
+    a = engine.submit([5] * 10, params, outs[0].append)
+    b = engine.submit([6] * 10, params, outs[1].append)
+    with pytest.raises(QueueFull):
+        engine.submit([7] * 10, params, print)
+    engine.step()  # a starts
+    b.cancel()
+    engine.step()
+    assert b.finish_reason == "abort" and outs[1][-1].finish_reason == "abort"
+    time.sleep(0.06)
+    engine.step()
+    assert a.finish_reason == "timeout" and "timed out" in outs[0][-1].error
+    assert engine.running == [] and engine.cache is None
+    engine.submit([7] * 10, SamplingParams(max_tokens=2), outs[2].append)  # room again
+
+
+def test_engine_thread_serves_concurrent_submissions(toy):
+    model, tok = toy
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4)).start()
+    try:
+        done = []
+        events = [threading.Event() for _ in range(6)]
+
+        def sink(i):
+            def receive(out):
+                if out.finished:
+                    done.append((i, out.completion_tokens, out.finish_reason))
+                    events[i].set()
+
+            return receive
+
+        for i, p in enumerate(prompts_of([5, 9, 3, 12, 7, 4])):
+            engine.submit(p, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0), sink(i))
+        assert all(e.wait(30) for e in events)
+        assert sorted(done) == [(i, 6, "length") for i in range(6)]
+        assert engine.metrics.get("vllm:generation_tokens_total") >= 36
+    finally:
+        engine.stop()
