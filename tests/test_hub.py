@@ -2,6 +2,7 @@
 huggingface_hub client against a loopback stand-in of the Hub, and loading what was uploaded in fresh processes
 (remote code without dsla_hf, dsla_hf without remote code, a cached repo id offline). No network."""
 
+import argparse
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsla_hf import cli, convert_llama_to_dsla
+from dsla_hf import cli, convert_llama_to_dsla, hub
 from dsla_hf.hub import (
     CardInputs,
     EvalEntry,
@@ -30,6 +31,17 @@ from tests.hub_stub import HubStub
 REPO_ID = "dsla-org/tiny-dsla"
 TOKEN = "hf_StubSecretToken0123456789abcdefXYZ"
 ORDER = [2, 0, 3, 1]
+
+
+def dsla_push(argv: list[str]) -> int:
+    """`dsla push ARGV`, parsed by the sub-command's own parser (the other sub-commands are not imported)."""
+    parser = argparse.ArgumentParser(prog="dsla push")
+    hub.add_arguments(parser)
+    return hub.run(parser.parse_args(argv))
+
+
+def test_push_is_a_dsla_subcommand():
+    assert cli.COMMANDS["push"][0] == "dsla_hf.hub"
 
 
 def tiny_tokenizer(folder: Path):
@@ -205,7 +217,7 @@ def test_plain_evaluations_list_and_dataclass_inputs(checkpoint):
 def test_dry_run_writes_a_complete_folder(checkpoint, tmp_path, capsys):
     _, folder = checkpoint
     out = tmp_path / "repo"
-    assert cli.main(["push", str(folder), REPO_ID, "--dry-run", str(out)]) == 0
+    assert dsla_push([str(folder), REPO_ID, "--dry-run", str(out)]) == 0
     assert "nothing uploaded" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     expected = {"config.json", "generation_config.json", "model.safetensors", "README.md", "tokenizer.json"}
@@ -219,9 +231,9 @@ def test_dry_run_writes_a_complete_folder(checkpoint, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "postgresql-docs" in card and "Perplexity (DSLA 25%)" in card  # discovered results.json beside
     # an existing folder is not silently replaced
-    assert cli.main(["push", str(folder), REPO_ID, "--dry-run", str(out)]) == 2
+    assert dsla_push([str(folder), REPO_ID, "--dry-run", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().out
-    assert cli.main(["push", str(folder), REPO_ID, "--dry-run", str(out), "--overwrite"]) == 0
+    assert dsla_push([str(folder), REPO_ID, "--dry-run", str(out), "--overwrite"]) == 0
 
 
 def test_build_from_model_object_needs_a_tokenizer(checkpoint, tmp_path):
@@ -243,7 +255,7 @@ def test_offline_mode_fails_before_any_request(checkpoint, hub_env, capsys):
     _, folder = checkpoint
     hub_env.setenv("HF_HUB_OFFLINE", "1")
     with HubStub(TOKEN) as stub:
-        code = cli.main(["push", str(folder), REPO_ID, "--endpoint", stub.endpoint])
+        code = dsla_push([str(folder), REPO_ID, "--endpoint", stub.endpoint])
         with pytest.raises(PublishError, match="offline mode"):
             push_to_hub(folder, REPO_ID, endpoint=stub.endpoint)
     assert code == 2
@@ -255,9 +267,9 @@ def test_missing_token_is_a_clear_error(checkpoint, hub_env, capsys):
     _, folder = checkpoint
     hub_env.delenv("HF_TOKEN")
     with HubStub(TOKEN) as stub:
-        assert cli.main(["push", str(folder), REPO_ID, "--endpoint", stub.endpoint]) == 2
+        assert dsla_push([str(folder), REPO_ID, "--endpoint", stub.endpoint]) == 2
         assert "No Hugging Face token" in capsys.readouterr().out
-        assert cli.main(["push", str(folder), REPO_ID, "--endpoint", stub.endpoint, "--token-env", "MY_HUB_KEY"]) == 2
+        assert dsla_push([str(folder), REPO_ID, "--endpoint", stub.endpoint, "--token-env", "MY_HUB_KEY"]) == 2
         assert "MY_HUB_KEY (--token-env) is not set" in capsys.readouterr().out
     assert stub.requests == []
 
@@ -371,7 +383,7 @@ def test_push_to_loopback_hub_then_load_uploaded_repo(checkpoint, hub_env, tmp_p
         caplog.set_level(logging.DEBUG)
         hf_logging.set_verbosity_debug()
         try:
-            code = cli.main(["push", str(folder), REPO_ID, "--private", "--endpoint", stub.endpoint])
+            code = dsla_push([str(folder), REPO_ID, "--private", "--endpoint", stub.endpoint])
         finally:
             hf_logging.set_verbosity_warning()
         assert code == 0
