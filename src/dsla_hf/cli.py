@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
     "rank": ("dsla_hf.ranking", "Rank layers by sensitivity (attention entropy or measured loss) for conversion"),
     "distill": ("dsla_hf.trainers.chain", "Chained layer-by-layer distillation in ranking order (resumable)"),
+    "serve": ("dsla_hf.serving.server", "OpenAI-compatible server that converts layers to DSLA as load grows"),
+    "replay": ("dsla_hf.serving.replay", "Replay the Azure 2023 LLM traces against a server; vLLM benchmark report"),
     "push": ("dsla_hf.hub", "Write a DSLA checkpoint's Hub repository (weights, remote code, card) and upload it"),
 }
 
