@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from dsla_hf import cli, convert_llama_to_dsla, hub
 from dsla_hf.hub import (
@@ -296,6 +297,7 @@ LOAD_REPO = textwrap.dedent(
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    TEXT = "w5 w7 w9"
     probe, out, *sources = sys.argv[1:]
     ids = load_file(probe)["ids"]
     kwargs = {"trust_remote_code": True} if block else {}
@@ -304,8 +306,8 @@ LOAD_REPO = textwrap.dedent(
         key, source = item.split("=", 1)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        assert tokenizer("w5 w7").input_ids[-2:] == [5, 7], tokenizer("w5 w7").input_ids
-        assert model.generation_config.eos_token_id == 1
+        results[key + "_tokens"] = torch.tensor(tokenizer(TEXT).input_ids)
+        results[key + "_eos"] = torch.tensor(model.generation_config.eos_token_id)
         with torch.no_grad():
             results[key] = model(ids).logits
             model.set_dsla_layers(0.25)
@@ -328,8 +330,10 @@ def _populate_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], comm
         (snapshot / name).write_bytes(data)
 
 
-def _load_in_fresh_process(model, tmp_path: Path, block: bool, cache: Path, sources: dict[str, str]) -> None:
-    """Run LOAD_REPO offline and compare its logits with `model`'s."""
+def _load_in_fresh_process(
+    model, tokenizer, tmp_path: Path, block: bool, cache: Path, sources: dict[str, str], atol: float = 1e-5
+) -> None:
+    """Run LOAD_REPO offline and compare its logits, tokenizer and generation config with the original's."""
     ids = torch.randint(3, 100, (1, 17))
     probe = tmp_path / "probe.safetensors"
     save_file({"ids": ids}, str(probe))
@@ -369,8 +373,10 @@ def _load_in_fresh_process(model, tmp_path: Path, block: bool, cache: Path, sour
     assert all(line.split()[1].startswith(module) and line.endswith("DSLALlamaForCausalLM") for line in lines)
     result = load_file(str(out))
     for key in sources:
-        assert torch.allclose(result[key], expected, atol=1e-5), key
-        assert torch.allclose(result[key + "_25"], expected_25, atol=1e-5), key
+        assert torch.allclose(result[key], expected, atol=atol), key
+        assert torch.allclose(result[key + "_25"], expected_25, atol=atol), key
+        assert result[key + "_tokens"].tolist() == tokenizer("w5 w7 w9").input_ids, key
+        assert result[key + "_eos"].tolist() == model.generation_config.eos_token_id, key
 
 
 def test_push_to_loopback_hub_then_load_uploaded_repo(checkpoint, hub_env, tmp_path, capfd, caplog):
@@ -420,8 +426,9 @@ def test_push_to_loopback_hub_then_load_uploaded_repo(checkpoint, hub_env, tmp_p
         (received / name).write_bytes(data)
     cache = tmp_path / "hf_cache"
     _populate_hub_cache(cache, REPO_ID, repo.files, repo.commits[-1]["oid"])
-    _load_in_fresh_process(model, tmp_path, True, cache, {"folder": str(received)})
-    _load_in_fresh_process(model, tmp_path, False, cache, {"folder": str(received), "cache": REPO_ID})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _load_in_fresh_process(model, tokenizer, tmp_path, True, cache, {"folder": str(received)})
+    _load_in_fresh_process(model, tokenizer, tmp_path, False, cache, {"folder": str(received), "cache": REPO_ID})
 
 
 @pytest.mark.xfail(
@@ -436,4 +443,21 @@ def test_cached_repo_loads_offline_with_remote_code_without_dsla_hf(checkpoint, 
     files = {p.name: p.read_bytes() for p in repo.iterdir()}
     cache = tmp_path / "hf_cache"
     _populate_hub_cache(cache, REPO_ID, files, "0123456789abcdef0123456789abcdef01234567")
-    _load_in_fresh_process(model, tmp_path, True, cache, {"cache": REPO_ID})
+    _load_in_fresh_process(model, AutoTokenizer.from_pretrained(folder), tmp_path, True, cache, {"cache": REPO_ID})
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_checkpoint_dry_run_and_reload(smollm2, tmp_path):
+    """The embedded teacher converted to DSLA, `dsla push --dry-run`, reloaded with remote code without dsla_hf."""
+    teacher, tokenizer = smollm2
+    order = list(range(29, -1, -1))
+    model = convert_llama_to_dsla(teacher, layers="all", conversion_order=order, active=0.25).eval()
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    repo = tmp_path / "repo"
+    assert dsla_push([str(folder), "someone/SmolLM2-135M-Instruct-DSLA", "--dry-run", str(repo)]) == 0
+    card = (repo / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    assert "| 25 % | 7 | 23, 24, 25, 26, 27, 28, 29 | " in card
+    _load_in_fresh_process(model, tokenizer, tmp_path, True, tmp_path / "no_cache", {"folder": str(repo)}, atol=1e-4)

@@ -395,6 +395,7 @@ def render_model_card(config, inputs: CardInputs | None = None, template: str | 
         foldable=config.foldable,
         conversion_rows=rows,
         any_trained=None if trained is None else bool(trained),
+        trained_count=len(trained or ()),
         eval_rows=eval_rows,
         eval_notes=inputs.training_data and f"Data: {inputs.training_data}.",
         training=training_summary(inputs.training, inputs.seq_len),
