@@ -275,6 +275,17 @@ def test_missing_token_is_a_clear_error(checkpoint, hub_env, capsys):
     assert stub.requests == []
 
 
+def test_rejected_token_is_a_clear_error_without_the_token(checkpoint, hub_env, capsys):
+    _, folder = checkpoint
+    wrong = "hf_WrongTokenButStillSecret987654321"
+    hub_env.setenv("HF_TOKEN", wrong)
+    with HubStub(TOKEN) as stub:
+        assert dsla_push([str(folder), REPO_ID, "--endpoint", stub.endpoint]) == 1
+    out = capsys.readouterr()
+    assert "the Hub refused" in out.out and "401" in out.out
+    assert wrong not in out.out + out.err and REPO_ID not in stub.repos
+
+
 # Loads a repository in a fresh interpreter from each `key=source` argument (a folder, or a repo id huggingface_hub
 # resolves from HF_HUB_CACHE offline) and saves the logits at the saved ratio and at 25 %. BLOCK=1 makes
 # `import dsla_hf` fail as on a machine that never installed it (remote code, trust_remote_code=True); BLOCK=0 imports

@@ -566,11 +566,11 @@ def push_to_hub(
     if inputs is not None and inputs.repo_id is None:
         inputs.repo_id = repo_id
     with tempfile.TemporaryDirectory(prefix="dsla-push-") as tmp:
-        folder = Path(work_dir) if work_dir is not None else Path(tmp) / "repo"
+        folder = Path(work_dir) if work_dir is not None else Path(tmp) / "repo"  # work_dir: kept, must be empty
         if inputs is None:
             is_dir = isinstance(model_or_dir, (str, Path))
             inputs = discover_inputs(model_or_dir, repo_id=repo_id) if is_dir else CardInputs(repo_id=repo_id)
-        build_repo_folder(model_or_dir, folder, tokenizer=tokenizer, inputs=inputs, overwrite=True)
+        build_repo_folder(model_or_dir, folder, tokenizer=tokenizer, inputs=inputs)
         api = HfApi(endpoint=endpoint, token=secret)
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         logger.info("repository %s ready", url)
@@ -605,6 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         if args.dry_run is None:  # fail fast, before loading anything
             if hub_offline():
@@ -641,6 +643,9 @@ def run(args: argparse.Namespace) -> int:
     except PublishError as err:
         print(f"dsla push: error: {err}")
         return 2
+    except HfHubHTTPError as err:  # the server's answer (status, message, request id); never the token
+        print(f"dsla push: the Hub refused: {err}")
+        return 1
     visibility = "private" if args.private else "public"
     print(f"pushed {args.model_dir} to {args.repo_id} ({visibility}): {info.commit_url}")
     return 0
