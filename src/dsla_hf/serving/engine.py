@@ -150,6 +150,7 @@ class Engine:
         self.layer_switches = 0
         self.steps = 0
         self.deferred_decreases = 0
+        self.tokens_by_layers: dict[int, int] = {}  # output tokens produced with this many DSLA layers
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.fatal: str | None = None
@@ -407,6 +408,7 @@ class Engine:
         layers = tuple(self.model.config.active_dsla_layers)
         if not request.modes or request.modes[-1][1] != layers:
             request.modes.append((index, layers))
+        self.tokens_by_layers[len(layers)] = self.tokens_by_layers.get(len(layers), 0) + 1
         request.output_ids.append(token)
         if request.first_token_time is None:
             request.first_token_time = now
