@@ -114,10 +114,10 @@ def decode(model, batch: int, context: int, converted: list[int], steps: int) ->
         cache = synthetic_cache(model, batch, context)
         token = torch.randint(100, 40000, (batch, 1))
         with torch.no_grad():
-            model(token, past_key_values=cache)  # warm-up step
+            model(token, cache=cache)  # warm-up step
             start = time.perf_counter()
             for _ in range(steps):
-                model(token, past_key_values=cache)
+                model(token, cache=cache)
             seconds = (time.perf_counter() - start) / steps
         results[label] = {"step_s": seconds, "cache_bytes": cache.memory_bytes}
     model.set_dsla_layers([])

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend
+from .dispatch import resolve_backend, triton_module
 from .naive import naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
@@ -480,9 +480,7 @@ def chunk_dsla(
     if backend == "naive":
         return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "triton":
-        from dsla_hf.kernels.triton_chunk import chunk_dsla_triton
-
-        return chunk_dsla_triton(
+        return triton_module("triton_chunk").chunk_dsla_triton(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size
         )
     return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -6,6 +6,9 @@ nothing from ``dsla_hf`` at module level. The Triton kernels are reached by abso
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 BACKENDS = ("torch", "triton", "naive")
@@ -21,6 +24,12 @@ def triton_available() -> bool:
     except Exception:  # remote code without the installed package
         return False
     return True
+
+
+def triton_module(name: str) -> ModuleType:
+    """``dsla_hf.kernels.<name>``, imported by name: a static import statement would make Transformers' remote-code
+    import check demand ``dsla_hf`` from every Hub repository that carries these kernels."""
+    return importlib.import_module(f"dsla_hf.kernels.{name}")
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend
+from .dispatch import resolve_backend, triton_module
 from .naive import naive_dsla
 
 
@@ -113,9 +113,7 @@ def fused_recurrent_dsla(
             final = initial_state
         return o, final
     if backend == "triton":
-        from dsla_hf.kernels.triton_recurrent import fused_recurrent_dsla_triton
-
-        return fused_recurrent_dsla_triton(
+        return triton_module("triton_recurrent").fused_recurrent_dsla_triton(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, inplace=inplace
         )
     return fused_recurrent_dsla_torch(

@@ -6,20 +6,26 @@ import torch
 from dsla_hf import DSLACache, convert_llama_to_dsla
 
 
+def convert(teacher, layers="all", **kwargs):
+    """Conversion without the softmax window (tests/test_window.py covers it), so short sequences reach the states."""
+    kwargs.setdefault("dsla_window", 0)
+    return convert_llama_to_dsla(teacher, layers, **kwargs)
+
+
 def decode_alone(model, ids, steps):
     cache = DSLACache(model.config)
     with torch.no_grad():
-        logits = [model(ids, past_key_values=cache).logits[:, -1]]
+        logits = [model(ids, cache=cache).logits[:, -1]]
         token = logits[-1].argmax(-1, keepdim=True)
         for _ in range(steps):
-            logits.append(model(token, past_key_values=cache).logits[:, -1])
+            logits.append(model(token, cache=cache).logits[:, -1])
             token = logits[-1].argmax(-1, keepdim=True)
     return torch.stack(logits, 1)
 
 
 @pytest.mark.parametrize("active", [[1, 3], [], [0, 1, 2, 3]])
 def test_stacked_requests_decode_like_alone(tiny_teacher, active):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     model.set_dsla_layers(active)
     prompts = [torch.randint(3, 101, (1, n)) for n in (13, 6, 9)]
     steps = 4
@@ -28,7 +34,7 @@ def test_stacked_requests_decode_like_alone(tiny_teacher, active):
     with torch.no_grad():
         for p in prompts:
             cache = DSLACache(model.config)
-            firsts.append(model(p, past_key_values=cache).logits[:, -1])
+            firsts.append(model(p, cache=cache).logits[:, -1])
             caches.append(cache)
         cache, mask = DSLACache.stack(caches, [None] * 3)
         assert cache.get_seq_length() == 13 and mask.sum(1).tolist() == [13, 6, 9]
@@ -36,7 +42,7 @@ def test_stacked_requests_decode_like_alone(tiny_teacher, active):
         token = torch.cat(firsts).argmax(-1, keepdim=True)
         for step in range(steps):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-            logits = model(token, attention_mask=mask, position_ids=positions + step, past_key_values=cache).logits
+            logits = model(token, attention_mask=mask, position_ids=positions + step, cache=cache).logits
             for i in range(3):
                 assert torch.allclose(logits[i, -1], expected[i][0, step + 1], atol=1e-4), (i, step)
             token = logits[:, -1].argmax(-1, keepdim=True)
@@ -51,7 +57,7 @@ def test_stacked_requests_decode_like_alone(tiny_teacher, active):
             token[1:],
             attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
             position_ids=positions[1:] + steps,
-            past_key_values=cache,
+            cache=cache,
         ).logits
     alone = [decode_alone(model, p, steps + 1) for p in prompts[1:]]
     for i in range(2):
@@ -59,32 +65,32 @@ def test_stacked_requests_decode_like_alone(tiny_teacher, active):
 
 
 def test_switch_after_stacking_folds_padded_rows_exactly(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all", active=[]).eval()
+    model = convert(tiny_teacher, layers="all", active=[]).eval()
     prompts = [torch.randint(3, 101, (1, n)) for n in (11, 5)]
     with torch.no_grad():
         caches = []
         for p in prompts:
             cache = DSLACache(model.config)
-            model(p, past_key_values=cache)
+            model(p, cache=cache)
             caches.append(cache)
         cache, mask = DSLACache.stack(caches, [None, None])
         model.set_dsla_layers([3])  # the top layer: its inputs do not depend on the switch
         token = torch.tensor([[7], [8]])
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        logits = model(token, attention_mask=mask, position_ids=torch.tensor([[11], [5]]), past_key_values=cache)
+        logits = model(token, attention_mask=mask, position_ids=torch.tensor([[11], [5]]), cache=cache)
         for i, p in enumerate(prompts):
             reference = model(torch.cat([p, token[i : i + 1]], 1), use_cache=False).logits[0, -1]
             assert torch.allclose(logits.logits[i, -1], reference, atol=1e-4)
 
 
 def test_stack_rejects_inconsistent_caches(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     with torch.no_grad():
         a, b = DSLACache(model.config), DSLACache(model.config)
         model.set_dsla_layers([])
-        model(torch.randint(3, 101, (1, 5)), past_key_values=a)
+        model(torch.randint(3, 101, (1, 5)), cache=a)
         model.set_dsla_layers([2])
-        model(torch.randint(3, 101, (1, 5)), past_key_values=b)  # layer 2: states only, keys freed
+        model(torch.randint(3, 101, (1, 5)), cache=b)  # layer 2: states only, keys freed
     with pytest.raises(ValueError, match="fold them first"):
         DSLACache.stack([a, b], [None, None])
     with pytest.raises(ValueError, match="Nothing"):

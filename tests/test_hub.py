@@ -442,12 +442,6 @@ def test_push_to_loopback_hub_then_load_uploaded_repo(checkpoint, hub_env, tmp_p
     _load_in_fresh_process(model, tokenizer, tmp_path, False, cache, {"folder": str(received), "cache": REPO_ID})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/chunk.py, fold.py and fused_recurrent.py import dsla_hf.kernels.triton_* with `from ... import` "
-    "statements inside functions; for a Hub (cached) repo, transformers' check_imports scans every remote-code file "
-    "and then requires the dsla_hf package (local folders skip that scan)",
-)
 def test_cached_repo_loads_offline_with_remote_code_without_dsla_hf(checkpoint, tmp_path):
     model, folder = checkpoint
     repo = build_repo_folder(folder, tmp_path / "repo", inputs=discover_inputs(folder, repo_id=REPO_ID))

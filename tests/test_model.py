@@ -8,13 +8,19 @@ from dsla_hf import DSLACache, DSLAConfig, DSLALlamaForCausalLM, convert_llama_t
 from tests.conftest import tiny_llama_config
 
 
+def convert(teacher, layers="all", **kwargs):
+    """Conversion without the softmax window (tests/test_window.py covers it), so short sequences reach the states."""
+    kwargs.setdefault("dsla_window", 0)
+    return convert_llama_to_dsla(teacher, layers, **kwargs)
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("preset", ["default", "paper"])
 def test_no_dsla_layer_gives_teacher_logits(tiny_teacher, preset):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all", dsla_preset=preset).eval()
+    model = convert(tiny_teacher, layers="all", dsla_preset=preset).eval()
     model.set_dsla_layers([])
     ids = torch.randint(3, 101, (2, 33))
     with torch.no_grad():
@@ -22,7 +28,7 @@ def test_no_dsla_layer_gives_teacher_logits(tiny_teacher, preset):
 
 
 def test_teacher_weights_are_shared_not_copied(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    model = convert(tiny_teacher, layers=[1])
     t = tiny_teacher.model.layers[1].self_attn
     s = model.model.layers[1].self_attn
     assert s.k_proj.weight.data_ptr() == t.k_proj.weight.data_ptr()
@@ -31,7 +37,7 @@ def test_teacher_weights_are_shared_not_copied(tiny_teacher):
 
 
 def test_paper_preset_copies_projections(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[2], dsla_preset="paper")
+    model = convert(tiny_teacher, layers=[2], dsla_preset="paper")
     dsla, teacher = model.model.layers[2].linear_attn, tiny_teacher.model.layers[2].self_attn
     assert torch.equal(dsla.q_proj.weight, teacher.q_proj.weight)
     assert dsla.q_proj.weight.data_ptr() != teacher.q_proj.weight.data_ptr()
@@ -42,7 +48,7 @@ def test_paper_preset_copies_projections(tiny_teacher):
 
 
 def test_default_preset_init(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[0])
+    model = convert(tiny_teacher, layers=[0])
     dsla = model.model.layers[0].linear_attn
     assert dsla.state_heads == tiny_teacher.config.num_key_value_heads
     decay = torch.nn.functional.logsigmoid(dsla.gates.bias) / model.config.dsla_gate_tau
@@ -53,7 +59,7 @@ def test_default_preset_init(tiny_teacher):
 
 @pytest.mark.parametrize("active", [[1, 3], [0, 1, 2, 3], []])
 def test_cached_greedy_generation_matches_no_cache_argmax(tiny_teacher, active):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     model.set_dsla_layers(active)
     ids = torch.randint(3, 101, (1, 17))
     with torch.no_grad():
@@ -65,20 +71,20 @@ def test_cached_greedy_generation_matches_no_cache_argmax(tiny_teacher, active):
 
 
 def test_all_dsla_model_tracks_positions(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     cache = DSLACache(model.config)
     ids = torch.randint(3, 101, (1, 10))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
     assert cache.get_seq_length() == 10
     assert all(layer.kv_tokens == 0 for layer in cache.layers)  # no layer keeps keys and values
     model.set_dsla_layers([])  # with no KV left, reverting must fail loudly, not silently
     with pytest.raises(RuntimeError, match="keep_kv=True"), torch.no_grad():
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], cache=cache)
 
 
 def test_left_padded_batch_matches_single_sequences(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[0, 2]).eval()
+    model = convert(tiny_teacher, layers=[0, 2]).eval()
     a, b = torch.randint(3, 101, (1, 12)), torch.randint(3, 101, (1, 7))
     ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
     mask = (torch.arange(12) >= torch.tensor([[0], [5]])).long()
@@ -92,7 +98,7 @@ def test_left_padded_batch_matches_single_sequences(tiny_teacher):
 
 
 def test_sampling_and_beam_search(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[1, 2]).eval()
+    model = convert(tiny_teacher, layers=[1, 2]).eval()
     ids = torch.randint(3, 101, (2, 9))
     torch.manual_seed(1)
     s1 = model.generate(ids, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None)
@@ -121,15 +127,15 @@ def test_sampling_and_beam_search(tiny_teacher):
 def test_switching_folds_kv_exactly(tiny_teacher):
     # Layers above a switched layer keep the keys they computed before the switch, so the logits match a model that
     # ran DSLA from the first token when the switched layers sit above every layer whose kind changed.
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     ids = torch.randint(3, 101, (2, 40))
     for before, after in (([], [3]), ([1], [1, 3]), ([0, 1, 2], [0, 1, 2, 3])):
         model.set_dsla_layers(before)
         cache = DSLACache(model.config)
         with torch.no_grad():
-            model(ids[:, :-1], past_key_values=cache)
+            model(ids[:, :-1], cache=cache)
             model.set_dsla_layers(after)
-            folded = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+            folded = model(ids[:, -1:], cache=cache).logits[:, -1]
             reference = model(ids, use_cache=False).logits[:, -1]
         assert rel(folded, reference) <= 1e-4
         new = sorted(set(after) - set(before))
@@ -138,7 +144,7 @@ def test_switching_folds_kv_exactly(tiny_teacher):
 
 @pytest.mark.parametrize("layer", [0, 2])
 def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     ids = torch.randint(3, 101, (2, 70))
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # left padding must not enter the folded states either
@@ -146,10 +152,10 @@ def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
     with torch.no_grad():
         model.set_dsla_layers(below)
         softmax_cache = DSLACache(model.config)
-        model(ids, attention_mask=mask, past_key_values=softmax_cache)
+        model(ids, attention_mask=mask, cache=softmax_cache)
         model.set_dsla_layers(below + [layer])
         dsla_cache = DSLACache(model.config)
-        model(ids, attention_mask=mask, past_key_values=dsla_cache)
+        model(ids, attention_mask=mask, cache=dsla_cache)
         attn = model.model.layers[layer].linear_attn
         folded = attn.fold(softmax_cache.layers[layer], softmax_cache, model.model.rotary_emb, mask)
     reference = dsla_cache.layers[layer].state
@@ -157,23 +163,23 @@ def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
 
 
 def test_keep_kv_makes_revert_exact(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers="all").eval()
+    model = convert(tiny_teacher, layers="all").eval()
     ids = torch.randint(3, 101, (1, 30))
     cache = DSLACache(model.config, keep_kv=True)
     with torch.no_grad():
         model.set_dsla_layers([3])
-        model(ids[:, :20], past_key_values=cache)
+        model(ids[:, :20], cache=cache)
         model.set_dsla_layers([])
-        model(ids[:, 20:25], past_key_values=cache)
+        model(ids[:, 20:25], cache=cache)
         model.set_dsla_layers([3])
-        a = model(ids[:, 25:], past_key_values=cache).logits[:, -1]
+        a = model(ids[:, 25:], cache=cache).logits[:, -1]
         # The same, but staying on softmax attention after the revert.
         ref_cache = DSLACache(model.config, keep_kv=True)
         model.set_dsla_layers([3])
-        model(ids[:, :20], past_key_values=ref_cache)
+        model(ids[:, :20], cache=ref_cache)
         model.set_dsla_layers([])
-        model(ids[:, 20:25], past_key_values=ref_cache)
-        reverted = model(ids[:, 25:], past_key_values=ref_cache).logits[:, -1]
+        model(ids[:, 20:25], cache=ref_cache)
+        reverted = model(ids[:, 25:], cache=ref_cache).logits[:, -1]
         softmax = model(ids, use_cache=False).logits[:, -1]
         model.set_dsla_layers([3])
         full = model(ids, use_cache=False).logits[:, -1]
@@ -182,7 +188,7 @@ def test_keep_kv_makes_revert_exact(tiny_teacher):
 
 
 def test_set_dsla_layers_by_ratio_and_errors(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[3, 1, 2], conversion_order=[3, 1, 2])
+    model = convert(tiny_teacher, layers=[3, 1, 2], conversion_order=[3, 1, 2])
     assert model.set_dsla_layers(0.5) == [1, 3]
     assert model.config.layer_types == ["full_attention", "linear_attention", "full_attention", "linear_attention"]
     assert model.set_dsla_layers(0.0) == []
@@ -226,11 +232,11 @@ def test_convert_rejects_non_llama():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
-        convert_llama_to_dsla(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+        convert(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
 
 
 def test_save_and_reload(tiny_teacher, tmp_path):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[0, 3], conversion_order=[3, 0]).eval()
+    model = convert(tiny_teacher, layers=[0, 3], conversion_order=[3, 0]).eval()
     with torch.no_grad():
         for p in model.model.layers[3].linear_attn.parameters():
             p.add_(0.01 * torch.randn_like(p))  # trained-looking DSLA weights must round-trip
@@ -251,13 +257,13 @@ def test_save_and_reload(tiny_teacher, tmp_path):
 def test_wrong_cache_type_is_a_clear_error(tiny_teacher):
     from transformers import DynamicCache
 
-    model = convert_llama_to_dsla(tiny_teacher, layers=[1]).eval()
+    model = convert(tiny_teacher, layers=[1]).eval()
     with pytest.raises(TypeError, match="DSLACache"), torch.no_grad():
-        model(torch.randint(3, 101, (1, 4)), past_key_values=DynamicCache())
+        model(torch.randint(3, 101, (1, 4)), cache=DynamicCache())
 
 
 def test_gradients_reach_dsla_parameters(tiny_teacher):
-    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    model = convert(tiny_teacher, layers=[1])
     model.train()
     ids = torch.randint(3, 101, (2, 16))
     model(ids, labels=ids).loss.backward()
@@ -269,13 +275,13 @@ def test_gradients_reach_dsla_parameters(tiny_teacher):
 
 def test_paper_preset_switch_restarts_states(tiny_teacher):
     """The paper preset cannot fold a KV cache: the switched layer's states start empty at the switch."""
-    model = convert_llama_to_dsla(tiny_teacher, layers=[3], dsla_preset="paper", active=[]).eval()
+    model = convert(tiny_teacher, layers=[3], dsla_preset="paper", active=[]).eval()
     ids = torch.randint(3, 101, (1, 12))
     cache = DSLACache(model.config)
     with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache)
+        model(ids[:, :-1], cache=cache)
         model.set_dsla_layers([3])
-        model(ids[:, -1:], past_key_values=cache)
+        model(ids[:, -1:], cache=cache)
     layer = cache.layers[3]
     assert layer.kv_tokens == 0 and layer.state_tokens == layer.seen_tokens == 12
     assert torch.isfinite(layer.state).all() and layer.state.abs().sum() > 0
@@ -284,7 +290,7 @@ def test_paper_preset_switch_restarts_states(tiny_teacher):
 def test_corrupt_or_mismatched_checkpoints_fail_clearly(tiny_teacher, tmp_path):
     import json
 
-    model = convert_llama_to_dsla(tiny_teacher, layers=[1])
+    model = convert(tiny_teacher, layers=[1])
     model.save_pretrained(tmp_path / "ok")
     # A truncated weights file.
     bad = tmp_path / "corrupt"
@@ -337,7 +343,7 @@ def test_conversion_initialises_every_new_parameter(tiny_teacher, options):
     models = []
     for _ in range(2):
         torch.manual_seed(3)
-        models.append(convert_llama_to_dsla(tiny_teacher, layers=[0, 2], **options))
+        models.append(convert(tiny_teacher, layers=[0, 2], **options))
     for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     with torch.no_grad():

@@ -71,9 +71,9 @@ def test_fold_on_smollm2_is_exact(converted, prompt):
     cache = DSLACache(model.config)
     with torch.no_grad():
         model.set_dsla_layers([])
-        model(prompt[:, :-1], past_key_values=cache)
+        model(prompt[:, :-1], cache=cache)
         model.set_dsla_layers([layer])
-        folded = model(prompt[:, -1:], past_key_values=cache).logits[0, -1]
+        folded = model(prompt[:, -1:], cache=cache).logits[0, -1]
         reference = model(prompt, use_cache=False).logits[0, -1]
     model.set_dsla_layers([])
     error = ((folded - reference).norm() / reference.norm()).item()

@@ -104,9 +104,9 @@ def test_window_left_padding_and_fold(tiny_teacher):
         # Fold: softmax prefill then switch the top layer; the window and the states come from the KV cache.
         model.set_dsla_layers([])
         cache = DSLACache(model.config)
-        model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
         model.set_dsla_layers([3])
-        folded = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, -1]
+        folded = model(ids[:, -1:], attention_mask=mask, cache=cache).logits[:, -1]
         reference = model(ids, attention_mask=mask).logits[:, -1]
     assert rel(folded, reference) <= 1e-4
     window_keys = cache.layers[3].window[0]
@@ -131,13 +131,13 @@ def test_window_requests_stack_for_continuous_batching(tiny_teacher):
         caches, firsts = [], []
         for p in prompts:
             caches.append(DSLACache(model.config))
-            firsts.append(model(p, past_key_values=caches[-1]).logits[:, -1])
+            firsts.append(model(p, cache=caches[-1]).logits[:, -1])
         cache, mask = DSLACache.stack(caches, [None, None])
         token = torch.cat(firsts).argmax(-1, keepdim=True)
         positions = torch.tensor([[10], [3]])
         for step in range(3):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            logits = model(token, attention_mask=mask, position_ids=positions + step, past_key_values=cache).logits
+            logits = model(token, attention_mask=mask, position_ids=positions + step, cache=cache).logits
             for i in range(2):
                 assert torch.allclose(logits[i, -1], expected[i][0, step + 1], atol=1e-4), (i, step)
             token = logits[:, -1].argmax(-1, keepdim=True)

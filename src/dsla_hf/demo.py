@@ -46,13 +46,13 @@ def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
     cache = DSLACache(model.config)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids, cache=cache, use_cache=True)
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             tokens.append(token)
         decode = time.perf_counter() - start
     return {

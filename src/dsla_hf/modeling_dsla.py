@@ -324,7 +324,7 @@ class DSLAAttention(nn.Module):
         hidden_states: torch.Tensor,
         teacher: LlamaAttention,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: DSLACache | None = None,
+        cache: DSLACache | None = None,
         padding_mask: torch.Tensor | None = None,
         rotary_emb: Callable | None = None,
     ) -> torch.Tensor:
@@ -338,8 +338,8 @@ class DSLAAttention(nn.Module):
         k = k_proj(hidden_states).view(B, T, self.num_kv_heads, D)
         v = v_proj(hidden_states).view(B, T, self.num_kv_heads, D)
 
-        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        state = self.fold(cache_layer, past_key_values, rotary_emb, padding_mask) if cache_layer else None
+        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        state = self.fold(cache_layer, cache, rotary_emb, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
@@ -363,7 +363,7 @@ class DSLAAttention(nn.Module):
                 cache_layer.append_kv(k_rot, v.transpose(1, 2))
 
         if self.window:
-            positions = self.pending_positions(past_key_values, cache_layer, T, B, hidden_states.device)
+            positions = self.pending_positions(cache, cache_layer, T, B, hidden_states.device)
             cos, sin = rotary_emb(hidden_states, positions)
             o = self.window_attention(q, pending, cos, sin, o).to(hidden_states.dtype)
         elif self.normalizer == "sum":
@@ -402,7 +402,7 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DSLACache | None = None,
+        cache: DSLACache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
@@ -413,14 +413,14 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == LINEAR_ATTENTION:
             hidden_states = self.linear_attn(
-                hidden_states, self.self_attn, position_embeddings, past_key_values, padding_mask, rotary_emb
+                hidden_states, self.self_attn, position_embeddings, cache, padding_mask, rotary_emb
             )
         else:
             hidden_states, _ = self.self_attn(
                 hidden_states=hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -438,7 +438,7 @@ class DSLAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DSLADecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -500,7 +500,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DSLACache | None = None,
+        cache: DSLACache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -511,25 +511,25 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DSLACache(self.config)
-        if past_key_values is not None and not isinstance(past_key_values, DSLACache):
+        if use_cache and cache is None:
+            cache = DSLACache(self.config)
+        if cache is not None and not isinstance(cache, DSLACache):
             raise TypeError(
-                f"DSLA models need a `DSLACache` (got {type(past_key_values).__name__}): create one with "
+                f"DSLA models need a `DSLACache` (got {type(cache).__name__}): create one with "
                 "`DSLACache(model.config)`, or let the model or `generate()` create it."
             )
         batch_size, length = inputs_embeds.shape[:2]
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0) + past_seen
-        if past_key_values is not None:
-            past_key_values.record_positions(position_ids, batch_size)
+        if cache is not None:
+            cache.record_positions(position_ids, batch_size)
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         # DSLA layers read padding from the 2-D mask (past and current tokens); None when nothing is padded.
@@ -545,7 +545,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 padding_mask=padding_mask,
@@ -555,9 +555,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
 class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
@@ -573,11 +571,11 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() would build a plain DynamicCache; DSLA layers need the hybrid one.
         if (
-            model_kwargs.get("past_key_values") is None
+            model_kwargs.get("cache") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")
         ):
-            model_kwargs["past_key_values"] = DSLACache(self.config)
+            model_kwargs["cache"] = DSLACache(self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -586,7 +584,7 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DSLACache | None = None,
+        cache: DSLACache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -598,7 +596,7 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -611,7 +609,7 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
 

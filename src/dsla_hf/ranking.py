@@ -85,7 +85,7 @@ def _forward_from(model, hidden: torch.Tensor, start: int) -> torch.Tensor:
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
     pe = inner.rotary_emb(hidden, positions)
     mask = create_causal_mask(
-        config=inner.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=positions
+        config=inner.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
     )
     for layer in inner.layers[start:]:
         hidden = layer(

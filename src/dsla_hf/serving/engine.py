@@ -363,7 +363,7 @@ class Engine:
             request.prefilled = 0
         chunk = request.prompt_ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long)
-        logits = self.model(ids, past_key_values=request.cache, logits_to_keep=1, use_cache=True).logits
+        logits = self.model(ids, cache=request.cache, logits_to_keep=1, use_cache=True).logits
         request.prefilled += len(chunk)
         self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
         if request.prefilled < len(request.prompt_ids):
@@ -389,7 +389,7 @@ class Engine:
         positions = torch.tensor([[r.cached] for r in self.running], dtype=torch.long)
         self.mask = torch.cat([self.mask, torch.ones(batch, 1, dtype=torch.long)], 1)
         logits = self.model(
-            tokens, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
         ).logits[:, -1]
         for row, request in enumerate(self.running):
             request.cached += 1
