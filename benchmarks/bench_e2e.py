@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--window", type=int, default=0, help="dsla_window of the converted layers")
+    parser.add_argument("--window", type=int, default=None, help="dsla_window of the converted layers (preset's)")
     parser.add_argument("--out", default="benchmarks/results/e2e.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -156,9 +156,11 @@ def main() -> None:
     teacher, _ = load_teacher()
     n = teacher.config.num_hidden_layers
     converted = list(range(n // 2, n))  # half the layers (which half does not change the speed)
-    model = convert_llama_to_dsla(teacher, layers=converted, active=[], dsla_window=args.window).eval()
+    window = {} if args.window is None else {"dsla_window": args.window}
+    model = convert_llama_to_dsla(teacher, layers=converted, active=[], **window).eval()
     result = {
-        "setup": vars(args) | {"converted_layers": converted, "threads": torch.get_num_threads()},
+        "setup": vars(args)
+        | {"converted_layers": converted, "window": model.config.dsla_window, "threads": torch.get_num_threads()},
         "decode": decode(model, args.batch, args.context, converted, args.steps),
         "prefill": prefill(model, args.prefill_tokens, converted, args.repeats),
     }

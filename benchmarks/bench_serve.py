@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--trace-dir", default=os.environ.get("DSLA_TRACE_DIR"))
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--num-requests", type=int, default=30)
-    parser.add_argument("--time-scale", type=float, default=4.0)
+    parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--length-scale", type=float, default=1.0)
     parser.add_argument("--output-scale", type=float, default=0.25)
     parser.add_argument("--max-input", type=int, default=4096)
