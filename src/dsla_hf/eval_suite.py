@@ -1,0 +1,508 @@
+"""`dsla eval`: the evaluation suite (DESIGN §4, §5) on any model, written as JSON, a Markdown report and PNG plots.
+
+    dsla eval --model smollm2                                    # the teacher alone
+    dsla eval --model dsla_demo --ratios 0 0.25 0.5 --out eval/  # a DSLA checkpoint (or chain folder) per ratio
+    dsla eval --model dsla_demo --compare "GLA=outputs/ablation/gla" --out eval/   # beside another checkpoint
+
+For every model and ratio (ratio 0 of a DSLA checkpoint is its teacher, exactly):
+
+- held-out perplexity at several context lengths, a sliding window over one token stream (`--ppl-tokens` tokens of
+  the held-out corpus: PostgreSQL's manual, never trained on; pydoc topics disjoint from training without it);
+- passkey retrieval (Landmark / LongLoRA prompt) over lengths x depths, drawn as heatmaps;
+- RULER's `niah_single`, `niah_multikey`, `niah_multivalue` and `vt` in their prompt formats and scoring
+  (`dsla_hf.ruler`), lengths counted by the model's tokenizer;
+- for DSLA models: effective attention maps of the history, recency and window components on held-out text (the
+  DSLA paper's Figure 5), their share of the attention mass per layer, and the learned mixing per layer and head;
+- a speed and memory table from the benchmark JSONs (`benchmarks/results/kernels.json`, `e2e.json`).
+
+Defaults are small (a few minutes for a teacher and two ratios on 2 CPU cores); every size has a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="smollm2", help="'smollm2', a DSLA/Llama folder (or chain output), a hub id"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or id when the model has none")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="conversion ratios")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another DSLA checkpoint, evaluated at the same non-zero ratios (repeatable)",
+    )
+    parser.add_argument("--out", default="eval_results", help="folder for results.json, report.md and plots")
+    parser.add_argument("--heldout", default=None, help="held-out text source (default: the offline held-out corpus)")
+    parser.add_argument("--ppl-lengths", type=int, nargs="*", default=[128, 512, 1024], help="context lengths")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of held-out stream scored per length")
+    parser.add_argument("--ppl-stride", type=int, default=None, help="window stride (default: half the context)")
+    parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--passkey-depths", type=float, nargs="*", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--passkey-trials", type=int, default=1, help="keys per length and depth")
+    parser.add_argument("--ruler-tasks", nargs="*", default=list(RULER_TASKS), choices=RULER_TASKS)
+    parser.add_argument("--ruler-lengths", type=int, nargs="*", default=[1024])
+    parser.add_argument("--ruler-samples", type=int, default=1, help="samples per task and length")
+    parser.add_argument("--ruler-new-tokens", type=int, default=None, help="generation budget (default per task)")
+    parser.add_argument("--map-tokens", type=int, default=192, help="held-out tokens for the attention maps")
+    parser.add_argument("--map-layers", type=int, nargs="*", default=None, help="layers drawn (default: three)")
+    parser.add_argument("--benchmarks", default="benchmarks/results", help="folder with kernels.json / e2e.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite report.md and the plots from an existing results.json in --out (speed table re-read)",
+    )
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(spec: str) -> str:
+    """A chain output folder (`<dir>/checkpoint/config.json`) resolves to its checkpoint."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoint" / "config.json").is_file():
+        return str(path / "checkpoint")
+    return spec
+
+
+def load_model(spec: str, tokenizer: str | None = None):
+    """(model, tokenizer, trained DSLA layer count or None) from 'smollm2', a folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .teacher import load_teacher
+
+    if spec == "smollm2":
+        model, tok = load_teacher()
+        return model, tok, None
+    path = resolve_model_path(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"No tokenizer in {path} ({err}); pass --tokenizer") from None
+    trained = None
+    chain_file = Path(path) / "chain.json"
+    if chain_file.is_file():
+        trained = len(json.loads(chain_file.read_text()).get("stages", []))
+    return model, tok, trained
+
+
+def is_dsla(model) -> bool:
+    return hasattr(model, "set_dsla_layers")
+
+
+def model_variants(model, ratios: list[float], trained: int | None, label: str | None = None):
+    """(name, ratio) for every ratio the model can run: a teacher runs ratio 0 only; a chain checkpoint only the
+    ratios its trained stages cover (later layers of its conversion order hold untrained weights)."""
+    out, skipped = [], []
+    n = model.config.num_hidden_layers
+    for ratio in ratios:
+        if ratio == 0.0:
+            if label is None:
+                out.append(("teacher", 0.0))
+            continue
+        if not is_dsla(model):
+            skipped.append((ratio, "the model has no DSLA weights"))
+            continue
+        count = int(ratio * n + 1e-6)
+        limit = len(model.config.conversion_order) if trained is None else trained
+        if count > limit:
+            skipped.append((ratio, f"needs {count} DSLA layers, {limit} trained"))
+            continue
+        states = model.config.dsla_num_states
+        name = label or ("DSLA" if states == 2 else "GLA")
+        out.append((f"{name} {round(100 * ratio)}%", ratio))
+    return out, skipped
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def heldout_stream(tokenizer, source: str | None, tokens: int, seed: int = 0) -> tuple[torch.Tensor, str, str]:
+    """(token ids, the text they came from, source name): the first documents of the held-out corpus."""
+    from .data import default_sources, load_text_dataset
+
+    source = source or default_sources()["heldout"]
+    ds = load_text_dataset(source, max_chars=tokens * 8, seed=seed + 1)
+    text = "\n\n".join(t for t in ds["text"] if t and t.strip())
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() < tokens:
+        raise SystemExit(f"{source} has only {ids.numel()} tokens; lower --ppl-tokens")
+    return ids[:tokens], text, source
+
+
+# --- running ----------------------------------------------------------------------------------------------------
+
+
+def evaluate_variant(model, tokenizer, args, stream: torch.Tensor, essay: str, name: str, progress: bool) -> dict:
+    from .evaluation import passkey_grid, sliding_window_perplexity
+    from .ruler import ruler_eval
+
+    start = time.perf_counter()
+    entry: dict = {"ppl": {}}
+    for length in args.ppl_lengths:
+        entry["ppl"][str(length)] = sliding_window_perplexity(
+            model, stream, length, args.ppl_stride, progress=progress, desc=f"ppl@{length} {name}"
+        )
+    if args.passkey_lengths and args.passkey_depths:
+        entry["passkey"] = passkey_grid(
+            model,
+            tokenizer,
+            args.passkey_lengths,
+            args.passkey_depths,
+            args.passkey_trials,
+            args.seed,
+            progress=progress,
+            desc=f"passkey {name}",
+        )
+    if args.ruler_tasks and args.ruler_lengths:
+        entry["ruler"] = ruler_eval(
+            model,
+            tokenizer,
+            args.ruler_tasks,
+            args.ruler_lengths,
+            args.ruler_samples,
+            args.seed,
+            essay,
+            args.ruler_new_tokens,
+            progress=progress,
+            desc=f"ruler {name}",
+        )
+    entry["seconds"] = time.perf_counter() - start
+    return entry
+
+
+def attention_analysis(model, stream: torch.Tensor, args, out: Path, tag: str) -> dict:
+    """Maps of every active DSLA layer on the first `--map-tokens` held-out tokens: summaries in the JSON, three
+    layers (or `--map-layers`) drawn, and the mixing plot."""
+    from .attention_maps import layer_maps, map_summary, mixing_weights, plot_maps, plot_mixing
+
+    ids = stream[None, : args.map_tokens]
+    maps = layer_maps(model, ids)
+    window = model.config.dsla_window
+    shares = {i: map_summary(m, skip=window) for i, m in maps.items()}
+    mixing = {i: w for i, w in mixing_weights(model).items() if i in maps}
+    active = sorted(maps)
+    drawn = args.map_layers or [active[0], active[len(active) // 2], active[-1]] if active else []
+    drawn = [i for i in dict.fromkeys(drawn) if i in maps]
+    files = {}
+    if drawn:
+        files["maps"] = f"attention_maps_{tag}.png"
+        plot_maps({i: maps[i] for i in drawn}, out / files["maps"])
+        files["mixing"] = f"mixing_{tag}.png"
+        plot_mixing(mixing, shares, out / files["mixing"])
+    return {
+        "tokens": ids.shape[1],
+        "window": window,
+        "layers": shares,
+        "mixing": mixing,
+        "drawn": drawn,
+        "files": files,
+    }
+
+
+# --- speed and memory from the benchmark JSONs ------------------------------------------------------------------
+
+
+def speed_tables(folder: str | Path) -> tuple[list[str], dict]:
+    """Markdown lines and the raw numbers of the kernel and end-to-end benchmarks found in `folder`."""
+    folder = Path(folder)
+    lines, raw = [], {}
+    kernels = folder / "kernels.json"
+    if kernels.is_file():
+        k = json.loads(kernels.read_text())
+        raw["kernels"] = k
+        meta = k.get("meta", {})
+        lines += [
+            f"One attention module of SmolLM2's shapes (`{kernels}`; {meta.get('threads', '?')} threads, "
+            f"{meta.get('dtype', '?')}, torch {meta.get('torch', '?')}):",
+            "",
+            "| tokens | SDPA prefill (ms) | DSLA prefill (ms) | speedup |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['tokens']} | {1000 * r['sdpa_s']:.1f} | {1000 * r['dsla_s']:.1f} | {r['speedup']:.2f}x |"
+            for r in k.get("prefill", [])
+        ]
+        lines += ["", "| context | SDPA decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {r['context']} | {1e6 * r['sdpa_step_s']:.0f} | {1e6 * r['dsla_step_s']:.0f} | {r['speedup']:.2f}x |"
+            for r in k.get("decode", [])
+        ]
+        lines.append("")
+    else:
+        lines += [f"_No kernel benchmark ({kernels} missing: run `python benchmarks/bench_kernels.py`)._", ""]
+    e2e = folder / "e2e.json"
+    if e2e.is_file():
+        e = json.loads(e2e.read_text())
+        raw["e2e"] = e
+        d, p = e.get("decode", {}), e.get("prefill", {})
+        lines += [f"SmolLM2, half the layers as DSLA vs the teacher (`{e2e}`):", ""]
+        lines += [
+            "| measurement | teacher | half DSLA | speedup | bound | fraction of bound |",
+            "|---|---|---|---|---|---|",
+        ]
+        if d:
+            lines.append(
+                f"| decode, batch {d['batch']} at {d['context']} tokens (ms/step) | {1000 * d['teacher_step_s']:.1f} "
+                f"| {1000 * d['dsla_step_s']:.1f} | {d['speedup']:.2f}x | {d['bytes_bound_speedup']:.2f}x (bytes) "
+                f"| {d['fraction_of_bound']:.2f} |"
+            )
+            lines.append(
+                f"| cache memory (MiB) | {d['teacher_cache_bytes'] / 2**20:.1f} | {d['dsla_cache_bytes'] / 2**20:.1f} "
+                f"| {d['cache_memory_ratio']:.2f} of the teacher's | | |"
+            )
+        if p:
+            nan = float("nan")
+            lines.append(
+                f"| prefill {p.get('tokens', '?')} tokens (s) | {p.get('teacher_s', nan):.2f} "
+                f"| {p.get('dsla_s', nan):.2f} | {p.get('speedup', nan):.2f}x "
+                f"| {p.get('bound_speedup', nan):.2f}x (Amdahl) | {p.get('fraction_of_bound', nan):.2f} |"
+            )
+        lines.append("")
+    else:
+        lines += [f"_No end-to-end benchmark ({e2e} missing: run `python benchmarks/bench_e2e.py`)._", ""]
+    return lines, raw
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report_lines(results: dict) -> list[str]:
+    models = results["models"]
+    s = results["settings"]
+    lines = [f"# Evaluation: {results['model']}", ""]
+    lines += [
+        f"Held-out text: `{results['heldout']}` ({s['ppl_tokens']} tokens, sliding window, stride "
+        f"{s['ppl_stride'] or 'context/2'}); passkey lengths {s['passkey_lengths']} x depths {s['passkey_depths']} "
+        f"({s['passkey_trials']} key(s) each); RULER at {s['ruler_lengths']} tokens, {s['ruler_samples']} sample(s) "
+        f"per task and length (score in %, `string_match_all`). {results['wall_s'] / 60:.1f} min in all.",
+        "",
+    ]
+    ppl_cols = [str(n) for n in s["ppl_lengths"]]
+    tasks = s["ruler_tasks"] if s["ruler_lengths"] else []
+    head = ["model", "DSLA layers", *[f"ppl@{n}" for n in ppl_cols]]
+    head += ["passkey"] if s["passkey_lengths"] else []
+    head += tasks
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in models.items():
+        row = [name, str(len(m["dsla_layers"]))]
+        row += [f"{m['ppl'][n]['ppl']:.2f}" for n in ppl_cols]
+        if "passkey" in m:
+            row.append(f"{m['passkey']['mean']:.2f}")
+        row += [f"{_mean(m['ruler']['scores'][t].values()):.0f}" for t in tasks]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if s["passkey_lengths"]:
+        depths = s["passkey_depths"]
+        lines += ["Passkey accuracy by depth of the key (mean over lengths; 0 = start of the prompt):", ""]
+        lines += ["| model | " + " | ".join(f"depth {d:g}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+        for name, m in models.items():
+            acc = m["passkey"]["accuracy"]
+            lines.append(f"| {name} | " + " | ".join(f"{_mean(row):.2f}" for row in acc) + " |")
+        lines.append("")
+    if tasks and len(s["ruler_lengths"]) > 1:
+        lines += ["RULER per length (%):", ""]
+        cols = [f"{t}@{n}" for t in tasks for n in s["ruler_lengths"]]
+        lines += ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, m in models.items():
+            vals = [f"{m['ruler']['scores'][t][str(n)]:.0f}" for t in tasks for n in s["ruler_lengths"]]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
+        lines.append("")
+    maps = results.get("attention", {})
+    if maps:
+        lines += [
+            "Effective attention on held-out text (queries past the window; mean over layers and heads): share of the "
+            "attention mass and mass-weighted mean distance `t - i` in tokens, per component:",
+            "",
+            "| model | component | mass | mean distance |",
+            "|---|---|---|---|",
+        ]
+        for name, a in maps.items():
+            comps = next(iter(a["layers"].values())).keys()
+            for comp in comps:
+                mass = _mean(v[comp]["mass"] for v in a["layers"].values())
+                dist = _mean(v[comp]["mean_distance"] for v in a["layers"].values())
+                lines.append(f"| {name} | {comp} | {mass:.3f} | {dist:.1f} |")
+        lines.append("")
+    lines += ["## Speed and memory", "", *results["speed_lines"]]
+    lines += ["## Plots", ""]
+    lines += [f"![{f}]({f})" for f in results["plots"]]
+    lines += ["", "## Command", "", "```", results["command"], "```", ""]
+    return lines
+
+
+def plot_results(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, s, files = results["models"], results["settings"], []
+    if s["ppl_lengths"]:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name, m in models.items():
+            xs = [int(n) for n in m["ppl"]]
+            ax.plot(xs, [m["ppl"][str(n)]["ppl"] for n in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens, sliding window)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(f"Perplexity on {results['heldout']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "perplexity.png", dpi=120)
+        plt.close(fig)
+        files.append("perplexity.png")
+    if s["passkey_lengths"] and s["passkey_depths"]:
+        fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models) + 1, 3.0), squeeze=False)
+        for ax, (name, m) in zip(axes[0], models.items()):
+            acc = torch.tensor(m["passkey"]["accuracy"])
+            im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(s["passkey_lengths"])), [str(n) for n in s["passkey_lengths"]], fontsize=7)
+            ax.set_yticks(range(len(s["passkey_depths"])), [f"{d:g}" for d in s["passkey_depths"]], fontsize=7)
+            for (r, c), v in zip(
+                [(r, c) for r in range(acc.shape[0]) for c in range(acc.shape[1])], acc.flatten().tolist()
+            ):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(name, fontsize=8)
+            ax.set_xlabel("length (tokens)", fontsize=7)
+        axes[0][0].set_ylabel("depth of the key", fontsize=7)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="passkey accuracy")
+        fig.savefig(out / "passkey_heatmap.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        files.append("passkey_heatmap.png")
+    tasks = s["ruler_tasks"] if s["ruler_lengths"] else []
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.0 * len(tasks), 3.0), squeeze=False)
+        width = 0.8 / max(1, len(models))
+        for ax, task in zip(axes[0], tasks):
+            for j, (name, m) in enumerate(models.items()):
+                vals = [m["ruler"]["scores"][task][str(n)] for n in s["ruler_lengths"]]
+                ax.bar([i + j * width for i in range(len(vals))], vals, width, label=name)
+            ax.set_xticks(
+                [i + width * (len(models) - 1) / 2 for i in range(len(s["ruler_lengths"]))],
+                [str(n) for n in s["ruler_lengths"]],
+            )
+            ax.set_ylim(0, 105)
+            ax.set_title(f"RULER {task}", fontsize=8)
+            ax.set_xlabel("length (tokens)", fontsize=7)
+        axes[0][0].set_ylabel("score (%)")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "ruler.png", dpi=120)
+        plt.close(fig)
+        files.append("ruler.png")
+    for a in results.get("attention", {}).values():
+        files += list(a["files"].values())
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    if args.render_only:
+        return render(Path(args.out), args.benchmarks)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    progress = not args.no_progress
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    model, tokenizer, trained = load_model(args.model, args.tokenizer)
+    longest = max([*args.ppl_lengths, *args.passkey_lengths, *args.ruler_lengths, args.map_tokens, 1])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        print(f"note: {longest} tokens exceed the model's max_position_embeddings ({limit})")
+    stream, essay, source = heldout_stream(tokenizer, args.heldout, max(args.ppl_tokens, args.map_tokens), args.seed)
+
+    results: dict = {
+        "model": args.model,
+        "heldout": source,
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "models": {},
+        "skipped": [],
+        "attention": {},
+    }
+    compares = []
+    for spec in args.compare:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--compare takes LABEL=PATH, got {spec!r}")
+        compares.append((label, path))
+    ppl_stream = stream[: args.ppl_tokens]
+
+    def evaluate(model, tokenizer, variants, tag):
+        for name, ratio in variants:
+            layers = model.set_dsla_layers(ratio) if is_dsla(model) else []
+            model.eval()
+            entry = evaluate_variant(model, tokenizer, args, ppl_stream, essay, name, progress)
+            entry = {"ratio": ratio, "dsla_layers": layers, **entry}
+            if is_dsla(model):
+                entry["num_states"] = model.config.dsla_num_states
+            results["models"][name] = entry
+            print(f"{name}: " + ", ".join(f"ppl@{k} {v['ppl']:.2f}" for k, v in entry["ppl"].items()))
+        dsla_variants = [(n, r) for n, r in variants if r > 0]
+        if dsla_variants and args.map_tokens > 0:
+            name, ratio = dsla_variants[-1]
+            model.set_dsla_layers(ratio)
+            results["attention"][name] = attention_analysis(model, stream, args, out, tag)
+
+    variants, skipped = model_variants(model, args.ratios, trained)
+    results["skipped"] += [{"model": args.model, "ratio": r, "why": why} for r, why in skipped]
+    evaluate(model, tokenizer, variants, "main")
+    del model
+    for label, path in compares:
+        other, other_tok, other_trained = load_model(path, args.tokenizer)
+        variants, skipped = model_variants(other, args.ratios, other_trained, label)
+        results["skipped"] += [{"model": path, "ratio": r, "why": why} for r, why in skipped]
+        evaluate(other, other_tok, variants, label.lower().replace(" ", "_"))
+        del other
+
+    results["wall_s"] = time.perf_counter() - wall
+    results["command"] = (
+        "dsla eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["eval"]
+        else "dsla eval (called from Python)"
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return render(out, args.benchmarks)
+
+
+def render(out: Path, benchmarks: str | Path) -> int:
+    """Plots and report.md from `out/results.json` (the speed table re-read from `benchmarks`)."""
+    results = json.loads((out / "results.json").read_text())
+    results["speed_lines"], results["benchmarks"] = speed_tables(benchmarks)
+    results["plots"] = plot_results(results, out)
+    lines = report_lines(results)
+    if results["skipped"]:
+        lines += [
+            "Skipped: " + "; ".join(f"{s['model']} at {s['ratio']} ({s['why']})" for s in results["skipped"]),
+            "",
+        ]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print("\n".join(lines[: lines.index("## Speed and memory")]))
+    print(f"written: {out / 'results.json'}, {out / 'report.md'}, plots {results['plots']}")
+    return 0
