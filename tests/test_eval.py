@@ -351,6 +351,19 @@ def test_effective_attention_reproduces_the_layer_output(dsla):
     assert math.isclose(sum(v["mass"] for k, v in summary.items() if k != "teacher"), 1.0, rel_tol=1e-3)
 
 
+def test_gate_half_lives_at_initialisation_are_the_configured_ones():
+    from transformers import LlamaForCausalLM
+
+    from dsla_hf.attention_maps import capture_attention_inputs, gate_half_lives
+
+    torch.manual_seed(0)
+    model = convert_llama_to_dsla(LlamaForCausalLM(tiny_llama_config()).eval(), active=[1]).eval()
+    x = capture_attention_inputs(model, torch.randint(3, 100, (1, 32)), [1])[1]
+    lives = gate_half_lives(model.model.layers[1], x)
+    assert lives["history"] == pytest.approx(model.config.dsla_history_half_life, rel=0.05)
+    assert lives["recency"] == pytest.approx(model.config.dsla_recency_half_life, rel=0.05)
+
+
 # --- dsla eval -------------------------------------------------------------------------------------------------------
 
 
@@ -410,6 +423,7 @@ def test_dsla_eval_end_to_end(tok, tmp_path):
     assert set(attention["DSLA 50%"]["layers"]) == {"0", "2"}
     assert set(next(iter(attention["GLA 50%"]["layers"].values()))) == {"teacher", "window", "state"}
     assert len(attention["DSLA 50%"]["mixing"]["0"]) == 4  # per head
+    assert attention["GLA 50%"]["layers"]["2"]["state"]["half_life"] > 0
     report = (out / "report.md").read_text()
     assert "| DSLA 50% | 2 |" in report and "| GLA 25% | 1 |" in report
     assert "| 1024 | 20.0 | 10.0 | 2.00x |" in report and "e2e.json missing" in report

@@ -112,6 +112,20 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
     return out
 
 
+@torch.no_grad()
+def gate_half_lives(block, x: torch.Tensor) -> dict[str, float]:
+    """Half-life in tokens of each state on captured inputs `x`: ln 2 over minus the mean log gate (over tokens,
+    heads and features). A state that forgets fast has a short half-life."""
+    attn = block.linear_attn
+    k = attn.projections(block.self_attn)[1](x).view(*x.shape[:2], attn.num_kv_heads, attn.head_dim)
+    if attn.state_heads != attn.num_kv_heads:
+        k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=2)
+    gates = attn.gates(k if attn.config.dsla_gate_source == "key" else x).float()  # [B, T, S, H, F]
+    names = ["history", "recency"] if attn.num_states == 2 else ["state"]
+    mean = gates.mean(dim=(0, 1, 3, 4))
+    return {name: float(torch.log(torch.tensor(2.0)) / (-mean[s]).clamp(min=1e-12)) for s, name in enumerate(names)}
+
+
 def map_summary(maps: dict[str, torch.Tensor], skip: int = 0) -> dict[str, dict[str, float]]:
     """Per component: its share of the attention mass and its mean distance `t - i` (mass-weighted), averaged over
     heads and over queries from `skip` on (e.g. past the window, where the states hold something)."""
@@ -131,11 +145,16 @@ def map_summary(maps: dict[str, torch.Tensor], skip: int = 0) -> dict[str, dict[
 
 
 @torch.no_grad()
-def layer_maps(model, input_ids: torch.Tensor, layers: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Effective attention maps of the listed layers (default: every layer running as DSLA) on one sequence."""
+def layer_maps(
+    model, input_ids: torch.Tensor, layers: list[int] | None = None, half_lives: dict | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Effective attention maps of the listed layers (default: every layer running as DSLA) on one sequence; with
+    a dict as `half_lives`, each layer's gate half-lives (`gate_half_lives`) are stored in it too."""
     if layers is None:
         layers = [i for i, kind in enumerate(model.config.layer_types) if kind == LINEAR_ATTENTION]
     inputs = capture_attention_inputs(model, input_ids, layers)
+    if half_lives is not None:
+        half_lives.update({i: gate_half_lives(model.model.layers[i], inputs[i]) for i in layers})
     return {i: effective_attention(model.model.layers[i], model.model.rotary_emb, inputs[i]) for i in layers}
 
 
@@ -194,7 +213,8 @@ def plot_mixing(mixing: dict[int, list[list[float]]], shares: dict[int, dict[str
     if mixing:
         layers = sorted(mixing)
         grid = torch.tensor([[row[0] for row in mixing[i]] for i in layers])  # [layers, heads], history weight
-        im = ax.imshow(grid.T.numpy(), vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
+        spread = max(0.02, (grid - 0.5).abs().max().item())  # centred on an even mix, scaled to what was learned
+        im = ax.imshow(grid.T.numpy(), vmin=0.5 - spread, vmax=0.5 + spread, cmap="coolwarm", aspect="auto")
         ax.set_xticks(range(len(layers)), [str(i) for i in layers], fontsize=6)
         ax.set_xlabel("layer")
         ax.set_ylabel("query head")

@@ -192,9 +192,13 @@ def attention_analysis(model, stream: torch.Tensor, args, out: Path, tag: str) -
     from .attention_maps import layer_maps, map_summary, mixing_weights, plot_maps, plot_mixing
 
     ids = stream[None, : args.map_tokens]
-    maps = layer_maps(model, ids)
+    half_lives: dict = {}
+    maps = layer_maps(model, ids, half_lives=half_lives)
     window = model.config.dsla_window
     shares = {i: map_summary(m, skip=window) for i, m in maps.items()}
+    for i, lives in half_lives.items():
+        for name, life in lives.items():
+            shares[i][name]["half_life"] = life
     mixing = {i: w for i, w in mixing_weights(model).items() if i in maps}
     active = sorted(maps)
     drawn = args.map_layers or [active[0], active[len(active) // 2], active[-1]] if active else []
@@ -332,17 +336,20 @@ def report_lines(results: dict) -> list[str]:
     if maps:
         lines += [
             "Effective attention on held-out text (queries past the window; mean over layers and heads): share of the "
-            "attention mass and mass-weighted mean distance `t - i` in tokens, per component:",
+            "attention mass, mass-weighted mean distance `t - i` in tokens, and the gate half-life of each state "
+            "(ln 2 / mean -log gate; median over layers):",
             "",
-            "| model | component | mass | mean distance |",
-            "|---|---|---|---|",
+            "| model | component | mass | mean distance | half-life (tokens) |",
+            "|---|---|---|---|---|",
         ]
         for name, a in maps.items():
             comps = next(iter(a["layers"].values())).keys()
             for comp in comps:
                 mass = _mean(v[comp]["mass"] for v in a["layers"].values())
                 dist = _mean(v[comp]["mean_distance"] for v in a["layers"].values())
-                lines.append(f"| {name} | {comp} | {mass:.3f} | {dist:.1f} |")
+                lives = sorted(v[comp]["half_life"] for v in a["layers"].values() if "half_life" in v[comp])
+                life = f"{lives[len(lives) // 2]:.0f}" if lives else "-"
+                lines.append(f"| {name} | {comp} | {mass:.3f} | {dist:.1f} | {life} |")
         lines.append("")
     lines += ["## Speed and memory", "", *results["speed_lines"]]
     lines += ["## Plots", ""]
