@@ -218,7 +218,7 @@ class _Sample:
                 type_needle_v = "number"
             return template.format(type_needle_v=type_needle_v, context=context, query=self.query)
         text = (VT_TEMPLATE + VT_ANSWER_PREFIX).format(context=context, query=self.query, num_v=task.num_hops + 1)
-        return (self.example or "") + text
+        return self.example + "\n" + text if self.example else text  # RULER adds a newline after the example
 
 
 def _distinct_names(rng: random.Random, count: int, letters: int) -> list[str]:
