@@ -443,6 +443,16 @@ def test_dsla_eval_end_to_end(tok, tmp_path):
     assert "| DSLA 50% | 2 |" in report
 
 
+def test_model_variants_names_and_trained_limit():
+    from dsla_hf.eval_suite import model_variants
+
+    model = tiny_dsla()
+    variants, skipped = model_variants(model, [0.0, 0.25, 0.5, 1.0], trained=2, label="GLA-fast")
+    assert variants == [("teacher", 0.0), ("GLA-fast 25%", 0.25), ("GLA-fast 50%", 0.5)]
+    assert skipped == [(1.0, "needs 4 DSLA layers, 2 trained")]
+    assert model_variants(model, [0.0, 0.5], None, with_teacher=False)[0] == [("DSLA 50%", 0.5)]
+
+
 def test_eval_of_a_plain_llama_runs_the_teacher_only(tok, tmp_path):
     from transformers import LlamaForCausalLM
 

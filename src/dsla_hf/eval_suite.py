@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or id when the model has none")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="conversion ratios")
+    parser.add_argument("--label", default=None, help="name of the model's DSLA variants (default: DSLA or GLA)")
     parser.add_argument(
         "--compare",
         action="append",
@@ -105,14 +106,17 @@ def is_dsla(model) -> bool:
     return hasattr(model, "set_dsla_layers")
 
 
-def model_variants(model, ratios: list[float], trained: int | None, label: str | None = None):
+def model_variants(
+    model, ratios: list[float], trained: int | None, label: str | None = None, with_teacher: bool = True
+):
     """(name, ratio) for every ratio the model can run: a teacher runs ratio 0 only; a chain checkpoint only the
-    ratios its trained stages cover (later layers of its conversion order hold untrained weights)."""
+    ratios its trained stages cover (later layers of its conversion order hold untrained weights). DSLA variants are
+    named `label` (default: DSLA, or GLA for one state) and the percentage."""
     out, skipped = [], []
     n = model.config.num_hidden_layers
     for ratio in ratios:
         if ratio == 0.0:
-            if label is None:
+            if with_teacher:
                 out.append(("teacher", 0.0))
             continue
         if not is_dsla(model):
@@ -476,13 +480,13 @@ def run(args: argparse.Namespace) -> int:
             model.set_dsla_layers(ratio)
             results["attention"][name] = attention_analysis(model, stream, args, out, tag)
 
-    variants, skipped = model_variants(model, args.ratios, trained)
+    variants, skipped = model_variants(model, args.ratios, trained, args.label)
     results["skipped"] += [{"model": args.model, "ratio": r, "why": why} for r, why in skipped]
     evaluate(model, tokenizer, variants, "main")
     del model
     for label, path in compares:
         other, other_tok, other_trained = load_model(path, args.tokenizer)
-        variants, skipped = model_variants(other, args.ratios, other_trained, label)
+        variants, skipped = model_variants(other, args.ratios, other_trained, label, with_teacher=False)
         results["skipped"] += [{"model": path, "ratio": r, "why": why} for r, why in skipped]
         evaluate(other, other_tok, variants, label.lower().replace(" ", "_"))
         del other
