@@ -41,6 +41,19 @@ def test_entropy_ranking_order_and_files(tiny_teacher, tmp_path):
 def test_order_from_scores_ties_and_subset():
     assert order_from_scores([1.0, 0.5, 0.5, 2.0]) == [1, 2, 0, 3]
     assert order_from_scores([1.0, 0.5, 0.5, 2.0], [0, 3]) == [0, 3]
+    assert order_from_scores([1.0, 0.5, 0.5, 2.0], first="high") == [3, 0, 1, 2]
+    with pytest.raises(ValueError):
+        order_from_scores([1.0], first="middle")
+
+
+def test_entropy_ranking_highest_first(tiny_teacher):
+    student = convert_llama_to_dsla(tiny_teacher, layers="all", active=[])
+    ids = torch.randint(3, 101, (2, 32))
+    low = rank_layers(student, ids, "entropy", progress=False)
+    high = rank_layers(student, ids, "entropy", progress=False, first="high")
+    assert high["first"] == "high" and low["first"] == "low"
+    assert high["scores"] == low["scores"]
+    assert [high["scores"][i] for i in high["order"]] == sorted(high["scores"], reverse=True)
 
 
 def test_measured_ranking_restores_weights(tiny_teacher):

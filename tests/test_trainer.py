@@ -60,12 +60,15 @@ def test_token_normalised_kl_is_a_per_token_mean():
     assert token_normalised_kl(t, t, mask).abs() < 1e-6
 
 
-def test_layer_alone_fit_lowers_the_error_and_trains_only_that_layer(student):
-    ids = torch.randint(3, 101, (6, 32))
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_layer_alone_fit_lowers_the_error_and_trains_only_that_layer(student, schedule):
+    # longer than the default preset's 64-token exact window, so that the states carry part of the output
+    ids = torch.randint(3, 101, (6, 160))
     x, y = capture_layer_io(student, 2, ids)
-    assert x.shape == y.shape == (6, 32, 64)
+    assert x.shape == y.shape == (6, 160, 64)
     frozen = {k: v.clone() for k, v in student.state_dict().items() if ".layers.2.linear_attn." not in k}
-    result = fit_layer_alone(student, 2, x, y, steps=30, lr=1e-3)
+    result = fit_layer_alone(student, 2, x, y, steps=30, lr=1e-3, schedule=schedule)
+    assert result["rel_error_before"] > 1e-3
     assert result["rel_error_after"] < result["rel_error_before"]
     after = student.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
@@ -154,10 +157,13 @@ def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_pat
 
 def test_chain_stops_at_the_quality_floor(student, tmp_path):
     config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=1.0, quality_floor=1.0, layer_alone_steps=0, progress=False
+        output_dir=str(tmp_path), target_ratio=1.0, quality_floor=0.5, layer_alone_steps=0, progress=False
     )
-    state = run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
+    # On random tokens an untrained layer may move the tiny model's perplexity either way (and within the default
+    # preset's 64-token exact window not at all), so the floor sits below any reachable ratio: stage 1 passes it.
+    state = run_chain(student, packed(4, 96, 0), packed(2, 96, 1), config)
     assert len(state["stages"]) == 1 and state["stopped"].startswith("quality floor")
+    assert state["stages"][0]["ppl_ratio"] > 0.5
 
 
 def test_chain_with_distill_phase(student, tiny_teacher, tmp_path):

@@ -40,6 +40,7 @@ class ChainConfig:
     layer_alone_steps: int = 40
     layer_alone_lr: float = 3e-3
     layer_alone_batch: int = 2
+    layer_alone_schedule: str = "constant"  # or "cosine" (decays to a tenth of the learning rate)
     capture_sequences: int = 8
     # "chain": capture each layer's inputs with the earlier conversions in place (a forward up to the layer per stage);
     # "teacher": one teacher pass captures every layer's inputs up front (LoLCATs-style, much cheaper)
@@ -199,9 +200,12 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         student.set_dsla_layers([])
         g = torch.Generator().manual_seed(config.seed)
         rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
-        _, xs, ys = capture_all_layers(student, train_ids[rows], progress=config.progress and _is_main())
-        _, xe, ye = capture_all_layers(student, eval_ids[: max(1, config.eval_batch)])
-        teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in order[done:target]}
+        todo = order[done:target]
+        _, xs, ys = capture_all_layers(
+            student, train_ids[rows], progress=config.progress and _is_main(), layers=todo, residual=False
+        )
+        _, xe, ye = capture_all_layers(student, eval_ids[: max(1, config.eval_batch)], layers=todo, residual=False)
+        teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in todo}
         del xs, ys, xe, ye
         student.set_dsla_layers(active)
     elif config.capture not in ("chain", "teacher"):
@@ -235,6 +239,7 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
                 y_eval,
                 seed=config.seed + stage,
                 progress=config.progress and _is_main(),
+                schedule=config.layer_alone_schedule,
             )
             del x, y, x_eval, y_eval
         # 2. logits (and alignment) with everything converted so far

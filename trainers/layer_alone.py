@@ -52,15 +52,30 @@ def capture_layer_io(model, layer_idx: int, input_ids: torch.Tensor, batch_size:
 
 
 @torch.no_grad()
-def capture_all_layers(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
+def capture_all_layers(
+    model,
+    input_ids: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    layers: list[int] | None = None,
+    residual: bool = True,
+):
     """One pass of a model running softmax attention everywhere: for every layer, the residual stream entering it,
-    its attention input (after the norm) and its attention output. Lists of [N, T, hidden] tensors per layer."""
-    layers = _layers(model)
-    n = len(layers)
+    its attention input (after the norm) and its attention output. Lists of [N, T, hidden] tensors per layer.
+
+    `layers` keeps only those layers' tensors (the others' entries are None) and `residual=False` skips the residual
+    stream: a chain needs only the attention inputs and outputs of the layers it converts, and keeping every layer's
+    three tensors costs ~100 MB per 512-token sequence."""
+    blocks = _layers(model)
+    n = len(blocks)
+    keep = set(range(n) if layers is None else layers)
     resid, x, y = ([[] for _ in range(n)] for _ in range(3))
     hooks = []
-    for i, block in enumerate(layers):
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: resid[i].append(a[0].detach())))
+    for i, block in enumerate(blocks):
+        if i not in keep:
+            continue
+        if residual:
+            hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: resid[i].append(a[0].detach())))
         hooks.append(block.input_layernorm.register_forward_hook(lambda m, a, out, i=i: x[i].append(out.detach())))
         hooks.append(block.self_attn.register_forward_hook(lambda m, a, out, i=i: y[i].append(out[0].detach())))
     try:
@@ -69,7 +84,11 @@ def capture_all_layers(model, input_ids: torch.Tensor, batch_size: int = 4, prog
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(t) for t in resid], [torch.cat(t) for t in x], [torch.cat(t) for t in y]
+
+    def join(parts):
+        return [torch.cat(t) if t else None for t in parts]
+
+    return join(resid), join(x), join(y)
 
 
 def relative_error(linear_attn, teacher_attn, rotary_emb, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4):
@@ -104,10 +123,14 @@ def fit_layer_alone(
     y_eval: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = False,
+    schedule: str = "constant",
 ) -> dict:
     """Train the DSLA parameters of one layer alone (Adam on the MSE to the teacher's attention output, normalised by
-    the target's mean square) on captured inputs `x` -> `y`. Returns the relative errors before and after (on
+    the target's mean square) on captured inputs `x` -> `y`. `schedule` is `"constant"` or `"cosine"` (the learning
+    rate decays to a tenth of `lr` by the last step). Returns the relative errors before and after (on
     `x_eval`/`y_eval` when given, else on `x`/`y`) and the final training loss."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     block = _layers(model)[layer_idx]
     attn, teacher_attn, rotary = block.linear_attn, block.self_attn, model.model.rotary_emb
     if attn is None:
@@ -122,6 +145,9 @@ def fit_layer_alone(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = None
+    if schedule == "cosine" and steps > 1:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps - 1, eta_min=0.1 * lr)
     positions = torch.arange(x.shape[1], device=x.device)[None]
     scale = y.float().pow(2).mean().clamp(min=1e-12)
     order, cursor, loss_value = torch.randperm(len(x), generator=generator), 0, float("nan")
@@ -141,6 +167,8 @@ def fit_layer_alone(
                     dist.all_reduce(p.grad)
                     p.grad /= world
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_value = loss.item()
     after = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
     for p, flag in zip(params, was):

@@ -1,43 +1,197 @@
-"""`dsla demo`: the whole pipeline on the embedded SmolLM2 teacher, in about a quarter of an hour on 2 CPU cores.
+"""`dsla demo`: the whole pipeline on the embedded SmolLM2 teacher, in at most 20 minutes on 2 CPU cores.
 
 1. rank the layers (attention entropy of the last token, DESIGN §2.4);
-2. chained distillation in that order up to 50 % of the layers (layer-alone stage on captured inputs, optional
-   short logit-KL phase), one checkpoint serving every prefix;
+2. chained distillation in that order up to 50 % of the layers (layer-alone stage on inputs captured once from the
+   teacher, optional short logit-KL phase), one checkpoint serving every prefix;
 3. evaluate the teacher, 25 % and 50 %: held-out perplexity (PostgreSQL docs, or pydoc topics disjoint from
    training), out-of-domain perplexity (Shakespeare, when installed), passkey retrieval at a few lengths;
 4. save the checkpoint, `results.json` and plots; then generation speed and cache size against the teacher.
+
+The distillation recipe is one object, `DEMO_RECIPE` (a `DemoRecipe`), and `train_chain(recipe, folder)` runs it
+(data, ranking, chain): the GLA ablation (`dsla ablate`) trains with `DEMO_RECIPE.replace(num_states=1)`, exactly the
+demo's recipe with one state.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The demo's distillation recipe (benchmarks/results/demo/README or the README's "Demo results" table: how it
+    was chosen). `chain_config` turns it into the chain's `ChainConfig`, `dsla_options` into the DSLA options of
+    `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the single-state GLA ablation)."""
+
+    # data (DESIGN §4 offline defaults): packed rows of `seq_len` tokens
+    seq_len: int = 512
+    train_sequences: int = 64
+    eval_sequences: int = 4
+    # ranking and chain
+    ranking: str = "entropy"
+    ranking_first: str = "high"  # highest attention entropy converted first (measured: better ppl, passkey kept)
+    ratio: float = 0.5
+    capture: str = "teacher"  # every layer's inputs from one teacher pass (LoLCATs-style)
+    capture_sequences: int = 32
+    layer_alone_steps: int = 100
+    layer_alone_lr: float = 1e-2
+    layer_alone_batch: int = 4
+    layer_alone_schedule: str = "cosine"
+    distill_steps: int = 0
+    chain_eval_sequences: int = 2  # the chain's per-stage held-out evaluation (the final one uses all)
+    # DSLA layer: the default preset (two states, 64-token exact window, Hedgehog features, ...) except for these
+    num_states: int = 2
+    seed: int = 0
+
+    def replace(self, **changes) -> DemoRecipe:
+        return dataclasses.replace(self, **changes)
+
+    def dsla_options(self) -> dict:
+        """Options of `convert_llama_to_dsla` / `DSLAConfig` that differ from the default preset."""
+        return {"dsla_num_states": self.num_states}
+
+    def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True):
+        from .trainers.chain import ChainConfig
+
+        return ChainConfig(
+            output_dir=str(output_dir),
+            target_ratio=self.ratio,
+            layer_alone_steps=self.layer_alone_steps,
+            layer_alone_lr=self.layer_alone_lr,
+            layer_alone_batch=self.layer_alone_batch,
+            layer_alone_schedule=self.layer_alone_schedule,
+            capture_sequences=self.capture_sequences,
+            capture=self.capture,
+            distill_steps=self.distill_steps,
+            eval_batch=self.chain_eval_sequences,
+            seed=self.seed,
+            resume=resume,
+            progress=progress,
+        )
+
+
+DEMO_RECIPE = DemoRecipe()
+
+
+def demo_datasets(tokenizer, recipe: DemoRecipe = DEMO_RECIPE):
+    """The packed training and held-out datasets of the recipe (offline defaults)."""
+    from .data import build_datasets
+
+    return build_datasets(
+        tokenizer, recipe.seq_len, None, None, recipe.train_sequences, recipe.eval_sequences, recipe.seed
+    )
+
+
+def train_chain(
+    recipe: DemoRecipe,
+    output_dir: str | Path,
+    teacher=None,
+    tokenizer=None,
+    datasets=None,
+    order: list[int] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    before_chain=None,
+) -> dict:
+    """Run the recipe: convert the teacher (every layer gets DSLA weights), rank (unless `order` is given), chain.
+    `before_chain(student, order)` runs between ranking and chain (the demo measures the untrained model there).
+    Returns a dict with `student`, `tokenizer`, `ranking` (None when `order` was given), `order`, `chain` (the chain
+    state), `train_ds` and `heldout_ds`."""
+    from .convert import convert_llama_to_dsla
+    from .ranking import rank_layers
+    from .teacher import load_teacher
+    from .trainers.chain import run_chain
+
+    torch.manual_seed(recipe.seed)
+    if teacher is None:
+        teacher, tokenizer = load_teacher()
+    student = convert_llama_to_dsla(teacher, layers="all", active=[], **recipe.dsla_options())
+    for p in student.parameters():
+        p.requires_grad_(False)
+    train_ds, heldout_ds = datasets if datasets is not None else demo_datasets(tokenizer, recipe)
+    ranking = None
+    if order is None:
+        calib = torch.tensor(train_ds["input_ids"][:8])
+        heldout_ids = torch.tensor(heldout_ds["input_ids"][:2])
+        ranking = rank_layers(
+            student, calib, recipe.ranking, heldout_ids, progress=progress, first=recipe.ranking_first
+        )
+        order = ranking["order"]
+    student.config.conversion_order = list(order)
+    if before_chain is not None:
+        before_chain(student, order)
+    config = recipe.chain_config(output_dir, resume=resume, progress=progress)
+    eval_ds = heldout_ids_dataset(heldout_ds, recipe.chain_eval_sequences)
+    chain = run_chain(student, train_ds, eval_ds, config, tokenizer, teacher=None)
+    return {
+        "student": student,
+        "tokenizer": tokenizer,
+        "ranking": ranking,
+        "order": list(order),
+        "chain": chain,
+        "train_ds": train_ds,
+        "heldout_ds": heldout_ds,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    r = DEMO_RECIPE
     parser.add_argument("--output", default="dsla_demo", help="folder for checkpoint, results.json and plots")
-    parser.add_argument("--ratio", type=float, default=0.5, help="conversion ratio the chain reaches")
-    parser.add_argument("--ranking", choices=["entropy", "measured"], default="entropy")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--capture-sequences", type=int, default=8, help="captured sequences per stage")
-    parser.add_argument("--layer-alone-steps", type=int, default=20)
+    parser.add_argument("--ratio", type=float, default=r.ratio, help="conversion ratio the chain reaches")
+    parser.add_argument("--ranking", choices=["entropy", "measured"], default=r.ranking)
+    parser.add_argument(
+        "--ranking-first", choices=["low", "high"], default=r.ranking_first, help="which end of the scores goes first"
+    )
+    parser.add_argument("--seq-len", type=int, default=r.seq_len)
+    parser.add_argument(
+        "--capture-sequences", type=int, default=r.capture_sequences, help="captured sequences (layer-alone stage)"
+    )
+    parser.add_argument("--layer-alone-steps", type=int, default=r.layer_alone_steps)
+    parser.add_argument("--layer-alone-lr", type=float, default=r.layer_alone_lr)
+    parser.add_argument("--layer-alone-batch", type=int, default=r.layer_alone_batch)
+    parser.add_argument("--layer-alone-schedule", choices=["constant", "cosine"], default=r.layer_alone_schedule)
     parser.add_argument(
         "--capture",
         choices=["teacher", "chain"],
-        default="teacher",
+        default=r.capture,
         help="capture layer inputs once from the teacher, or per stage with earlier conversions",
     )
-    parser.add_argument("--distill-steps", type=int, default=0, help="logit-KL steps per stage (full model)")
-    parser.add_argument("--eval-sequences", type=int, default=4, help="held-out sequences for perplexity")
+    parser.add_argument("--distill-steps", type=int, default=r.distill_steps, help="logit-KL steps per stage")
+    parser.add_argument(
+        "--num-states", type=int, choices=[1, 2], default=r.num_states, help="2: DSLA; 1: single-state GLA ablation"
+    )
+    parser.add_argument("--eval-sequences", type=int, default=r.eval_sequences, help="held-out sequences (ppl)")
     parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--passkey-trials", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length of the speed table")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-resume", action="store_true", help="start the chain afresh")
+
+
+def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
+    return DEMO_RECIPE.replace(
+        seq_len=args.seq_len,
+        eval_sequences=args.eval_sequences,
+        ranking=args.ranking,
+        ranking_first=args.ranking_first,
+        ratio=args.ratio,
+        capture=args.capture,
+        capture_sequences=args.capture_sequences,
+        layer_alone_steps=args.layer_alone_steps,
+        layer_alone_lr=args.layer_alone_lr,
+        layer_alone_batch=args.layer_alone_batch,
+        layer_alone_schedule=args.layer_alone_schedule,
+        distill_steps=args.distill_steps,
+        num_states=args.num_states,
+    )
 
 
 def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
@@ -103,28 +257,26 @@ def plot_results(results: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert import convert_llama_to_dsla
-    from .data import build_datasets, default_sources, load_text_dataset, pack_dataset
+    from .data import default_sources, load_text_dataset, pack_dataset
     from .evaluation import passkey_accuracy, perplexity
-    from .ranking import rank_layers, save_ranking
+    from .ranking import save_ranking
     from .teacher import load_teacher
-    from .trainers.chain import CHECKPOINT, ChainConfig, run_chain
+    from .trainers.chain import CHECKPOINT
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = recipe_from_args(args)
     wall = time.perf_counter()
     timings = {}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     teacher, tokenizer = load_teacher()
     n = teacher.config.num_hidden_layers
-    student = convert_llama_to_dsla(teacher, layers="all", active=[])
-    for p in student.parameters():
-        p.requires_grad_(False)
 
     # -- data ----------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     sources = default_sources()
-    train_ds, heldout_ds = build_datasets(tokenizer, args.seq_len, None, None, 64, args.eval_sequences)
+    train_ds, heldout_ds = demo_datasets(tokenizer, recipe)
     heldout_ids = torch.tensor(heldout_ds["input_ids"])
     ood_ids = None
     if sources["ood"]:
@@ -133,38 +285,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: train {sources['train']} ({len(train_ds)} x {args.seq_len} tokens), held out {sources['heldout']}")
     timings["data_s"] = time.perf_counter() - t
 
-    # -- 1. ranking ----------------------------------------------------------------------------------------------
+    # -- 1. ranking, and the first quarter at initialisation (does the training help?); 2. the chain --------------
+    untrained = {}
     t = time.perf_counter()
-    calib = torch.tensor(train_ds["input_ids"][:8])
-    ranking = rank_layers(student, calib, args.ranking, heldout_ids[:2], progress=True)
-    save_ranking(ranking, out)
-    order = ranking["order"]
-    student.config.conversion_order = order
-    print(f"ranking ({args.ranking}, lowest first): {order}")
-    timings["rank_s"] = time.perf_counter() - t
 
-    # -- does the layer-alone stage help? the first quarter at initialisation, before any training ---------------
-    t = time.perf_counter()
-    quarter = int(0.25 * n)
-    student.set_dsla_layers(order[:quarter])
-    untrained_25 = perplexity(student, heldout_ids, 2, True, "ppl 25% untrained")
-    student.set_dsla_layers([])
-    timings["untrained_eval_s"] = time.perf_counter() - t
+    def before_chain(student, order):
+        timings["rank_s"] = time.perf_counter() - t
+        print(f"ranking ({args.ranking}, {args.ranking_first}est first): {order}")
+        start = time.perf_counter()
+        student.set_dsla_layers(order[: int(0.25 * n)])
+        untrained.update(perplexity(student, heldout_ids, 2, True, "ppl 25% untrained"))
+        student.set_dsla_layers([])
+        timings["untrained_eval_s"] = time.perf_counter() - start
+        timings["chain_start"] = time.perf_counter()
 
-    # -- 2. chain ------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    config = ChainConfig(
-        output_dir=str(out),
-        target_ratio=args.ratio,
-        layer_alone_steps=args.layer_alone_steps,
-        capture_sequences=args.capture_sequences,
-        capture=args.capture,
-        distill_steps=args.distill_steps,
-        eval_batch=2,
+    done = train_chain(
+        recipe,
+        out,
+        teacher,
+        tokenizer,
+        (train_ds, heldout_ds),
         resume=not args.no_resume,
+        before_chain=before_chain,
     )
-    chain = run_chain(student, train_ds, heldout_ids_dataset(heldout_ds, 2), config, tokenizer, teacher=None)
-    timings["chain_s"] = time.perf_counter() - t
+    timings["chain_s"] = time.perf_counter() - timings.pop("chain_start")
+    student, chain, order = done["student"], done["chain"], done["order"]
+    save_ranking(done["ranking"], out)
+    untrained_25 = untrained
 
     # -- 3. evaluation ---------------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -172,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
         "teacher": "SmolLM2-135M-Instruct",
         "sources": sources,
         "seq_len": args.seq_len,
-        "ranking": {"method": args.ranking, "order": order},
+        "ranking": {"method": args.ranking, "first": args.ranking_first, "order": order},
+        "recipe": dataclasses.asdict(recipe),
         "passkey_lengths": args.passkey_lengths,
         "untrained_25": untrained_25,
         "models": {},
