@@ -555,3 +555,23 @@ def test_ruler_lengths_and_teacher_on_smollm2(smollm2, tmp_path):
     assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == ["teacher"] and results["heldout"]
+
+
+# --- the ablation's recipes -----------------------------------------------------------------------------------------
+
+
+def test_ablation_variants_are_the_demo_recipe_with_other_states():
+    from dsla_hf.ablation import ablation_recipe, parse_overrides
+    from dsla_hf.demo import DEMO_RECIPE
+
+    dsla, gla, fast = (ablation_recipe(v) for v in ("dsla", "gla", "gla-fast"))
+    assert dsla.dsla_options() == {"dsla_num_states": 2}
+    assert gla.dsla_options() == {"dsla_num_states": 1}
+    assert fast.dsla_options() == {"dsla_num_states": 1, "dsla_history_half_life": 32.0}
+    for recipe in (dsla, gla, fast):  # everything else is the demo's
+        assert recipe.chain_config("x") == DEMO_RECIPE.chain_config("x")
+    overrides = parse_overrides(["layer_alone_steps=20", "layer_alone_lr=0.003", "ranking_first=low"])
+    assert overrides == {"layer_alone_steps": 20, "layer_alone_lr": 0.003, "ranking_first": "low"}
+    assert ablation_recipe("gla", overrides).chain_config("x").layer_alone_steps == 20
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        parse_overrides(["no_such_field=1"])
