@@ -26,9 +26,10 @@ import torch
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """The demo's distillation recipe (benchmarks/results/demo/README or the README's "Demo results" table: how it
-    was chosen). `chain_config` turns it into the chain's `ChainConfig`, `dsla_options` into the DSLA options of
-    `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the single-state GLA ablation)."""
+    """The demo's distillation recipe (how it was chosen: the README's "Demo results"; measured run in
+    benchmarks/results/demo/). `chain_config` turns it into the chain's `ChainConfig`, `dsla_options` into the DSLA
+    options of `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the single-state GLA
+    ablation)."""
 
     # data (DESIGN §4 offline defaults): packed rows of `seq_len` tokens
     seq_len: int = 512
