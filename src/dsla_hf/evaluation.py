@@ -75,19 +75,14 @@ def passkey_accuracy(
     """Greedy passkey retrieval: the answer counts when the generated continuation contains the key (substring
     match, as in the originals). Depths spread evenly over the trials. Returns accuracy per length and overall."""
     rng = random.Random(seed)
-    device = next(model.parameters()).device
     per_length, samples = {}, []
     jobs = [(length, t) for length in lengths for t in range(trials)]
     keys = [rng.randint(10 ** (digits - 1), 10**digits - 1) for _ in jobs]
     hits = {length: 0 for length in lengths}
     for (length, t), key in tqdm(list(zip(jobs, keys)), desc=desc, leave=False, disable=not progress):
-        depth = (t + 0.5) / trials
-        ids = tokenizer(passkey_prompt(tokenizer, length, key, depth), return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=digits + 3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        hit = str(key) in answer
-        hits[length] += hit
-        samples.append({"length": length, "tokens": ids.shape[1], "depth": depth, "key": key, "answer": answer})
+        trial = _passkey_trial(model, tokenizer, length, key, (t + 0.5) / trials, digits)
+        hits[length] += trial["hit"]
+        samples.append(trial)
     for length in lengths:
         per_length[length] = hits[length] / trials
     return {"accuracy": sum(hits.values()) / len(jobs), "per_length": per_length, "samples": samples}
