@@ -5,8 +5,10 @@ with a quality proxy at the ratios used (held-out perplexity and top-1 agreement
 
     python benchmarks/bench_serve.py --trace-dir ../shared/data/azure_llm_2023 [--model DIR] [--num-requests 60]
 
-Lengths and rates are scaled down so the replay finishes in a few minutes on 2 CPU cores; the adaptive policy's
-prompt-length caps are scaled by the same factor. Results: benchmarks/results/serve.json, serve.png, serve.md.
+Lengths and rates can be scaled so that a replay finishes in minutes on 2 CPU cores; when prompts are shrunk, the
+adaptive policy's prompt-length caps shrink by the same factor (the policy sees the trace as it was), when they are
+stretched the caps stay on real token counts (`--policy-length-scale` overrides).
+Results: benchmarks/results/serve.json, serve.png, serve.md.
 Trace data: Azure LLM inference trace 2023, CC BY 4.0 (Patel et al., Splitwise, ISCA 2024); read in place.
 """
 
@@ -94,6 +96,13 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--static-ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--policy-length-scale",
+        type=float,
+        default=None,
+        help="scale of the adaptive policy's prompt-length caps (default: the trace's length scale when it shrinks "
+        "prompts, 1 when it stretches them: caps then apply to the real token counts)",
+    )
     parser.add_argument("--cooldown", type=float, default=1.0)
     parser.add_argument("--slo-ttft-ms", type=float, default=5000)
     parser.add_argument("--slo-tpot-ms", type=float, default=200)
@@ -115,7 +124,7 @@ def main() -> None:
     adaptive = AdaptivePolicy(
         num_layers=n,
         max_layers=len(model.config.conversion_order),
-        length_scale=args.length_scale,
+        length_scale=min(1.0, args.length_scale) if args.policy_length_scale is None else args.policy_length_scale,
         cooldown_s=args.cooldown,
         queue_high=2,
         queue_low=0,
