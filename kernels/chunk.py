@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend, triton_module
+from .dispatch import fp32_compute, resolve_backend, triton_module
 from .naive import naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
@@ -323,6 +323,7 @@ class ChunkDSLAFunction(torch.autograd.Function):
         return o, finals
 
     @staticmethod
+    @fp32_compute  # the backward runs under whatever autocast state the caller of .backward() has
     def backward(ctx, do, dfinal):
         q, k, v, w = ctx.saved_tensors
         sv, layout = ctx.saved, ctx.layout
@@ -408,6 +409,7 @@ def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
     return layout, qc, kc, vc, gc, w
 
 
+@fp32_compute
 def chunk_dsla_torch(
     q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     chunk_size=64,
@@ -438,6 +440,7 @@ def chunk_dsla_torch(
     return o.to(q.dtype), (final if output_final_state else None)
 
 
+@fp32_compute
 def chunk_states_torch(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, chunk_size=64):
     """Final states only (no outputs): per-chunk states by batched matmuls, then the scan over chunks."""
     B, T, HK, K = k.shape

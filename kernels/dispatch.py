@@ -6,6 +6,7 @@ nothing from ``dsla_hf`` at module level. The Triton kernels are reached by abso
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -41,3 +42,18 @@ def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     if x.is_cuda and triton_available():
         return "triton"
     return "torch"
+
+
+def fp32_compute(fn):
+    """Run a PyTorch-path kernel with autocast off: it casts to fp32 itself and writes into fp32 buffers, and under
+    autocast its matmuls would silently return bf16 (or fail against those buffers in the backward)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):  # the common case, and the decode step's: no context to enter
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend, triton_module
+from .dispatch import fp32_compute, resolve_backend, triton_module
 from .naive import naive_dsla
 
 
@@ -43,6 +43,7 @@ def _recurrent(q, k, v, g1, g2, w, state, inplace):
     return o, state
 
 
+@fp32_compute
 def fused_recurrent_dsla_torch(
     q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     inplace=False,

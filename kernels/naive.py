@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import fp32_compute
+
 
 def _mix_weights(mix: torch.Tensor | None, num_heads: int, num_states: int, device) -> torch.Tensor:
     """Mixing weights as an fp32 [H, S] tensor."""
@@ -32,6 +34,7 @@ def _mix_weights(mix: torch.Tensor | None, num_heads: int, num_states: int, devi
     return mix
 
 
+@fp32_compute
 def naive_dsla(
     q: torch.Tensor,
     k: torch.Tensor,

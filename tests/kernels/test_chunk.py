@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsla_hf.kernels import chunk_dsla, naive_dsla
+from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla, naive_dsla
 from dsla_hf.kernels.chunk import SAFE_EXPONENT, _choose_mode
 
 from .utils import assert_close, grads, make_inputs
@@ -100,6 +100,28 @@ def test_bf16_inputs():
     for name in g_ref:
         assert g[name].dtype == x[name].dtype
         assert_close(f"d{name}", g[name], g_ref[name], 1e-2)
+
+
+def test_autocast_leaves_the_kernels_in_fp32():
+    """Under CPU bf16 autocast (mixed-precision training) the PyTorch kernels compute exactly as without it, forward
+    and backward (the backward runs outside the forward's autocast context, as in a training loop)."""
+    x = make_inputs(2, 100, 6, 2, 16, 16, gate=0.5)
+    o_ref, final_ref, g_ref = grads(chunk_dsla, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, final = chunk_dsla(**x, output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=gen)).sum() + (final * torch.randn(final.shape, generator=gen)).sum()
+    names = list(g_ref)
+    g = dict(zip(names, torch.autograd.grad(loss, [x[n] for n in names])))
+    assert o.dtype == torch.float32 and torch.equal(o, o_ref) and torch.equal(final, final_ref)
+    for name in names:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn in (fused_recurrent_dsla, naive_dsla):
+            o_fn, final_fn = fn(**x, output_final_state=True)
+            assert o_fn.dtype == torch.float32
+            assert_close(fn.__name__, o_fn, o_ref, 1e-5)
+            assert_close(fn.__name__ + " state", final_fn, final_ref, 1e-5)
 
 
 def test_bf16_strong_decay_is_finite():
