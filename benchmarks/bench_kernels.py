@@ -66,7 +66,7 @@ class DSLAAttention(SoftmaxAttention):
 
     def gates(self, k):
         g = torch.einsum("bthd,hde->bthe", k, self.gate) + self.gate_bias
-        g = F.logsigmoid(g) / 16
+        g = F.softplus(-g).div_(-16)  # logsigmoid(g) / 16, computed as the model's gates compute it
         return g[..., :HEAD_DIM], g[..., HEAD_DIM:]
 
     def forward(self, x, state=None):

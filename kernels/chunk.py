@@ -38,7 +38,10 @@ from .naive import naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
 SUB_CHUNK = 16
-BLOCK_CHUNKS = 16  # inference processes this many chunks at a time (~1k tokens): intermediates stay in cache
+BLOCK_TOKENS = 1024  # long inference inputs are processed this many tokens at a time: intermediates stay in cache
+# Chunk sizes when none is given: inference on the PyTorch path is ~10 % faster with 32-token chunks (cheaper
+# intra-chunk products, the scan over chunks is cheap); the backward's per-chunk work favours 64, as Triton does.
+INFERENCE_CHUNK, TRAINING_CHUNK = 32, 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,24 +415,27 @@ def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
 @fp32_compute
 def chunk_dsla_torch(
     q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size=64,
+    chunk_size=None,
 ):  # fmt: skip
     B, T, H, K = q.shape
+    training = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
+    )
+    chunk_size = chunk_size or (TRAINING_CHUNK if training else INFERENCE_CHUNK)
     layout, qc, kc, vc, gc, w = _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size)
     h0 = None if initial_state is None else initial_state.float()
-    if torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
-    ):
+    block = max(1, BLOCK_TOKENS // chunk_size)
+    if training:
         oc, final = ChunkDSLAFunction.apply(qc, kc, vc, gc, w, h0, layout)
-    elif layout.varlen or layout.n <= BLOCK_CHUNKS:
+    elif layout.varlen or layout.n <= block:
         oc, final, _ = _chunk_forward(qc, kc, vc, gc, w, h0, layout, store_for_backward=False)
     else:
         # inference on long inputs: blocks of chunks, so every intermediate stays in cache; states carried over
         Bs, HK, n, G, C, _ = qc.shape
         buffer = qc.new_empty(Bs, n, C, HK, G, vc.shape[-1])
         final = h0
-        for c0 in range(0, n, BLOCK_CHUNKS):
-            c1 = min(n, c0 + BLOCK_CHUNKS)
+        for c0 in range(0, n, block):
+            c1 = min(n, c0 + block)
             part = (slice(None), slice(None), slice(c0, c1))
             _, final, _ = _chunk_forward(qc[part], kc[part], vc[part], gc[part], w, final, _Block(c1 - c0), False,
                                          out_buffer=buffer[:, c0:c1])  # fmt: skip
@@ -471,19 +477,20 @@ def chunk_dsla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
 
     ``backend``: ``None`` picks Triton for CUDA tensors (when importable) and the PyTorch path otherwise;
-    ``"torch"``, ``"triton"`` or ``"naive"`` force one.
+    ``"torch"``, ``"triton"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and for
+    training, 32 for inference on the PyTorch path.
     """
     backend = resolve_backend(q, backend)
     if backend == "naive":
         return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "triton":
         return triton_module("triton_chunk").chunk_dsla_triton(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size
+            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size or 64
         )
     return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -86,7 +86,8 @@ class DSLAFeatureMap(nn.Module):
         if self.kind == "elu":
             return F.elu(x) + 1.0
         z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
-        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1).to(x.dtype)
+        both = torch.cat([z, -z], dim=-1).unflatten(-1, (2, z.shape[-1]))  # [softmax(z), softmax(-z)], one softmax
+        return both.softmax(-1).flatten(-2).to(x.dtype)
 
 
 class DSLAGates(nn.Module):
@@ -105,7 +106,7 @@ class DSLAGates(nn.Module):
         """x: [B, T, H, in_dim] (keys) or [B, T, in_dim] (hidden state). Returns fp32 [B, T, S, H, F]."""
         pattern = "bthd,shfd->btshf" if x.dim() == 4 else "btd,shfd->btshf"
         z = torch.einsum(pattern, x.float(), self.weight.float()) + self.bias.float()
-        g = F.logsigmoid(z) / self.tau
+        g = F.softplus(-z).div_(-self.tau)  # logsigmoid(z) = -softplus(-z), and 3x faster than F.logsigmoid on CPU
         return g.clamp(min=self.clamp) if self.clamp is not None else g
 
 
@@ -290,34 +291,38 @@ class DSLAAttention(nn.Module):
         pending tokens up to itself, sharing one normaliser with the states' output `linear` ([..., D] numerator,
         [..., 1] denominator). `cos`/`sin` cover the W + T pending positions; queries are the last T."""
         W, D, H, HK = self.window, self.head_dim, self.num_heads, self.num_kv_heads
+        G = H // HK
         B, T = q.shape[:2]
         keys, values, valid = pending
-        q = q * cos[:, W:, None] + rotate_half(q) * sin[:, W:, None]
-        keys = keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]
+        scale = D**-0.5  # folded into the queries' rotation
+        q = (q * (cos[:, W:, None] * scale) + rotate_half(q) * (sin[:, W:, None] * scale)).float()
+        keys = (keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]).float()
         # Query block n (queries nW..nW+W-1, pending index W+i) reads pending indices nW .. nW+2W-1: a band of W.
+        # Layouts for batched matmuls over (batch, block, KV head), the G query heads of a group as extra rows.
         blocks = -(-T // W)
         pad = (blocks + 1) * W - (W + T)
-        q = F.pad(q, (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, H // HK, D)
-        keys = F.pad(keys, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)  # [B, blocks, HK, D, 2W]
-        values = F.pad(values, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)
+        q = F.pad(q, (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, G, D)
+        q = q.permute(0, 1, 3, 4, 2, 5).reshape(B, blocks, HK, G * W, D)
+        keys = F.pad(keys, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)  # [B, blocks, HK, D, 2W]: k^T, no copy
+        values = F.pad(values.float(), (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W).transpose(-1, -2)
         valid = F.pad(valid, (0, pad)).unfold(1, 2 * W, W)  # [B, blocks, 2W]
-        scores = torch.einsum("bnrhgd,bnhdc->bnhgrc", q.float(), keys.float()) * D**-0.5
         r = torch.arange(W, device=q.device)[:, None]
         c = torch.arange(2 * W, device=q.device)[None, :]
-        allowed = (c > r) & (c <= r + W) & (valid[:, :, None, None, None, :] > 0)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        top = scores.amax(-1, keepdim=True).clamp(min=0.0)  # >= 0 keeps both exp(s - top) and exp(-top) <= 1
-        weights = torch.exp(scores - top)
-        numerator = torch.einsum("bnhgrc,bnhdc->bnrhgd", weights, values.float())
-        denominator = weights.sum(-1)  # [B, blocks, HK, G, W]
-        numerator = numerator.reshape(B, blocks * W, H, D)[:, :T]
-        denominator = denominator.permute(0, 1, 4, 2, 3).reshape(B, blocks * W, H, 1)[:, :T]
-        top = top.squeeze(-1).permute(0, 1, 4, 2, 3).reshape(B, blocks * W, H, 1)[:, :T]
-        lin_scale = torch.exp(self.linear_log_scale.float()[:, None] - top)
-        linear = linear.float()
-        numerator = numerator + lin_scale * linear[..., :D]
-        denominator = denominator + lin_scale * linear[..., D:]
-        return numerator / (denominator + 1e-6)
+        allowed = (c > r) & (c <= r + W) & (valid[:, :, None, :] > 0)  # [B, blocks, W, 2W]
+        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+        scores = (q @ keys).view(B, blocks, HK, G, W, 2 * W).add_(bias[:, :, None, None])
+        top = scores.amax(-1, keepdim=True).clamp_(min=0.0)  # >= 0 keeps both exp(s - top) and exp(-top) <= 1
+        weights = scores.sub_(top).exp_()
+        denominator = weights.sum(-1, keepdim=True)  # [B, blocks, HK, G, W, 1]
+        numerator = (weights.view(B, blocks, HK, G * W, 2 * W) @ values).view(B, blocks, HK, G, W, D)
+        # The states' output in the same layout (a view) and under the same normaliser.
+        linear = F.pad(linear.float(), (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, G, D + 1)
+        linear = linear.permute(0, 1, 3, 4, 2, 5)  # [B, blocks, HK, G, W, D + 1]
+        lin_scale = torch.exp(self.linear_log_scale.float().view(HK, G, 1, 1) - top)
+        numerator.addcmul_(lin_scale, linear[..., :D])
+        denominator.addcmul_(lin_scale, linear[..., D:]).add_(1e-6)
+        out = numerator.div_(denominator).permute(0, 1, 4, 2, 3, 5).reshape(B, blocks * W, H, D)
+        return out[:, :T]
 
     def forward(
         self,

@@ -159,11 +159,13 @@ def test_varlen_matches_per_sequence(states):
         assert_close(f"d{name}", g[name], g_ref[name], 1e-4)
 
 
-def test_blocked_inference_path():
-    """Long inputs without autograd run in blocks of chunks with the states carried across blocks."""
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_blocked_inference_path(chunk_size):
+    """Long inputs without autograd run in blocks of chunks with the states carried across blocks (the default
+    inference chunk, and 64)."""
     x = make_inputs(2, 1100, 3, 1, 8, 8, gate=0.05, requires_grad=False)
     with torch.no_grad():
-        o, final = chunk_dsla(**x, output_final_state=True, chunk_size=32)
+        o, final = chunk_dsla(**x, output_final_state=True, chunk_size=chunk_size)
         o_ref, final_ref = naive_dsla(**x, output_final_state=True)
     assert_close("o", o, o_ref, 1e-4)
     assert_close("final_state", final, final_ref, 1e-4)
