@@ -310,8 +310,11 @@ class DSLAAttention(nn.Module):
         c = torch.arange(2 * W, device=q.device)[None, :]
         allowed = (c > r) & (c <= r + W) & (valid[:, :, None, :] > 0)  # [B, blocks, W, 2W]
         bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+        # In-place steps only where autograd keeps no copy (matmul and sum outputs, exp's own result).
         scores = (q @ keys).view(B, blocks, HK, G, W, 2 * W).add_(bias[:, :, None, None])
-        top = scores.amax(-1, keepdim=True).clamp_(min=0.0)  # >= 0 keeps both exp(s - top) and exp(-top) <= 1
+        # The stabiliser cancels between numerator and denominator, so no gradient flows through it. It is >= 0, which
+        # keeps both exp(s - top) and exp(-top) <= 1.
+        top = scores.detach().amax(-1, keepdim=True).clamp_(min=0.0)
         weights = scores.sub_(top).exp_()
         denominator = weights.sum(-1, keepdim=True)  # [B, blocks, HK, G, W, 1]
         numerator = (weights.view(B, blocks, HK, G * W, 2 * W) @ values).view(B, blocks, HK, G, W, D)
@@ -321,7 +324,7 @@ class DSLAAttention(nn.Module):
         lin_scale = torch.exp(self.linear_log_scale.float().view(HK, G, 1, 1) - top)
         numerator.addcmul_(lin_scale, linear[..., :D])
         denominator.addcmul_(lin_scale, linear[..., D:]).add_(1e-6)
-        out = numerator.div_(denominator).permute(0, 1, 4, 2, 3, 5).reshape(B, blocks * W, H, D)
+        out = (numerator / denominator).permute(0, 1, 4, 2, 3, 5).reshape(B, blocks * W, H, D)
         return out[:, :T]
 
     def forward(
