@@ -208,11 +208,15 @@ def test_disconnect_cancels_and_full_queue_answers_429():
                 break
             threading.Event().wait(0.02)
         assert not engine.running, "the disconnected request kept running"
-        # Fill the engine (one running) and the queue (one waiting): the next request is refused with 429.
+        # Fill the engine (one running) and the queue (one waiting): the next request is refused with 429. The model
+        # is slowed down so that the running request cannot finish before the second one has queued.
+        engine.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
         with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=long) as a:
             next(a.iter_lines())
             with client.stream("POST", url + "/v1/completions", json=long) as b:
+                deadline = time.monotonic() + 30
                 while engine._waiting_count < 1:
+                    assert time.monotonic() < deadline, "the second request never queued"
                     threading.Event().wait(0.01)
                 third = client.post(url + "/v1/completions", json={**long, "stream": False})
                 assert third.status_code == 429 and "busy" in third.json()["error"]["message"]
