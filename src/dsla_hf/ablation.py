@@ -52,20 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def ablation_recipe(variant: str, overrides: dict | None = None):
     """The demo recipe with the variant's changes (and `overrides`)."""
-    from .demo import DEMO_RECIPE, DemoRecipe
+    from .demo import DEMO_RECIPE
 
-    @dataclasses.dataclass(frozen=True)
-    class AblationRecipe(DemoRecipe):
-        history_half_life: float | None = None  # initial half-life of the first state (None: the preset's)
-
-        def dsla_options(self) -> dict:
-            options = super().dsla_options()
-            if self.history_half_life is not None:
-                options["dsla_history_half_life"] = self.history_half_life
-            return options
-
-    base = AblationRecipe(**dataclasses.asdict(DEMO_RECIPE))
-    return base.replace(**{**(overrides or {}), **VARIANTS[variant]})
+    return DEMO_RECIPE.replace(**{**(overrides or {}), **VARIANTS[variant]})
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -77,7 +66,8 @@ def parse_overrides(items: list[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
             raise SystemExit(f"--set takes FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
-        kind = type(getattr(DemoRecipe(), name))
+        default = getattr(DemoRecipe(), name)
+        kind = float if default is None else type(default)  # the one optional field, history_half_life, is a float
         out[name] = kind(value) if kind in (int, float) else value
     return out
 

@@ -49,6 +49,7 @@ class DemoRecipe:
     chain_eval_sequences: int = 2  # the chain's per-stage held-out evaluation (the final one uses all)
     # DSLA layer: the default preset (two states, 64-token exact window, Hedgehog features, ...) except for these
     num_states: int = 2
+    history_half_life: float | None = None  # initial half-life of the first state (None: the preset's)
     seed: int = 0
 
     def replace(self, **changes) -> DemoRecipe:
@@ -56,7 +57,10 @@ class DemoRecipe:
 
     def dsla_options(self) -> dict:
         """Options of `convert_llama_to_dsla` / `DSLAConfig` that differ from the default preset."""
-        return {"dsla_num_states": self.num_states}
+        options = {"dsla_num_states": self.num_states}
+        if self.history_half_life is not None:
+            options["dsla_history_half_life"] = self.history_half_life
+        return options
 
     def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True):
         from .trainers.chain import ChainConfig
@@ -178,21 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
-    return DEMO_RECIPE.replace(
-        seq_len=args.seq_len,
-        eval_sequences=args.eval_sequences,
-        ranking=args.ranking,
-        ranking_first=args.ranking_first,
-        ratio=args.ratio,
-        capture=args.capture,
-        capture_sequences=args.capture_sequences,
-        layer_alone_steps=args.layer_alone_steps,
-        layer_alone_lr=args.layer_alone_lr,
-        layer_alone_batch=args.layer_alone_batch,
-        layer_alone_schedule=args.layer_alone_schedule,
-        distill_steps=args.distill_steps,
-        num_states=args.num_states,
-    )
+    """The recipe with every field that has a flag of the same name taken from the flags."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoRecipe) if hasattr(args, f.name)}
+    return DEMO_RECIPE.replace(**flags)
 
 
 def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
@@ -312,7 +304,6 @@ def run(args: argparse.Namespace) -> int:
     timings["chain_s"] = time.perf_counter() - timings.pop("chain_start")
     student, chain, order = done["student"], done["chain"], done["order"]
     save_ranking(done["ranking"], out)
-    untrained_25 = untrained
 
     # -- 3. evaluation ---------------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -323,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         "ranking": {"method": args.ranking, "first": args.ranking_first, "order": order},
         "recipe": dataclasses.asdict(recipe),
         "passkey_lengths": args.passkey_lengths,
-        "untrained_25": untrained_25,
+        "untrained_25": untrained,
         "models": {},
     }
     student.eval()
@@ -372,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     plot_results(results, out / "results.png")
 
     print(f"\n## Results ({timings['total_s'] / 60:.1f} min; checkpoint {out / CHECKPOINT}, {out / 'results.json'})\n")
-    print(f"25 % at initialisation (no training): held-out ppl {untrained_25['ppl']:.2f}\n")
+    print(f"25 % at initialisation (no training): held-out ppl {untrained['ppl']:.2f}\n")
     print("| model | DSLA layers | held-out ppl | out-of-domain ppl | passkey | passkey per length |")
     print("|---|---|---|---|---|---|")
     for name, m in results["models"].items():
