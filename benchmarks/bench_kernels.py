@@ -1,15 +1,17 @@
 """Kernel benchmark: one layer's attention module, DSLA against softmax attention, prefill and decode.
 
 Both modules have SmolLM2-135M's shapes (hidden 576, 9 query heads, 3 KV heads, head dim 64) and include their
-projections (q/k/v/o). The DSLA module adds its gates, computed from the key (per KV head a 64 -> 64 linear map
-for each state, then ``logsigmoid / 16``), and runs ``chunk_dsla`` (prefill) or ``fused_recurrent_dsla``
-(decode, states updated in place). The softmax module runs ``scaled_dot_product_attention`` (causal, GQA);
-when decoding it writes the new key/value into a preallocated KV cache of the given length and attends to it.
-fla's ``chunk_gla`` is timed as well when ``fla`` is importable (CUDA only in practice).
+projections (q/k/v/o). The DSLA module adds the model's gates (``DSLAGates``: from the key, per KV head a 64 -> 64
+linear map for each state, then ``logsigmoid / 16``) and runs ``chunk_dsla`` (prefill) or ``fused_recurrent_dsla``
+(decode, states updated in place). Prefill is timed with both CPU backends of ``chunk_dsla``: the fused C++ kernel
+(the default for inference where it builds) and the PyTorch path. The softmax module runs
+``scaled_dot_product_attention`` (causal, GQA); when decoding it writes the new key/value into a preallocated KV
+cache of the given length and attends to it. fla's ``chunk_gla`` is timed as well when ``fla`` is importable (CUDA
+only in practice).
 
 Times are medians of a few repeats, taken in one run (the machines are shared: read the ratios).
 
-    python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,png}
+    python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,md,png}
     python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
 """
 
@@ -26,7 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla
+from dsla_hf.kernels.dispatch import cpp_available
 from torch import nn
+
+from dsla_hf import DSLAConfig
+from dsla_hf.modeling_dsla import DSLAGates
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 576, 9, 3, 64
 RESULTS = Path(__file__).parent / "results"
@@ -60,38 +66,44 @@ class SoftmaxAttention(nn.Module):
 class DSLAAttention(SoftmaxAttention):
     def __init__(self):
         super().__init__()
-        self.gate = nn.Parameter(torch.randn(KV_HEADS, HEAD_DIM, 2 * HEAD_DIM) * HEAD_DIM**-0.5)
-        self.gate_bias = nn.Parameter(torch.cat([torch.full((HEAD_DIM,), 6.0), torch.zeros(HEAD_DIM)]).repeat(3, 1))
+        self.gates = DSLAGates(DSLAConfig(dsla_gate_tau=16.0), KV_HEADS, HEAD_DIM, HEAD_DIM)
+        nn.init.normal_(self.gates.weight, std=HEAD_DIM**-0.5)
+        with torch.no_grad():  # a slow history state and a fast recency state
+            self.gates.bias.copy_(torch.tensor([6.0, 0.0]).view(2, 1, 1).expand_as(self.gates.bias))
         self.mix = nn.Parameter(torch.zeros(HEADS, 2))
-
-    def gates(self, k):
-        g = torch.einsum("bthd,hde->bthe", k, self.gate) + self.gate_bias
-        g = F.softplus(-g).div_(-16)  # logsigmoid(g) / 16, computed as the model's gates compute it
-        return g[..., :HEAD_DIM], g[..., HEAD_DIM:]
+        self.backend = None  # chunk_dsla's default
 
     def forward(self, x, state=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM)
         k = self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
         v = self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
-        g1, g2 = self.gates(k)
+        g = self.gates(k)
         mix = self.mix.softmax(-1)
         if state is None:
-            o, _ = chunk_dsla(q, k, v, g1, g2, mix)
+            o, _ = chunk_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, backend=self.backend)
         else:
-            o, _ = fused_recurrent_dsla(q, k, v, g1, g2, mix, initial_state=state, inplace=True)
+            o, _ = fused_recurrent_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, initial_state=state, inplace=True)
         return self.o_proj(o.reshape(B, T, HEADS * HEAD_DIM))
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
+    return interleaved({"fn": fn}, repeats, warmup)["fn"]
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median time of each function, run in rounds (one call of each per round), so that the shared machine's
+    slow phases fall on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def fla_prefill(T: int, repeats: int):
@@ -116,19 +128,31 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
     torch.manual_seed(0)
     softmax, dsla = SoftmaxAttention().eval(), DSLAAttention().eval()
     dsla.load_state_dict(softmax.state_dict(), strict=False)
+    backends = ["cpp", "torch"] if cpp_available() else ["torch"]
     prefill = []
     for T in lengths:
         x = torch.randn(1, T, HIDDEN)
         reps = max(1, repeats if T <= 8192 else repeats - 1)
-        t_sdpa = timed(lambda x=x: softmax(x), reps)
-        t_dsla = timed(lambda x=x: dsla(x), reps)
-        t_proj = timed(lambda x=x: [p(x) for p in (dsla.q_proj, dsla.k_proj, dsla.v_proj, dsla.o_proj)], reps)
-        row = dict(tokens=T, sdpa_s=t_sdpa, dsla_s=t_dsla, projections_s=t_proj, speedup=t_sdpa / t_dsla)
+
+        def module(backend, x=x):
+            dsla.backend = backend
+            return dsla(x)
+
+        fns = {"sdpa": lambda x=x: softmax(x)}
+        fns |= {backend: lambda backend=backend: module(backend) for backend in backends}
+        fns["projections"] = lambda x=x: [p(x) for p in (dsla.q_proj, dsla.k_proj, dsla.v_proj, dsla.o_proj)]
+        times = interleaved(fns, reps)
+        t_sdpa, t_proj = times.pop("sdpa"), times.pop("projections")
+        # dsla_s: chunk_dsla's default CPU backend (the C++ kernel where it builds); dsla_torch_s: the PyTorch path
+        row = dict(tokens=T, sdpa_s=t_sdpa, dsla_s=times[backends[0]], speedup=t_sdpa / times[backends[0]],
+                   backend=backends[0], dsla_torch_s=times["torch"], speedup_torch=t_sdpa / times["torch"],
+                   projections_s=t_proj)  # fmt: skip
         t_fla = fla_prefill(T, reps)
         if t_fla is not None:
             row["fla_gla_s"] = t_fla
         prefill.append(row)
-        print(f"prefill {T:6d}: sdpa {t_sdpa * 1e3:8.1f} ms  dsla {t_dsla * 1e3:7.1f} ms  x{t_sdpa / t_dsla:.2f}")
+        print(f"prefill {T:6d}: sdpa {t_sdpa * 1e3:8.1f} ms", *(f" dsla[{b}] {t * 1e3:7.1f} ms x{t_sdpa / t:.2f}"
+                                                            for b, t in times.items()))  # fmt: skip
     decode = []
     for L in decode_lengths:
         x = torch.randn(1, 1, HIDDEN)
@@ -140,6 +164,7 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
             return timed(lambda: [fn() for _ in range(decode_steps)], repeats) / decode_steps
 
         t_sdpa = steps(lambda x=x, cache=cache, L=L: softmax(x, cache, L))
+        dsla.backend = None
         t_dsla = steps(lambda x=x, state=state: dsla(x, state))
         decode.append(dict(context=L, sdpa_step_s=t_sdpa, dsla_step_s=t_dsla, speedup=t_sdpa / t_dsla))
         print(f"decode  {L:6d}: sdpa {t_sdpa * 1e6:8.1f} us  dsla {t_dsla * 1e6:7.1f} us  x{t_sdpa / t_dsla:.2f}")
@@ -148,13 +173,15 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
 
 def markdown(prefill, decode) -> str:
     lines = [
-        "| tokens | SDPA module (ms) | DSLA module (ms) | projections (ms) | speedup |",
-        "|---:|---:|---:|---:|---:|",
+        "| tokens | SDPA module (ms) | DSLA module (ms) | speedup | DSLA, PyTorch path (ms) | speedup "
+        "| projections (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in prefill:
         lines.append(
-            f"| {r['tokens']} | {r['sdpa_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} | {r['projections_s'] * 1e3:.1f} "
-            f"| {r['speedup']:.2f}x |"
+            f"| {r['tokens']} | {r['sdpa_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} ({r['backend']}) | "
+            f"{r['speedup']:.2f}x | {r['dsla_torch_s'] * 1e3:.1f} | {r['speedup_torch']:.2f}x | "
+            f"{r['projections_s'] * 1e3:.1f} |"
         )
     lines += ["", "| context | SDPA decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
     for r in decode:
@@ -173,7 +200,9 @@ def plot(prefill, decode, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     tokens = [r["tokens"] for r in prefill]
     a.plot(tokens, [r["sdpa_s"] * 1e3 for r in prefill], "o-", label="softmax (SDPA) module")
-    a.plot(tokens, [r["dsla_s"] * 1e3 for r in prefill], "o-", label="DSLA module (chunk_dsla)")
+    a.plot(tokens, [r["dsla_s"] * 1e3 for r in prefill], "o-", label=f"DSLA module ({prefill[0]['backend']} kernel)")
+    if prefill[0]["backend"] != "torch":
+        a.plot(tokens, [r["dsla_torch_s"] * 1e3 for r in prefill], "o-", label="DSLA module (PyTorch path)")
     a.plot(tokens, [r["projections_s"] * 1e3 for r in prefill], "--", color="gray", label="projections alone")
     if any("fla_gla_s" in r for r in prefill):
         a.plot([r["tokens"] for r in prefill if "fla_gla_s" in r], [r["fla_gla_s"] * 1e3 for r in prefill], "o-",

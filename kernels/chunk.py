@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import fp32_compute, resolve_backend, triton_module
+from .dispatch import fp32_compute, package_module, resolve_backend
 from .naive import naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
@@ -389,6 +389,10 @@ def _dk_full(dkf, b, full):
 # public API
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
     """Chunk-layout views (no copies where the length is a multiple of the chunk) and the scaled mixing weights."""
     B, T, H, K = q.shape
@@ -418,9 +422,7 @@ def chunk_dsla_torch(
     chunk_size=None,
 ):  # fmt: skip
     B, T, H, K = q.shape
-    training = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
-    )
+    training = _needs_grad(q, k, v, g1, g2, mix, initial_state)
     chunk_size = chunk_size or (TRAINING_CHUNK if training else INFERENCE_CHUNK)
     layout, qc, kc, vc, gc, w = _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size)
     h0 = None if initial_state is None else initial_state.float()
@@ -482,15 +484,22 @@ def chunk_dsla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
 
-    ``backend``: ``None`` picks Triton for CUDA tensors (when importable) and the PyTorch path otherwise;
-    ``"torch"``, ``"triton"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and for
-    training, 32 for inference on the PyTorch path.
+    ``backend``: ``None`` picks Triton for CUDA tensors (when importable); on CPUs the fused C++ kernel for
+    inference (no gradient needed; where it builds, see :mod:`cpp_chunk`) and the PyTorch path otherwise.
+    ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and
+    for training, 32 for inference on CPUs.
     """
-    backend = resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, cpp=not _needs_grad(q, k, v, g1, g2, mix, initial_state))
     if backend == "naive":
         return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "triton":
-        return triton_module("triton_chunk").chunk_dsla_triton(
+        return package_module("triton_chunk").chunk_dsla_triton(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size or 64
+        )
+    if backend == "cpp":
+        if _needs_grad(q, k, v, g1, g2, mix, initial_state):
+            raise ValueError("the C++ kernel is forward-only: use backend='torch' (or None) when gradients are needed")
+        return package_module("cpp_chunk").chunk_dsla_cpp(
+            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size
         )
     return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -1,18 +1,21 @@
-"""Choice of the backend of a kernel call: Triton on CUDA tensors, the PyTorch path elsewhere.
+"""Choice of the backend of a kernel call: Triton on CUDA tensors; on CPUs the fused C++ kernel for inference (where
+it builds) and the PyTorch path otherwise.
 
 This module is part of the flat, self-contained kernel code that saved models carry as remote code: it imports
-nothing from ``dsla_hf`` at module level. The Triton kernels are reached by absolute import, only when asked for.
+nothing from ``dsla_hf`` at module level. The Triton and C++ kernels are reached by absolute import, only when asked
+for, and stay with the installed package.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "triton", "naive")
+BACKENDS = ("torch", "triton", "cpp", "naive")
 
 
 def triton_available() -> bool:
@@ -27,20 +30,34 @@ def triton_available() -> bool:
     return True
 
 
-def triton_module(name: str) -> ModuleType:
+def cpp_available() -> bool:
+    """Whether the fused C++ CPU kernel is usable: not disabled by ``DSLA_HF_CPP_KERNEL=0``, part of the installed
+    package (not of remote code), and built (or buildable) on this machine."""
+    if os.environ.get("DSLA_HF_CPP_KERNEL", "1") == "0":
+        return False
+    try:
+        return package_module("cpp_chunk").available()
+    except ImportError:
+        return False
+
+
+def package_module(name: str) -> ModuleType:
     """``dsla_hf.kernels.<name>``, imported by name: a static import statement would make Transformers' remote-code
     import check demand ``dsla_hf`` from every Hub repository that carries these kernels."""
     return importlib.import_module(f"dsla_hf.kernels.{name}")
 
 
-def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
-    """``backend`` if given (checked); else ``"triton"`` for CUDA tensors when Triton is importable, or ``"torch"``."""
+def resolve_backend(x: torch.Tensor, backend: str | None, cpp: bool = False) -> str:
+    """``backend`` if given (checked); else ``"triton"`` for CUDA tensors when Triton is importable, ``"cpp"`` for
+    CPU tensors when the caller allows it (inference) and the kernel is available, or ``"torch"``."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         return backend
     if x.is_cuda and triton_available():
         return "triton"
+    if cpp and x.device.type == "cpu" and cpp_available():
+        return "cpp"
     return "torch"
 
 

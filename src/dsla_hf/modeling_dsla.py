@@ -103,10 +103,21 @@ class DSLAGates(nn.Module):
         self.bias = nn.Parameter(torch.empty(S, num_heads, feature_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, in_dim] (keys) or [B, T, in_dim] (hidden state). Returns fp32 [B, T, S, H, F]."""
-        pattern = "bthd,shfd->btshf" if x.dim() == 4 else "btd,shfd->btshf"
-        z = torch.einsum(pattern, x.float(), self.weight.float()) + self.bias.float()
-        g = F.softplus(-z).div_(-self.tau)  # logsigmoid(z) = -softplus(-z), and 3x faster than F.logsigmoid on CPU
+        """x: [B, T, H, in_dim] (keys) or [B, T, in_dim] (hidden state). Returns fp32 [B, T, S, H, F] (a strided
+        view for keys)."""
+        S, H, F_, D = self.weight.shape
+        B, T = x.shape[:2]
+        # logsigmoid(z) = -softplus(-z), 3x faster than F.logsigmoid on CPU. The negation goes into the small
+        # weights and bias, and the bias into the product: one pass over the gates besides the product.
+        weight, bias = -self.weight.float(), -self.bias.float()
+        if x.dim() == 4:  # one batched matmul over heads, [H, B*T, S*F]
+            keys = x.float().reshape(B * T, H, D).transpose(0, 1)
+            bias = bias.transpose(0, 1).reshape(H, 1, S * F_)
+            z = torch.baddbmm(bias, keys, weight.permute(1, 3, 0, 2).reshape(H, D, S * F_))
+            z = z.view(H, B, T, S, F_).permute(1, 2, 3, 0, 4)
+        else:
+            z = F.linear(x.float(), weight.reshape(S * H * F_, D), bias.reshape(-1)).view(B, T, S, H, F_)
+        g = F.softplus(z).div_(-self.tau)
         return g.clamp(min=self.clamp) if self.clamp is not None else g
 
 

@@ -1,4 +1,5 @@
-"""chunk_dsla (PyTorch path) against the naive fp32 recurrence: outputs, final states and every gradient."""
+"""chunk_dsla (PyTorch path) against the naive fp32 recurrence: outputs, final states and every gradient. (Calls
+that need gradients take the PyTorch path; no-grad calls name it. The C++ kernel has its own tests.)"""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def test_blocked_inference_path(chunk_size):
     inference chunk, and 64)."""
     x = make_inputs(2, 1100, 3, 1, 8, 8, gate=0.05, requires_grad=False)
     with torch.no_grad():
-        o, final = chunk_dsla(**x, output_final_state=True, chunk_size=chunk_size)
+        o, final = chunk_dsla(**x, output_final_state=True, chunk_size=chunk_size, backend="torch")
         o_ref, final_ref = naive_dsla(**x, output_final_state=True)
     assert_close("o", o, o_ref, 1e-4)
     assert_close("final_state", final, final_ref, 1e-4)

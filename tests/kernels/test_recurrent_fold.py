@@ -9,6 +9,7 @@ import dsla_hf.kernels as kernels
 import pytest
 import torch
 from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsla
+from dsla_hf.kernels.dispatch import cpp_available
 
 from .utils import assert_close, grads, make_inputs
 
@@ -96,14 +97,16 @@ def test_no_uninitialised_reads(nan_empty):
     assert_close("final_state", final, final_ref, 1e-4)
     assert all(torch.isfinite(t).all() for t in g.values())
     long = make_inputs(1, 1100, 3, 1, 8, 8, gate=0.05, requires_grad=False)
-    with torch.no_grad():
-        o, final = chunk_dsla(**long, output_final_state=True, chunk_size=32)  # the blocked inference path
-    assert torch.isfinite(o).all() and torch.isfinite(final).all()
     cu = torch.tensor([0, 5, 70])
     x = make_inputs(1, 70, 6, 2, 16, 16, gate=0.3, h0=False, requires_grad=False)
-    with torch.no_grad():
-        o, final = chunk_dsla(**x, output_final_state=True, cu_seqlens=cu)
-    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    backends = ["torch", "cpp"] if cpp_available() else ["torch"]
+    for backend in backends:  # the blocked inference path, and packed sequences
+        with torch.no_grad():
+            o, final = chunk_dsla(**long, output_final_state=True, chunk_size=32, backend=backend)
+        assert torch.isfinite(o).all() and torch.isfinite(final).all(), backend
+        with torch.no_grad():
+            o, final = chunk_dsla(**x, output_final_state=True, cu_seqlens=cu, backend=backend)
+        assert torch.isfinite(o).all() and torch.isfinite(final).all(), backend
     assert torch.isfinite(fold_kv(x["k"], x["v"], x["g1"], x["g2"], cu_seqlens=cu)).all()
     state = torch.zeros(1, 2, 2, 16, 16)
     o, _ = fused_recurrent_dsla(**dict(x, initial_state=state), inplace=True)

@@ -1,0 +1,345 @@
+// Chunked dual-state linear attention, inference forward, for CPUs: one fused pass per chunk.
+//
+// The PyTorch path spends as much time in elementwise passes over memory (cumsum, exp, gated products, masks,
+// layout changes) as in its matmuls. Here each (sequence, KV head, chunk) item does all of its work in a few
+// kilobytes of per-thread scratch, and the products run in a register-blocked micro-kernel. The math is that of
+// chunk.py (see its docstring): per state s, with b the cumulative log decay from the chunk start,
+//
+//     o_t   = sum_s w_s [ q_t e^{b_t} S_s + sum_{i<=t} (q_t e^{b_t} . k_i e^{-b_i}) v_i ]
+//     S_out = e^{b_C} S + sum_i (k_i e^{b_C - b_i})^T v_i
+//
+// in three phases per round of up to `block` chunks of every sequence: chunk-local states (parallel), the scan
+// over chunks (sequential per row), outputs (parallel). A state whose chunk exponents exceed SAFE_EXPONENT is not
+// factored: its intra-chunk term is summed pairwise with exponents <= 0, as chunk.py's "exact" mode does.
+//
+// Internal layouts pad the key width to a multiple of 8 and value and chunk widths to multiples of 16 with zeros,
+// so every product is made of whole 16-float vectors. Built and loaded by cpp_chunk.py; plain C ABI, no Python.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+constexpr float SAFE_EXPONENT = 60.0f;
+typedef float vf __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, or two AVX2 ones
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+inline vf load(const float* p) {
+    vf x;
+    std::memcpy(&x, p, sizeof x);
+    return x;
+}
+
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+
+// C[R x 16 NV] (+)= A[R x P] @ B[P x 16 NV]: A(r, p) at A[r * ars + p * aps] (any layout: its elements are
+// broadcast one at a time), B and C row-major. The R x NV accumulators stay in registers.
+template <int R, int NV, bool ACC>
+inline void micro(int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    vf acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) acc[r][j] = ACC ? load(C + r * ldc + 16 * j) : vf{};
+    for (int p = 0; p < P; ++p) {
+        vf b[NV];
+        for (int j = 0; j < NV; ++j) b[j] = load(B + p * ldb + 16 * j);
+        for (int r = 0; r < R; ++r) {
+            const float a = A[r * ars + p * aps];
+            for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) store(C + r * ldc + 16 * j, acc[r][j]);
+}
+
+// C[M x N] (+)= A[M x P] @ B[P x N]; M a multiple of 8, N a multiple of 16. Panels of 8 rows by 32 columns:
+// 16 accumulators, each A element broadcast once per two B vectors (faster here than 4 x 64 panels).
+template <bool ACC>
+void gemm(int M, int N, int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    for (int j = 0; j < N; j += 32)
+        for (int i = 0; i < M; i += 8) {
+            if (N - j >= 32)
+                micro<8, 2, ACC>(P, A + i * ars, ars, aps, B + j, ldb, C + i * ldc + j, ldc);
+            else
+                micro<8, 1, ACC>(P, A + i * ars, ars, aps, B + j, ldb, C + i * ldc + j, ldc);
+        }
+}
+
+struct Tensor3 {  // a [batch, token, head, feature] tensor with unit feature stride
+    const float* data;
+    long sb, st, sh;
+    const float* at(long b, long t, long h) const { return data + b * sb + t * st + h * sh; }
+};
+
+struct Problem {
+    Tensor3 q, k, v, g[2];
+    const float* w;  // [HK, G, S], scale folded in
+    int S, HK, G, K, V, C;
+    int Kp, Vp, Cp, Mp, SK;
+    float* o;  // [B, T, H, V] contiguous
+    long o_sb;
+};
+
+struct Item {  // one chunk of one sequence and KV head
+    int seq, b, hk;
+    long t0;  // first token of the chunk
+    int len;  // tokens in the chunk (<= C)
+};
+
+// What phase 1 leaves for phase 3 of one item, in the round's workspace.
+struct Shared {
+    float* U;      // [SK, Vp]: the chunk's own state contribution, then (after the scan) the state before it
+    float* decay;  // [SK]: e^{b_C}
+    float* eb;     // [S, C, Kp]: e^{b}
+    float* kT;     // [SK, Cp]: k e^{-b} of the factored states, transposed (zero for the others)
+    bool safe[2];  // whether each state factors in this chunk
+};
+
+struct Scratch {  // per thread
+    std::vector<float> b, kf, kd, vloc, qe, A, O;
+    explicit Scratch(const Problem& p)
+        : b(p.S * p.C * p.Kp), kf(p.C * p.SK), kd(p.C * p.SK), vloc(p.Cp * p.Vp), qe(p.Mp * p.SK), A(p.Mp * p.Cp),
+          O(p.Mp * p.Vp) {}
+};
+
+// Cumulative log decays b[s][t][k] of the chunk; returns, per state, whether the chunk factors.
+void cumulative_decay(const Problem& p, const Item& it, float* bsum, bool safe[2]) {
+    for (int st = 0; st < p.S; ++st) {
+        float* b = bsum + st * p.C * p.Kp;
+        float worst = 0.0f;
+        for (int t = 0; t < it.len; ++t) {
+            const float* g = p.g[st].at(it.b, it.t0 + t, it.hk);
+            float* row = b + t * p.Kp;
+            for (int k = 0; k < p.K; ++k) row[k] = (t ? row[k - p.Kp] : 0.0f) + g[k];
+            for (int k = 0; k < p.K; ++k) worst = std::max(worst, std::fabs(row[k]));
+        }
+        safe[st] = worst <= SAFE_EXPONENT;
+    }
+}
+
+void load_values(const Problem& p, const Item& it, Scratch& s) {
+    for (int t = 0; t < it.len; ++t) std::memcpy(&s.vloc[t * p.Vp], p.v.at(it.b, it.t0 + t, it.hk), p.V * 4);
+}
+
+// Phase 1: the chunk's own contribution to the state, U = sum_i (k_i e^{b_C - b_i})^T v_i, its decay e^{b_C},
+// and the gated queries' and keys' factors that phase 3 reuses.
+void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
+    const int Kp = p.Kp, SK = p.SK;
+    cumulative_decay(p, it, s.b.data(), sh.safe);
+    load_values(p, it, s);
+    for (int st = 0; st < p.S; ++st) {
+        const float* b = s.b.data() + st * p.C * Kp;
+        const float* last = b + (it.len - 1) * Kp;
+        float* decay = sh.decay + st * Kp;
+        float* eb = sh.eb + st * p.C * Kp;
+        for (int k = 0; k < p.K; ++k) decay[k] = std::exp(last[k]);
+        for (int t = 0; t < it.len; ++t) {
+            const float* key = p.k.at(it.b, it.t0 + t, it.hk);
+            const float* bt = b + t * Kp;
+            float* e = eb + t * Kp;
+            float* kd = &s.kd[t * SK + st * Kp];
+            for (int k = 0; k < p.K; ++k) e[k] = std::exp(bt[k]);
+            if (sh.safe[st]) {  // k e^{-b} for the intra-chunk term; times e^{b_C} for the state
+                float* kf = &s.kf[t * SK + st * Kp];
+                for (int k = 0; k < p.K; ++k) kf[k] = key[k] / e[k];
+                for (int k = 0; k < p.K; ++k) kd[k] = kf[k] * decay[k];
+            } else {
+                for (int k = 0; k < p.K; ++k) kd[k] = key[k] * std::exp(last[k] - bt[k]);
+            }
+        }
+        float* kT = sh.kT + st * Kp * p.Cp;
+        if (!sh.safe[st]) {
+            std::fill(kT, kT + Kp * p.Cp, 0.0f);
+            continue;
+        }
+        for (int k = 0; k < p.K; ++k)
+            for (int t = 0; t < it.len; ++t) kT[k * p.Cp + t] = s.kf[t * SK + st * Kp + k];
+    }
+    gemm<false>(SK, p.Vp, it.len, s.kd.data(), 1, SK, s.vloc.data(), p.Vp, sh.U, p.Vp);
+}
+
+// Phase 3: outputs of the chunk's G * len query rows (row r = t * G + g), given the state before the chunk.
+void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh) {
+    const int S = p.S, Kp = p.Kp, Cp = p.Cp, G = p.G, SK = p.SK;
+    load_values(p, it, s);
+    // qe[r][s, k] = w_{g,s} q_{t,g,k} e^{b_{s,t,k}}
+    for (int t = 0; t < it.len; ++t)
+        for (int g = 0; g < G; ++g) {
+            const float* query = p.q.at(it.b, it.t0 + t, it.hk * G + g);
+            float* row = &s.qe[(t * G + g) * SK];
+            for (int st = 0; st < S; ++st) {
+                const float wg = p.w[(it.hk * G + g) * S + st];
+                const float* e = sh.eb + (st * p.C + t) * Kp;
+                for (int k = 0; k < p.K; ++k) row[st * Kp + k] = wg * query[k] * e[k];
+            }
+        }
+    for (int i = 0; i < p.Mp; i += 8) {  // A = qe kT, only the columns (keys) a block of 8 rows can see
+        const int seen = std::min(Cp, round_up((i + 7) / G + 1, 16));
+        gemm<false>(8, seen, SK, &s.qe[i * SK], SK, 1, sh.kT, Cp, &s.A[i * Cp], Cp);
+    }
+    for (int st = 0; st < S; ++st) {  // strongly decaying states: pairwise, every exponent <= 0
+        if (sh.safe[st]) continue;
+        bool safe[2];
+        cumulative_decay(p, it, s.b.data(), safe);
+        const float* b = s.b.data() + st * p.C * Kp;
+        for (int t = 0; t < it.len; ++t)
+            for (int g = 0; g < G; ++g) {
+                const float* query = p.q.at(it.b, it.t0 + t, it.hk * G + g);
+                const float wg = p.w[(it.hk * G + g) * S + st];
+                for (int i = 0; i <= t; ++i) {
+                    const float* key = p.k.at(it.b, it.t0 + i, it.hk);
+                    float dot = 0.0f;
+                    for (int k = 0; k < p.K; ++k)
+                        dot += query[k] * key[k] * std::exp(b[t * Kp + k] - b[i * Kp + k]);
+                    s.A[(t * G + g) * Cp + i] += wg * dot;
+                }
+            }
+    }
+    for (int r = 0; r < G * it.len; ++r)  // causal: row r is token r / G
+        std::fill(&s.A[r * Cp + r / G + 1], &s.A[(r + 1) * Cp], 0.0f);
+    gemm<false>(p.Mp, p.Vp, SK, s.qe.data(), SK, 1, sh.U, p.Vp, s.O.data(), p.Vp);
+    for (int i = 0; i < p.Mp; i += 8) {  // O += A v, over the keys the rows can see
+        const int seen = std::min(it.len, (i + 7) / G + 1);
+        gemm<true>(8, p.Vp, seen, &s.A[i * Cp], Cp, 1, s.vloc.data(), p.Vp, &s.O[i * p.Vp], p.Vp);
+    }
+    const long H = (long)p.HK * G;
+    for (int t = 0; t < it.len; ++t)
+        std::memcpy(p.o + it.b * p.o_sb + ((it.t0 + t) * H + it.hk * G) * p.V, &s.O[t * G * p.Vp],
+                    (p.Vp == p.V ? G * p.V : p.V) * 4);
+    if (p.Vp != p.V)
+        for (int t = 0; t < it.len; ++t)
+            for (int g = 1; g < G; ++g)
+                std::memcpy(p.o + it.b * p.o_sb + ((it.t0 + t) * H + it.hk * G + g) * p.V,
+                            &s.O[(t * G + g) * p.Vp], p.V * 4);
+}
+
+}  // namespace
+
+extern "C" {
+
+// seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. h0 [N, S, HK, K, V] or null;
+// hT [N, S, HK, K, V] receives the final states; o (o_numel floats, fresh and untouched) the outputs. Returns 0,
+// or 1 on an allocation failure.
+int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, const long* k_strides,
+                       const float* v, const long* v_strides, const float* g1, const long* g1_strides,
+                       const float* g2, const long* g2_strides, const float* w, int S, int HK, int G, int K, int V,
+                       int N, const long* seq_b, const long* seq_t0, const long* seq_len, const float* h0, float* hT,
+                       float* o, long o_sb, long o_numel, int C, int block, int threads) {
+    Problem p;
+    p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
+    p.k = {k, k_strides[0], k_strides[1], k_strides[2]};
+    p.v = {v, v_strides[0], v_strides[1], v_strides[2]};
+    p.g[0] = {g1, g1_strides[0], g1_strides[1], g1_strides[2]};
+    p.g[1] = {g2, g2_strides[0], g2_strides[1], g2_strides[2]};
+    p.w = w;
+    p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C;
+    p.Kp = round_up(K, 8), p.Vp = round_up(V, 16), p.Cp = round_up(C, 16), p.Mp = round_up(G * C, 8);
+    p.o = o, p.o_sb = o_sb;
+    const int SK = p.SK = S * p.Kp;
+    const long state_size = (long)SK * p.Vp;
+    const long shared_size = state_size + SK + (long)S * C * p.Kp + (long)SK * p.Cp;
+
+    // Rounds of up to `block` chunks of every sequence, each (sequence, head) a run of consecutive items in
+    // chunk order; states are carried between rounds in padded layout.
+    struct Run {  // the items of one (sequence, head) in a round, in chunk order
+        long first, count, stride;
+        int seq, hk;
+    };
+    std::vector<std::vector<Item>> rounds;
+    std::vector<std::vector<Run>> runs;
+    for (long r = 0;; ++r) {
+        std::vector<Item> items;
+        std::vector<Run> round_runs;
+        for (int n = 0; n < N; ++n) {
+            const long first = r * block, end = std::min<long>((seq_len[n] + C - 1) / C, (r + 1) * block);
+            if (first >= end) continue;
+            for (int hk = 0; hk < HK; ++hk) round_runs.push_back({(long)items.size() + hk, end - first, HK, n, hk});
+            for (long c = first; c < end; ++c)  // heads innermost: neighbouring items read neighbouring memory
+                for (int hk = 0; hk < HK; ++hk)
+                    items.push_back({n, (int)seq_b[n], hk, seq_t0[n] + c * C, (int)std::min<long>(C, seq_len[n] - c * C)});
+        }
+        if (items.empty()) break;
+        rounds.push_back(std::move(items));
+        runs.push_back(std::move(round_runs));
+    }
+#ifdef __linux__
+    // The output is fresh memory written once: first-touch faults on 4 KiB pages cost as much as a fifth of the
+    // kernel at 16k tokens. Ask for huge pages on its aligned interior (advice only; a no-op where THP is off).
+    const uintptr_t huge = 2 << 20, begin = ((uintptr_t)o + huge - 1) & ~(huge - 1);
+    const uintptr_t end = (uintptr_t)(o + o_numel) & ~(huge - 1);
+    if (end > begin) madvise((void*)begin, end - begin, MADV_HUGEPAGE);
+#endif
+    std::vector<float> state;
+    try {
+        state.assign((size_t)N * HK * state_size, 0.0f);
+    } catch (...) {
+        return 1;
+    }
+    if (h0)
+        for (int n = 0; n < N; ++n)
+            for (int s = 0; s < S; ++s)
+                for (int hk = 0; hk < HK; ++hk)
+                    for (int kk = 0; kk < K; ++kk)
+                        std::memcpy(&state[(n * HK + hk) * state_size + (s * p.Kp + kk) * p.Vp],
+                                    h0 + (((long)(n * S + s) * HK + hk) * K + kk) * V, V * 4);
+    size_t widest = 0;
+    for (const auto& items : rounds) widest = std::max(widest, items.size());
+    std::vector<float> workspace;  // zeros: padding is never written
+    std::vector<Shared> shared(widest);
+    try {
+        workspace.assign(widest * shared_size, 0.0f);
+    } catch (...) {
+        return 1;
+    }
+    for (size_t i = 0; i < widest; ++i) {
+        float* base = &workspace[i * shared_size];
+        shared[i] = {base, base + state_size, base + state_size + SK, base + state_size + SK + S * C * p.Kp, {}};
+    }
+
+#pragma omp parallel num_threads(threads)
+    {
+        Scratch scratch(p);
+        for (const auto& items : rounds) {
+            const long count = (long)items.size();
+#pragma omp for schedule(static)
+            for (long i = 0; i < count; ++i) chunk_state(p, items[i], scratch, shared[i]);
+            // Scan over each run's chunks, one state row at a time; U becomes the state before each chunk.
+            const auto& round_runs = runs[&items - rounds.data()];
+            const long rows = (long)round_runs.size() * SK;
+#pragma omp for schedule(static)
+            for (long row = 0; row < rows; ++row) {
+                const Run& run = round_runs[row / SK];
+                const int r = (int)(row % SK);
+                float* cur = &state[(run.seq * HK + run.hk) * state_size + r * p.Vp];
+                for (long c = 0; c < run.count; ++c) {
+                    const Shared& sh = shared[run.first + c * run.stride];
+                    float* u = sh.U + r * p.Vp;
+                    const float d = sh.decay[r];
+                    for (int j = 0; j < p.Vp; ++j) {
+                        const float local = u[j];
+                        u[j] = cur[j];
+                        cur[j] = d * cur[j] + local;
+                    }
+                }
+            }
+#pragma omp for schedule(static)
+            for (long i = 0; i < count; ++i) chunk_output(p, items[i], scratch, shared[i]);
+        }
+    }
+    for (int n = 0; n < N; ++n)
+        for (int s = 0; s < S; ++s)
+            for (int hk = 0; hk < HK; ++hk)
+                for (int kk = 0; kk < K; ++kk)
+                    std::memcpy(hT + (((long)(n * S + s) * HK + hk) * K + kk) * V,
+                                &state[(n * HK + hk) * state_size + (s * p.Kp + kk) * p.Vp], V * 4);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,143 @@
+"""The fused C++ CPU kernel (inference) against the naive fp32 recurrence, its build and its dispatch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from dsla_hf.kernels import chunk_dsla, cpp_chunk, naive_dsla
+from dsla_hf.kernels.dispatch import resolve_backend
+
+from .test_chunk import SHAPES
+from .utils import assert_close, make_inputs
+
+HAS_COMPILER = shutil.which("g++") is not None
+needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+
+
+def check(x, tol=1e-5, **kwargs):
+    with torch.no_grad():
+        o, final = chunk_dsla(**x, output_final_state=True, backend="cpp", **kwargs)
+        o_ref, final_ref = naive_dsla(**x, output_final_state=True, cu_seqlens=kwargs.get("cu_seqlens"))
+    assert o.dtype == x["q"].dtype and final.dtype == torch.float32
+    assert_close("o", o, o_ref, tol)
+    assert_close("final_state", final, final_ref, tol)
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+    """On a machine with g++ (CI's), the kernel must build: a broken build would silently fall back otherwise."""
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpp_chunk.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}HK{}K{}V{}".format(*s))
+@pytest.mark.parametrize("states", [2, 1])
+def test_matches_naive(shape, states):
+    check(make_inputs(*shape, states=states, gate=0.2, requires_grad=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mix", ["none", "layer", "heads"])
+@pytest.mark.parametrize("h0", [True, False])
+def test_mix_and_initial_state(mix, h0):
+    check(make_inputs(2, 70, 6, 2, 16, 16, mix=mix, h0=h0, gate=0.5, requires_grad=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk_size", [8, 16, 24, 32, 64])
+def test_chunk_sizes(chunk_size):
+    check(make_inputs(1, 100, 6, 2, 16, 16, gate=0.3, requires_grad=False), chunk_size=chunk_size)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate", [(1e-3, 1e-3), (0.1, 2.0), (0.1, 8.0), (1.0, 100.0), (0.0, 1e4)])
+def test_strong_and_weak_decay(gate):
+    """Chunks whose exponents exceed SAFE_EXPONENT take the pairwise path: finite and right, to gates far beyond
+    fp32's exponent range."""
+    check(make_inputs(1, 130, 6, 2, 16, 16, gate=gate, requires_grad=False))
+
+
+@needs_kernel
+def test_rounds_carry_the_states(monkeypatch):
+    """Inputs longer than one round of chunks (BLOCK_TOKENS) carry the states from round to round."""
+    monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 64)
+    check(make_inputs(2, 300, 3, 1, 8, 8, gate=0.05, requires_grad=False), chunk_size=16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("states", [2, 1])
+def test_varlen_matches_naive(states, monkeypatch):
+    """Packed sequences, an empty one among them (its state passes through), over several rounds."""
+    monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 32)
+    cu = torch.tensor([0, 1, 64, 64, 129, 159])
+    x = make_inputs(1, 159, 6, 2, 16, 16, states=states, gate=0.5, h0=False, requires_grad=False)
+    x["initial_state"] = torch.randn(5, states, 2, 16, 16)
+    check(x, cu_seqlens=cu, chunk_size=16)
+
+
+@needs_kernel
+def test_strided_and_bf16_inputs():
+    """Gates as views of one [B, T, S, H, K] tensor (the model's layout) and transposed queries are read in place;
+    bf16 inputs give bf16 outputs and fp32 states."""
+    x = make_inputs(2, 90, 6, 2, 16, 16, gate=0.5, requires_grad=False)
+    gates = torch.stack([x["g1"], x["g2"]], dim=2)  # [B, T, S, HK, K]
+    q = x["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major memory
+    strided = dict(x, g1=gates[:, :, 0], g2=gates[:, :, 1], q=q)
+    assert not strided["g1"].is_contiguous() and not strided["q"].is_contiguous()
+    check(strided)
+    half = make_inputs(1, 100, 6, 2, 16, 16, gate=0.5, dtype=torch.bfloat16, requires_grad=False)
+    with torch.no_grad():
+        o, final = chunk_dsla(**half, output_final_state=True, backend="cpp")
+        as32 = {n: (t.float() if t is not None else None) for n, t in half.items()}
+        o_ref, final_ref = naive_dsla(**as32, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and final.dtype == torch.float32
+    assert_close("o", o, o_ref, 1e-2)
+    assert_close("final_state", final, final_ref, 1e-5)
+
+
+@needs_kernel
+def test_dispatch():
+    """CPU inference uses the kernel by default; anything that needs gradients keeps the PyTorch path, and the
+    kernel refuses it when forced. DSLA_HF_CPP_KERNEL=0 turns it off."""
+    x = make_inputs(1, 40, 6, 2, 16, 16, gate=0.5)
+    assert resolve_backend(x["q"], None, cpp=True) == "cpp"
+    o, _ = chunk_dsla(**x)
+    assert o.grad_fn is not None  # the autograd path
+    with torch.no_grad():
+        o_default, _ = chunk_dsla(**x)
+        o_cpp, _ = chunk_dsla(**x, backend="cpp")
+    assert torch.equal(o_default, o_cpp)
+    with pytest.raises(ValueError, match="forward-only"):
+        chunk_dsla(**x, backend="cpp")
+    with pytest.raises(ValueError, match="initial_state"), torch.no_grad():
+        chunk_dsla(**dict(x, initial_state=torch.zeros(3, 2, 2, 16, 16)), backend="cpp")
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DSLA_HF_CPP_KERNEL", "0")
+    assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
+
+
+def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
+    """A fresh cache folder gets the library; a compiler that fails gives one warning and the PyTorch path."""
+    monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path))
+    try:
+        if HAS_COMPILER:
+            cpp_chunk.library.cache_clear()
+            assert cpp_chunk.library() is not None
+            assert len(list((tmp_path / "kernels").glob("cpp_chunk-*.so"))) == 1
+        monkeypatch.setenv("CXX", "false")  # exists, exits 1
+        monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path / "other"))
+        cpp_chunk.library.cache_clear()
+        with pytest.warns(UserWarning, match="could not be built"):
+            assert cpp_chunk.library() is None
+        assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
+        x = make_inputs(1, 20, 6, 2, 16, 16, requires_grad=False)
+        with torch.no_grad():
+            assert_close("o", chunk_dsla(**x)[0], naive_dsla(**x)[0], 1e-5)
+    finally:
+        monkeypatch.undo()
+        cpp_chunk.library.cache_clear()
