@@ -21,9 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace {
 
@@ -225,13 +222,13 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
 extern "C" {
 
 // seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. h0 [N, S, HK, K, V] or null;
-// hT [N, S, HK, K, V] receives the final states; o (o_numel floats, fresh and untouched) the outputs. Returns 0,
-// or 1 on an allocation failure.
+// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] the outputs. Returns 0, or 1 on an allocation
+// failure.
 int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, const long* k_strides,
                        const float* v, const long* v_strides, const float* g1, const long* g1_strides,
                        const float* g2, const long* g2_strides, const float* w, int S, int HK, int G, int K, int V,
                        int N, const long* seq_b, const long* seq_t0, const long* seq_len, const float* h0, float* hT,
-                       float* o, long o_sb, long o_numel, int C, int block, int threads) {
+                       float* o, long o_sb, int C, int block, int threads) {
     Problem p;
     p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
     p.k = {k, k_strides[0], k_strides[1], k_strides[2]};
@@ -269,13 +266,6 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
         rounds.push_back(std::move(items));
         runs.push_back(std::move(round_runs));
     }
-#ifdef __linux__
-    // The output is fresh memory written once: first-touch faults on 4 KiB pages cost as much as a fifth of the
-    // kernel at 16k tokens. Ask for huge pages on its aligned interior (advice only; a no-op where THP is off).
-    const uintptr_t huge = 2 << 20, begin = ((uintptr_t)o + huge - 1) & ~(huge - 1);
-    const uintptr_t end = (uintptr_t)(o + o_numel) & ~(huge - 1);
-    if (end > begin) madvise((void*)begin, end - begin, MADV_HUGEPAGE);
-#endif
     std::vector<float> state;
     try {
         state.assign((size_t)N * HK * state_size, 0.0f);
@@ -291,10 +281,12 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
                                     h0 + (((long)(n * S + s) * HK + hk) * K + kk) * V, V * 4);
     size_t widest = 0;
     for (const auto& items : rounds) widest = std::max(widest, items.size());
-    std::vector<float> workspace;  // zeros: padding is never written
+    // Kept per calling thread between calls, so that long prompts do not fault in fresh pages every time; zeroed
+    // here, and padding is never written after.
+    thread_local std::vector<float> workspace;
     std::vector<Shared> shared(widest);
     try {
-        workspace.assign(widest * shared_size, 0.0f);
+        workspace.assign(widest * shared_size, 0.0f);  // no reallocation when it fits
     } catch (...) {
         return 1;
     }

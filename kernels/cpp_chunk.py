@@ -130,8 +130,8 @@ def chunk_dsla_cpp(
     status = lib.dsla_chunk_forward(
         _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(g1), _strides(g1), _ptr(g2),
         _strides(g2), _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
-        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), ctypes.c_long(o.stride(0)),
-        ctypes.c_long(o.numel()), C, max(1, BLOCK_TOKENS // C), torch.get_num_threads(),
+        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), ctypes.c_long(o.stride(0)), C,
+        max(1, BLOCK_TOKENS // C), torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("the C++ CPU kernel could not allocate its workspace")

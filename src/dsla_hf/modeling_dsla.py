@@ -117,7 +117,11 @@ class DSLAGates(nn.Module):
             z = z.view(H, B, T, S, F_).permute(1, 2, 3, 0, 4)
         else:
             z = F.linear(x.float(), weight.reshape(S * H * F_, D), bias.reshape(-1)).view(B, T, S, H, F_)
-        g = F.softplus(z).div_(-self.tau)
+        if z.requires_grad:
+            g = F.softplus(z)
+        else:  # inference: in place, sparing a second gate-sized tensor (softplus(z) = logaddexp(z, 0))
+            g = torch.logaddexp(z, z.new_zeros(()), out=z)
+        g = g.div_(-self.tau)
         return g.clamp(min=self.clamp) if self.clamp is not None else g
 
 
