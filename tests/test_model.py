@@ -57,6 +57,28 @@ def test_default_preset_init(tiny_teacher):
     assert half_lives[1] == pytest.approx(model.config.dsla_recency_half_life, rel=1e-3)
 
 
+@pytest.mark.parametrize("source", ["key", "hidden"])
+def test_gates_are_logsigmoid_over_tau(source):
+    """The gates' fused form (negation and bias inside one batched matmul, then softplus) against the plain formula,
+    values and gradients."""
+    from dsla_hf.modeling_dsla import DSLAGates
+
+    gates = DSLAGates(DSLAConfig(dsla_gate_tau=8.0), num_heads=3, in_dim=5, feature_dim=4)
+    torch.nn.init.normal_(gates.weight)
+    torch.nn.init.normal_(gates.bias)
+    x = torch.randn(2, 7, 3, 5) if source == "key" else torch.randn(2, 7, 5)
+    pattern = "bthd,shfd->btshf" if source == "key" else "btd,shfd->btshf"
+    expected = torch.nn.functional.logsigmoid(torch.einsum(pattern, x, gates.weight) + gates.bias) / 8.0
+    g = gates(x)
+    assert g.shape == (2, 7, 2, 3, 4)
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+    dg = torch.randn_like(expected)
+    got = torch.autograd.grad((g * dg).sum(), [gates.weight, gates.bias])
+    want = torch.autograd.grad((expected * dg).sum(), [gates.weight, gates.bias])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("active", [[1, 3], [0, 1, 2, 3], []])
 def test_cached_greedy_generation_matches_no_cache_argmax(tiny_teacher, active):
     model = convert(tiny_teacher, layers="all").eval()
