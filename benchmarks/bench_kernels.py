@@ -6,8 +6,9 @@ linear map for each state, then ``logsigmoid / 16``) and runs ``chunk_dsla`` (pr
 (decode, states updated in place). Prefill is timed with both CPU backends of ``chunk_dsla``: the fused C++ kernel
 (the default for inference where it builds) and the PyTorch path. The softmax module runs
 ``scaled_dot_product_attention`` (causal, GQA); when decoding it writes the new key/value into a preallocated KV
-cache of the given length and attends to it. fla's ``chunk_gla`` is timed as well when ``fla`` is importable (CUDA
-only in practice).
+cache of the given length and attends to it. Prefill is also timed for the attention alone, on the same projected
+inputs: ``scaled_dot_product_attention`` against the gates and ``chunk_dsla``. fla's ``chunk_gla`` is timed as well
+when ``fla`` is importable (CUDA only in practice).
 
 Times are medians of a few repeats, taken in one run (the machines are shared: read the ratios).
 
@@ -46,21 +47,30 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
         self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
 
-    def forward(self, x, cache=None, length=0):
+    def project(self, x):
+        """q [B, T, H, D], k and v [B, T, HK, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM)
+        return q, self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM), self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
+
+    def attend(self, q, k, v, cache=None, length=0):
+        """The attention itself, [B, T, H, D] out."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # decode: write into the preallocated cache, attend to all of it
             kc, vc = cache
+            T = q.shape[2]
             kc[:, :, length : length + T] = k
             vc[:, :, length : length + T] = v
             o = F.scaled_dot_product_attention(
                 q, kc[:, :, : length + T], vc[:, :, : length + T], is_causal=False, enable_gqa=True
             )
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, HEADS * HEAD_DIM))
+        return o.transpose(1, 2)
+
+    def forward(self, x, *cache):
+        o = self.attend(*self.project(x), *cache)
+        return self.o_proj(o.reshape(*x.shape[:2], HEADS * HEAD_DIM))
 
 
 class DSLAAttention(SoftmaxAttention):
@@ -73,18 +83,13 @@ class DSLAAttention(SoftmaxAttention):
         self.mix = nn.Parameter(torch.zeros(HEADS, 2))
         self.backend = None  # chunk_dsla's default
 
-    def forward(self, x, state=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, HEADS, HEAD_DIM)
-        k = self.k_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
-        v = self.v_proj(x).view(B, T, KV_HEADS, HEAD_DIM)
+    def attend(self, q, k, v, state=None):
+        """Gates, then chunk_dsla (prefill) or fused_recurrent_dsla (decode, states updated in place)."""
         g = self.gates(k)
         mix = self.mix.softmax(-1)
         if state is None:
-            o, _ = chunk_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, backend=self.backend)
-        else:
-            o, _ = fused_recurrent_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, initial_state=state, inplace=True)
-        return self.o_proj(o.reshape(B, T, HEADS * HEAD_DIM))
+            return chunk_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, backend=self.backend)[0]
+        return fused_recurrent_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, initial_state=state, inplace=True)[0]
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -138,21 +143,32 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
             dsla.backend = backend
             return dsla(x)
 
+        qkv = softmax.project(x)
+        dsla.backend = None
         fns = {"sdpa": lambda x=x: softmax(x)}
         fns |= {backend: lambda backend=backend: module(backend) for backend in backends}
         fns["projections"] = lambda x=x: [p(x) for p in (dsla.q_proj, dsla.k_proj, dsla.v_proj, dsla.o_proj)]
+        fns["sdpa_attention"] = lambda qkv=qkv: softmax.attend(*qkv)
+        fns["dsla_attention"] = lambda qkv=qkv: dsla.attend(*qkv)
         times = interleaved(fns, reps)
-        t_sdpa, t_proj = times.pop("sdpa"), times.pop("projections")
-        # dsla_s: chunk_dsla's default CPU backend (the C++ kernel where it builds); dsla_torch_s: the PyTorch path
+        t_sdpa, t_proj = times["sdpa"], times["projections"]
+        # dsla_s: chunk_dsla's default CPU backend (the C++ kernel where it builds); dsla_torch_s: the PyTorch path.
+        # *_attention_s: the attention alone on the same projected inputs (SDPA; the gates and chunk_dsla).
         row = dict(tokens=T, sdpa_s=t_sdpa, dsla_s=times[backends[0]], speedup=t_sdpa / times[backends[0]],
                    backend=backends[0], dsla_torch_s=times["torch"], speedup_torch=t_sdpa / times["torch"],
-                   projections_s=t_proj)  # fmt: skip
+                   projections_s=t_proj, sdpa_attention_s=times["sdpa_attention"],
+                   dsla_attention_s=times["dsla_attention"],
+                   attention_speedup=times["sdpa_attention"] / times["dsla_attention"])  # fmt: skip
         t_fla = fla_prefill(T, reps)
         if t_fla is not None:
             row["fla_gla_s"] = t_fla
         prefill.append(row)
-        print(f"prefill {T:6d}: sdpa {t_sdpa * 1e3:8.1f} ms", *(f" dsla[{b}] {t * 1e3:7.1f} ms x{t_sdpa / t:.2f}"
-                                                            for b, t in times.items()))  # fmt: skip
+        modules = [f"dsla[{b}] {times[b] * 1e3:7.1f} ms x{t_sdpa / times[b]:.2f}" for b in backends]
+        print(
+            f"prefill {T:6d}: sdpa {t_sdpa * 1e3:8.1f} ms",
+            *modules,
+            f"attention alone x{row['attention_speedup']:.2f}",
+        )
     decode = []
     for L in decode_lengths:
         x = torch.randn(1, 1, HIDDEN)
@@ -174,14 +190,15 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
 def markdown(prefill, decode) -> str:
     lines = [
         "| tokens | SDPA module (ms) | DSLA module (ms) | speedup | DSLA, PyTorch path (ms) | speedup "
-        "| projections (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| projections (ms) | SDPA alone (ms) | gates + chunk_dsla (ms) | speedup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in prefill:
         lines.append(
             f"| {r['tokens']} | {r['sdpa_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} ({r['backend']}) | "
             f"{r['speedup']:.2f}x | {r['dsla_torch_s'] * 1e3:.1f} | {r['speedup_torch']:.2f}x | "
-            f"{r['projections_s'] * 1e3:.1f} |"
+            f"{r['projections_s'] * 1e3:.1f} | {r['sdpa_attention_s'] * 1e3:.1f} | "
+            f"{r['dsla_attention_s'] * 1e3:.1f} | {r['attention_speedup']:.2f}x |"
         )
     lines += ["", "| context | SDPA decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
     for r in decode:
