@@ -14,6 +14,11 @@ Times are medians of a few repeats, taken in one run (the machines are shared: r
 
     python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,md,png}
     python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_kernels.py --out benchmarks/results/thp  # huge pages (below)
+
+Long prompts allocate tensors of tens of MB; with 4 KiB pages, faulting them in is a visible share of a DSLA layer's
+time at 16k (not of softmax's). PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` backs large CPU tensors with huge pages, for
+both modules alike; it is recorded in the results' ``meta``.
 """
 
 from __future__ import annotations
@@ -139,17 +144,16 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
         x = torch.randn(1, T, HIDDEN)
         reps = max(1, repeats if T <= 8192 else repeats - 1)
 
-        def module(backend, x=x):
+        def run_dsla(backend, fn, *args):
             dsla.backend = backend
-            return dsla(x)
+            return fn(*args)
 
         qkv = softmax.project(x)
-        dsla.backend = None
         fns = {"sdpa": lambda x=x: softmax(x)}
-        fns |= {backend: lambda backend=backend: module(backend) for backend in backends}
+        fns |= {backend: lambda backend=backend, x=x: run_dsla(backend, dsla, x) for backend in backends}
         fns["projections"] = lambda x=x: [p(x) for p in (dsla.q_proj, dsla.k_proj, dsla.v_proj, dsla.o_proj)]
         fns["sdpa_attention"] = lambda qkv=qkv: softmax.attend(*qkv)
-        fns["dsla_attention"] = lambda qkv=qkv: dsla.attend(*qkv)
+        fns["dsla_attention"] = lambda qkv=qkv: run_dsla(None, dsla.attend, *qkv)
         times = interleaved(fns, reps)
         t_sdpa, t_proj = times["sdpa"], times["projections"]
         # dsla_s: chunk_dsla's default CPU backend (the C++ kernel where it builds); dsla_torch_s: the PyTorch path.
@@ -262,6 +266,7 @@ def main(argv=None):
         meta = dict(
             torch=torch.__version__, threads=args.threads, machine=platform.machine(), processor=platform.processor(),
             dtype="float32", batch=1, load_average_after=os.getloadavg(),
+            thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
         )  # fmt: skip
         (out / "kernels.json").write_text(json.dumps(dict(meta=meta, prefill=prefill, decode=decode), indent=2))
