@@ -14,11 +14,6 @@ Times are medians of a few repeats, taken in one run (the machines are shared: r
 
     python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,md,png}
     python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_kernels.py --out benchmarks/results/thp  # huge pages (below)
-
-Long prompts allocate tensors of tens of MB; with 4 KiB pages, faulting them in is a visible share of a DSLA layer's
-time at 16k (not of softmax's). PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` backs large CPU tensors with huge pages, for
-both modules alike; it is recorded in the results' ``meta``.
 """
 
 from __future__ import annotations
@@ -266,7 +261,6 @@ def main(argv=None):
         meta = dict(
             torch=torch.__version__, threads=args.threads, machine=platform.machine(), processor=platform.processor(),
             dtype="float32", batch=1, load_average_after=os.getloadavg(),
-            thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
         )  # fmt: skip
         (out / "kernels.json").write_text(json.dumps(dict(meta=meta, prefill=prefill, decode=decode), indent=2))
