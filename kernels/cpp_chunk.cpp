@@ -281,12 +281,15 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
                                     h0 + (((long)(n * S + s) * HK + hk) * K + kk) * V, V * 4);
     size_t widest = 0;
     for (const auto& items : rounds) widest = std::max(widest, items.size());
-    // Kept per calling thread between calls, so that long prompts do not fault in fresh pages every time; zeroed
-    // here, and padding is never written after.
-    thread_local std::vector<float> workspace;
+    // Up to 16 MiB is kept per calling thread between calls, so that long prompts do not fault in fresh pages every
+    // time; zeroed here, and padding is never written after.
+    thread_local std::vector<float> kept;
+    std::vector<float> once;
+    const size_t size = widest * shared_size;
+    std::vector<float>& workspace = size <= (16u << 20) / sizeof(float) ? kept : once;
     std::vector<Shared> shared(widest);
     try {
-        workspace.assign(widest * shared_size, 0.0f);  // no reallocation when it fits
+        workspace.assign(size, 0.0f);  // no reallocation when it fits
     } catch (...) {
         return 1;
     }
