@@ -107,18 +107,22 @@ class DSLAGates(nn.Module):
         view for keys)."""
         S, H, F_, D = self.weight.shape
         B, T = x.shape[:2]
-        # logsigmoid(z) = -softplus(-z), 3x faster than F.logsigmoid on CPU. The negation and the bias go into the
-        # product (alpha = beta = -1): one pass over the gates besides it.
-        weight, bias = self.weight.float(), self.bias.float()
+        # logsigmoid(u) / tau = softplus(u / tau, beta=-tau), 3x faster than F.logsigmoid on CPU. The bias and 1 / tau
+        # go into the product, so one pass over the gates remains; in place when no gradient is needed.
+        weight, bias, scale = self.weight.float(), self.bias.float(), 1.0 / self.tau
         if x.dim() == 4:  # one batched matmul over heads, [H, B*T, S*F]
             keys = x.float().reshape(B * T, H, D).transpose(0, 1)
             weight = weight.permute(1, 3, 0, 2).reshape(H, D, S * F_)
-            z = torch.baddbmm(bias.transpose(0, 1).reshape(H, 1, S * F_), keys, weight, beta=-1, alpha=-1)
+            z = torch.baddbmm(bias.transpose(0, 1).reshape(H, 1, S * F_), keys, weight, beta=scale, alpha=scale)
             z = z.view(H, B, T, S, F_).permute(1, 2, 3, 0, 4)
         else:
-            z = torch.addmm(bias.reshape(-1), x.float().reshape(B * T, D), weight.reshape(-1, D).T, beta=-1, alpha=-1)
+            hidden = x.float().reshape(B * T, D)
+            z = torch.addmm(bias.reshape(-1), hidden, weight.reshape(-1, D).T, beta=scale, alpha=scale)
             z = z.view(B, T, S, H, F_)
-        g = F.softplus(z).div_(-self.tau)
+        if z.requires_grad:
+            g = F.softplus(z, beta=-self.tau)
+        else:  # no second tensor of the gates' size: at 16k tokens it is 25 MB of fresh pages per layer
+            g = torch.ops.aten.softplus.out(z, -self.tau, 20.0, out=z)
         return g.clamp(min=self.clamp) if self.clamp is not None else g
 
 
