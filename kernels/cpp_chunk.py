@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# Compiled with -ffast-math (vectorised expf from glibc's libmvec) but linked without it: a fast-math link adds
+# crtfastmath.o (GCC < 13), whose constructor would flush denormals to zero for the whole process on load.
+COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
+LINK = ("-shared", "-fopenmp")
 CHUNK, BLOCK_TOKENS = 32, 1024  # 32-token chunks: the intra-chunk products are a third of the work at 16k
 
 
@@ -50,14 +53,14 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version, _cpu_signature()]).encode())
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILE, *LINK, version, _cpu_signature()]).encode())
         target = _cache_dir() / f"cpp_chunk-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move into place
-                built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                               check=True)  # fmt: skip
+                obj, built = Path(tmp) / "cpp_chunk.o", Path(tmp) / target.name
+                for cmd in ([*COMPILE, str(SOURCE), "-o", str(obj)], [*LINK, str(obj), "-o", str(built)]):
+                    subprocess.run([compiler, *cmd], capture_output=True, text=True, check=True)
                 os.replace(built, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as err:

@@ -33,6 +33,19 @@ def test_the_kernel_builds_where_there_is_a_compiler():
 
 
 @needs_kernel
+def test_loading_the_kernel_keeps_denormals(monkeypatch, tmp_path):
+    """Linked with -ffast-math, the library would flush fp32 denormals to zero for the whole process on load."""
+    monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path))
+    cpp_chunk.library.cache_clear()
+    try:
+        assert cpp_chunk.library() is not None  # a fresh build, loaded
+        assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    finally:
+        monkeypatch.undo()
+        cpp_chunk.library.cache_clear()
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}HK{}K{}V{}".format(*s))
 @pytest.mark.parametrize("states", [2, 1])
 def test_matches_naive(shape, states):
