@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute, package_module, resolve_backend
-from .naive import naive_dsla
+from .naive import _mix_weights, naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
 SUB_CHUNK = 16
@@ -408,11 +408,7 @@ def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
     kc = layout.to_chunks(k.float()).permute(0, 3, 1, 2, 4)
     vc = layout.to_chunks(v.float()).permute(0, 3, 1, 2, 4).contiguous()
     gc = layout.to_chunks(g).permute(0, 3, 1, 2, 4, 5)
-    if mix is None:
-        w = q.new_full((HK, G, S), scale, dtype=torch.float32)
-    else:
-        w = mix.float()
-        w = (w.expand(H, S) if w.dim() == 1 else w).reshape(HK, G, S) * scale
+    w = _mix_weights(mix, H, S, q.device).reshape(HK, G, S) * scale
     return layout, qc, kc, vc, gc, w
 
 
@@ -489,7 +485,8 @@ def chunk_dsla(
     ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and
     for training, 32 for inference on CPUs.
     """
-    backend = resolve_backend(q, backend, cpp=not _needs_grad(q, k, v, g1, g2, mix, initial_state))
+    grad = _needs_grad(q, k, v, g1, g2, mix, initial_state)
+    backend = resolve_backend(q, backend, cpp=not grad)
     if backend == "naive":
         return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "triton":
@@ -497,7 +494,7 @@ def chunk_dsla(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size or 64
         )
     if backend == "cpp":
-        if _needs_grad(q, k, v, g1, g2, mix, initial_state):
+        if grad:
             raise ValueError("the C++ kernel is forward-only: use backend='torch' (or None) when gradients are needed")
         return package_module("cpp_chunk").chunk_dsla_cpp(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size

@@ -181,10 +181,12 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
         const int seen = std::min(Cp, round_up((i + 7) / G + 1, 16));
         gemm<false>(8, seen, SK, &s.qe[i * SK], SK, 1, sh.kT, Cp, &s.A[i * Cp], Cp);
     }
-    for (int st = 0; st < S; ++st) {  // strongly decaying states: pairwise, every exponent <= 0
-        if (sh.safe[st]) continue;
+    if (!(sh.safe[0] && (S == 1 || sh.safe[1]))) {  // the cumulative decays again, for the pairwise sums below
         bool safe[2];
         cumulative_decay(p, it, s.b.data(), safe);
+    }
+    for (int st = 0; st < S; ++st) {  // strongly decaying states: pairwise, every exponent <= 0
+        if (sh.safe[st]) continue;
         const float* b = s.b.data() + st * p.C * Kp;
         for (int t = 0; t < it.len; ++t)
             for (int g = 0; g < G; ++g) {

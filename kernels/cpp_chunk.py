@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .naive import _mix_weights
+
 SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
 # Compiled with -ffast-math (vectorised expf from glibc's libmvec) but linked without it: a fast-math link adds
 # crtfastmath.o (GCC < 13), whose constructor would flush denormals to zero for the whole process on load.
@@ -116,12 +118,7 @@ def chunk_dsla_cpp(
         seq_len = bounds[1:] - bounds[:-1]
         seq_b, seq_t0 = torch.zeros_like(seq_len), bounds[:-1].clone()
     N = len(seq_len)
-    if mix is None:
-        w = torch.full((HK, G, S), scale)
-    else:
-        w = mix.float()
-        w = (w.expand(H, S) if w.dim() == 1 else w).reshape(HK, G, S) * scale
-    w = w.contiguous()
+    w = (_mix_weights(mix, H, S, "cpu").reshape(HK, G, S) * scale).contiguous()
     q, k, v, g1 = _operand(q), _operand(k), _operand(v), _operand(g1)
     g2 = g1 if g2 is None else _operand(g2)
     h0 = None if initial_state is None else initial_state.float().contiguous()
