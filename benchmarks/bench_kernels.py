@@ -14,6 +14,7 @@ Times are medians of a few repeats, taken in one run (the machines are shared: r
 
     python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,md,png}
     python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
+    python benchmarks/bench_kernels.py --lengths 16384 --decode-lengths   # one length, no decode; writes nothing
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ class DSLAAttention(SoftmaxAttention):
         self.backend = None  # chunk_dsla's default
 
     def attend(self, q, k, v, state=None):
-        """Gates, then chunk_dsla (prefill) or fused_recurrent_dsla (decode, states updated in place)."""
-        g = self.gates(k)
+        """chunk_dsla (prefill) or fused_recurrent_dsla (decode, states updated in place), given the gates as the
+        model gives them: inputs and weights (computed inside the C++ kernel, materialised by the other paths)."""
+        gates = self.gates.linear(k)
         mix = self.mix.softmax(-1)
         if state is None:
-            return chunk_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, backend=self.backend)[0]
-        return fused_recurrent_dsla(q, k, v, g[:, :, 0], g[:, :, 1], mix, initial_state=state, inplace=True)[0]
+            return chunk_dsla(q, k, v, gates, None, mix, backend=self.backend)[0]
+        return fused_recurrent_dsla(q, k, v, gates, None, mix, initial_state=state, inplace=True)[0]
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -244,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels.json/kernels.png")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prefill lengths (tokens)")
+    parser.add_argument("--decode-lengths", type=int, nargs="*", default=None, help="decode contexts (none: skip)")
     args = parser.parse_args(argv)
     if args.quick:
         lengths, decode_lengths, repeats, steps = [512, 1024, 2048], [1024, 4096], args.repeats or 2, 20
@@ -251,11 +255,14 @@ def main(argv=None):
         lengths = [1024, 2048, 4096, 8192, 16384]
         decode_lengths = [1024, 2048, 4096, 8192, 16384, 32768]
         repeats, steps = args.repeats or 5, 100
+    lengths = args.lengths or lengths
+    decode_lengths = decode_lengths if args.decode_lengths is None else args.decode_lengths
     prefill, decode = run(lengths, decode_lengths, repeats, steps, args.threads)
     table = markdown(prefill, decode)
     print()
     print(table)
-    out = args.out or (None if args.quick else RESULTS)
+    custom = args.quick or args.lengths is not None or args.decode_lengths is not None
+    out = args.out or (None if custom else RESULTS)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(

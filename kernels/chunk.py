@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute, package_module, resolve_backend
+from .gates import LinearGates, gate_tensors
 from .naive import _mix_weights, naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
@@ -468,7 +469,7 @@ def chunk_dsla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g1: torch.Tensor,
+    g1: torch.Tensor | LinearGates,
     g2: torch.Tensor | None = None,
     mix: torch.Tensor | None = None,
     scale: float | None = None,
@@ -480,13 +481,19 @@ def chunk_dsla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
 
+    ``g1`` may be a :class:`~.gates.LinearGates` holding the gates of every state (then ``g2`` is None): the C++
+    kernel computes them chunk by chunk, the other backends materialise them first.
+
     ``backend``: ``None`` picks Triton for CUDA tensors (when importable); on CPUs the fused C++ kernel for
     inference (no gradient needed; where it builds, see :mod:`cpp_chunk`) and the PyTorch path otherwise.
     ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and
     for training, 32 for inference on CPUs.
     """
-    grad = _needs_grad(q, k, v, g1, g2, mix, initial_state)
+    gate_inputs = (g1.x, g1.weight, g1.bias) if isinstance(g1, LinearGates) else (g1, g2)
+    grad = _needs_grad(q, k, v, mix, initial_state, *gate_inputs)
     backend = resolve_backend(q, backend, cpp=not grad)
+    if backend != "cpp":
+        g1, g2 = gate_tensors(g1, g2)
     if backend == "naive":
         return naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "triton":

@@ -12,6 +12,9 @@
 // over chunks (sequential per row), outputs (parallel). A state whose chunk exponents exceed SAFE_EXPONENT is not
 // factored: its intra-chunk term is summed pairwise with exponents <= 0, as chunk.py's "exact" mode does.
 //
+// The per-token log decays are read from gate tensors, or computed per chunk from the gates' inputs as
+// max(logsigmoid(x W^T + c) / tau, clamp) (gates.py), which saves writing them to memory and reading them back.
+//
 // Internal layouts pad the key width to a multiple of 8 and value and chunk widths to multiples of 16 with zeros,
 // so every product is made of whole 16-float vectors. Built and loaded by cpp_chunk.py; plain C ABI, no Python.
 
@@ -75,8 +78,19 @@ struct Tensor3 {  // a [batch, token, head, feature] tensor with unit feature st
     const float* at(long b, long t, long h) const { return data + b * sb + t * st + h * sh; }
 };
 
+struct LinearGates {  // log decays from the gate inputs x [B, T, HK or broadcast, D]; null gw: gate tensors
+    Tensor3 x;
+    const float* gw;  // [HK, D, SKz]: W^T, column s * Kp + f for state s and feature f, zero padded
+    const float* gc;  // [HK, SKz]: the biases in the same columns
+    const float* mask;  // [B, T] (strides mask_sb, mask_st) or null: 0 at padded tokens, which do not decay
+    long mask_sb, mask_st;
+    float inv_tau, clamp;  // clamp: the lower bound of a log decay (-FLT_MAX for none)
+    int D, SKz;
+};
+
 struct Problem {
     Tensor3 q, k, v, g[2];
+    LinearGates lg;
     const float* w;  // [HK, G, S], scale folded in
     int S, HK, G, K, V, C;
     int Kp, Vp, Cp, Mp, SK;
@@ -100,19 +114,43 @@ struct Shared {
 };
 
 struct Scratch {  // per thread
-    std::vector<float> b, kf, kd, vloc, qe, A, O;
+    std::vector<float> b, kf, kd, vloc, qe, A, O, x, z;
     explicit Scratch(const Problem& p)
         : b(p.S * p.C * p.Kp), kf(p.C * p.SK), kd(p.C * p.SK), vloc(p.Cp * p.Vp), qe(p.Mp * p.SK), A(p.Mp * p.Cp),
-          O(p.Mp * p.Vp) {}
+          O(p.Mp * p.Vp), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0) {}
 };
 
+// The chunk's log decays from the gate inputs, z[t][s * Kp + f] = max(logsigmoid(x_t . W_sf + c_sf) / tau, clamp).
+void linear_gates(const Problem& p, const Item& it, Scratch& s) {
+    const LinearGates& lg = p.lg;
+    const int rows = round_up(it.len, 8), D = lg.D, SKz = lg.SKz;
+    const float* x = lg.x.at(it.b, it.t0, it.hk);
+    long xrs = lg.x.st;
+    if (rows != it.len) {  // a short last chunk: rows past its end come from scratch (finite, never read back)
+        for (int t = 0; t < it.len; ++t) std::memcpy(&s.x[t * D], x + t * xrs, D * 4);
+        x = s.x.data(), xrs = D;
+    }
+    gemm<false>(rows, SKz, D, x, xrs, 1, lg.gw + (long)it.hk * D * SKz, SKz, s.z.data(), SKz);
+    const float* bias = lg.gc + (long)it.hk * SKz;
+    for (int t = 0; t < it.len; ++t) {
+        const float keep = lg.mask ? lg.mask[it.b * lg.mask_sb + (it.t0 + t) * lg.mask_st] : 1.0f;
+        float* z = &s.z[t * SKz];
+        for (int j = 0; j < SKz; ++j) {  // logsigmoid(u) = min(u, 0) - log1p(e^{-|u|}), stable on both sides
+            const float u = z[j] + bias[j];
+            const float g = (std::fmin(u, 0.0f) - log1pf(expf(-std::fabs(u)))) * lg.inv_tau;
+            z[j] = std::fmax(g, lg.clamp) * keep;
+        }
+    }
+}
+
 // Cumulative log decays b[s][t][k] of the chunk; returns, per state, whether the chunk factors.
-void cumulative_decay(const Problem& p, const Item& it, float* bsum, bool safe[2]) {
+void cumulative_decay(const Problem& p, const Item& it, Scratch& s, bool safe[2]) {
+    if (p.lg.gw) linear_gates(p, it, s);
     for (int st = 0; st < p.S; ++st) {
-        float* b = bsum + st * p.C * p.Kp;
+        float* b = s.b.data() + st * p.C * p.Kp;
         float worst = 0.0f;
         for (int t = 0; t < it.len; ++t) {
-            const float* g = p.g[st].at(it.b, it.t0 + t, it.hk);
+            const float* g = p.lg.gw ? &s.z[t * p.lg.SKz + st * p.Kp] : p.g[st].at(it.b, it.t0 + t, it.hk);
             float* row = b + t * p.Kp;
             for (int k = 0; k < p.K; ++k) row[k] = (t ? row[k - p.Kp] : 0.0f) + g[k];
             for (int k = 0; k < p.K; ++k) worst = std::max(worst, std::fabs(row[k]));
@@ -129,7 +167,7 @@ void load_values(const Problem& p, const Item& it, Scratch& s) {
 // and the gated queries' and keys' factors that phase 3 reuses.
 void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
     const int Kp = p.Kp, SK = p.SK;
-    cumulative_decay(p, it, s.b.data(), sh.safe);
+    cumulative_decay(p, it, s, sh.safe);
     load_values(p, it, s);
     for (int st = 0; st < p.S; ++st) {
         const float* b = s.b.data() + st * p.C * Kp;
@@ -183,7 +221,7 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
     }
     if (!(sh.safe[0] && (S == 1 || sh.safe[1]))) {  // the cumulative decays again, for the pairwise sums below
         bool safe[2];
-        cumulative_decay(p, it, s.b.data(), safe);
+        cumulative_decay(p, it, s, safe);
     }
     for (int st = 0; st < S; ++st) {  // strongly decaying states: pairwise, every exponent <= 0
         if (sh.safe[st]) continue;
@@ -224,24 +262,28 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
 extern "C" {
 
 // seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. h0 [N, S, HK, K, V] or null;
-// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] the outputs. Returns 0, or 1 on an allocation
-// failure.
+// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] the outputs. The log decays come from g1 and g2, or
+// (gw not null, g1 and g2 null) from the gate inputs x: see LinearGates. Returns 0, or 1 on an allocation failure.
 int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, const long* k_strides,
                        const float* v, const long* v_strides, const float* g1, const long* g1_strides,
-                       const float* g2, const long* g2_strides, const float* w, int S, int HK, int G, int K, int V,
-                       int N, const long* seq_b, const long* seq_t0, const long* seq_len, const float* h0, float* hT,
-                       float* o, long o_sb, int C, int block, int threads) {
+                       const float* g2, const long* g2_strides, const float* x, const long* x_strides, int D,
+                       const float* gw, const float* gc, float inv_tau, float clamp, const float* mask, long mask_sb,
+                       long mask_st, const float* w, int S, int HK, int G, int K, int V, int N, const long* seq_b,
+                       const long* seq_t0, const long* seq_len, const float* h0, float* hT, float* o, long o_sb,
+                       int C, int block, int threads) {
     Problem p;
     p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
     p.k = {k, k_strides[0], k_strides[1], k_strides[2]};
     p.v = {v, v_strides[0], v_strides[1], v_strides[2]};
     p.g[0] = {g1, g1_strides[0], g1_strides[1], g1_strides[2]};
     p.g[1] = {g2, g2_strides[0], g2_strides[1], g2_strides[2]};
+    p.lg = {{x, x_strides[0], x_strides[1], x_strides[2]}, gw, gc, mask, mask_sb, mask_st, inv_tau, clamp, D, 0};
     p.w = w;
     p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C;
     p.Kp = round_up(K, 8), p.Vp = round_up(V, 16), p.Cp = round_up(C, 16), p.Mp = round_up(G * C, 8);
     p.o = o, p.o_sb = o_sb;
     const int SK = p.SK = S * p.Kp;
+    p.lg.SKz = round_up(SK, 16);
     const long state_size = (long)SK * p.Vp;
     const long shared_size = state_size + SK + (long)S * C * p.Kp + (long)SK * p.Cp;
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .gates import LinearGates
 from .naive import _mix_weights
 
 SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
@@ -32,6 +33,7 @@ SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
 COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
 LINK = ("-shared", "-fopenmp")
 CHUNK, BLOCK_TOKENS = 32, 1024  # 32-token chunks: the intra-chunk products are a third of the work at 16k
+FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -ffast-math assumes no infinities
 
 
 def _cpu_signature() -> str:
@@ -82,14 +84,39 @@ def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if x is None else x.data_ptr())
 
 
-def _strides(x: torch.Tensor) -> ctypes.Array:
-    return (ctypes.c_long * 3)(*x.stride()[:3])
+def _strides(x: torch.Tensor | None) -> ctypes.Array:
+    return (ctypes.c_long * 3)(*(x.stride()[:3] if x is not None else (0, 0, 0)))
 
 
 def _operand(x: torch.Tensor) -> torch.Tensor:
     """fp32 on the CPU with a unit stride in its last dimension; other strides are passed through."""
     x = x.float()
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
+    """The kernel's operands for gates computed from their inputs: x [B, T, HK, D] (stride 0 over heads for a
+    shared input), W^T [HK, D, SKz] and biases [HK, SKz] in the padded columns s * Kp + f, the mask, tau, clamp."""
+    S, H, F, D = gates.weight.shape
+    x = _operand(gates.x)
+    if S not in (1, 2) or H != HK or F != K or gates.bias.shape != (S, H, F):
+        raise ValueError(f"gates of shape {tuple(gates.weight.shape)} (states, heads, features, inputs) do not fit "
+                         f"{HK} key/value heads of {K} features")  # fmt: skip
+    if x.shape[:2] != (B, T) or x.shape[-1] != D or (gates.per_head and x.shape[2] != HK):
+        raise ValueError(f"gate inputs of shape {tuple(x.shape)} do not fit {B}x{T} tokens, {HK} heads, {D} inputs")
+    if gates.mask is not None and gates.mask.shape != (B, T):
+        raise ValueError(f"the gates' mask must have shape {(B, T)}, got {tuple(gates.mask.shape)}")
+    if not gates.per_head:
+        x = x[:, :, None].expand(B, T, HK, D)
+    Kp = -(-K // 8) * 8
+    SKz = -(-S * Kp // 16) * 16
+    gw = torch.zeros(HK, D, SKz)
+    gc = torch.zeros(HK, SKz)
+    for s in range(S):
+        gw[:, :, s * Kp : s * Kp + K] = gates.weight[s].float().transpose(1, 2)
+        gc[:, s * Kp : s * Kp + K] = gates.bias[s].float()
+    mask = None if gates.mask is None else gates.mask.float()
+    return x, gw, gc, mask, gates.tau, gates.clamp
 
 
 @torch.no_grad()
@@ -101,7 +128,8 @@ def chunk_dsla_cpp(
     lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
-    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, g1, g2, mix, initial_state)):
+    gate_inputs = (g1.x, g1.weight, g1.bias, g1.mask) if isinstance(g1, LinearGates) else (g1, g2)
+    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, mix, initial_state, *gate_inputs)):
         raise ValueError("the C++ kernel takes CPU tensors; use backend='triton' or 'torch' for other devices")
     B, T, H, K = q.shape
     HK, V, dtype = k.shape[2], v.shape[-1], q.dtype
@@ -118,9 +146,18 @@ def chunk_dsla_cpp(
         seq_len = bounds[1:] - bounds[:-1]
         seq_b, seq_t0 = torch.zeros_like(seq_len), bounds[:-1].clone()
     N = len(seq_len)
+    if isinstance(g1, LinearGates):
+        if g2 is not None:
+            raise ValueError("pass g2=None with LinearGates: they hold the gates of every state")
+        gates, S = _linear_gates(g1, B, T, HK, K), g1.num_states
+        g1 = g2 = None
+    else:
+        gates = None
+        g1 = _operand(g1)
+        g2 = g1 if g2 is None else _operand(g2)
     w = (_mix_weights(mix, H, S, "cpu").reshape(HK, G, S) * scale).contiguous()
-    q, k, v, g1 = _operand(q), _operand(k), _operand(v), _operand(g1)
-    g2 = g1 if g2 is None else _operand(g2)
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    x, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     if h0 is not None and h0.shape != (N, S, HK, K, V):
         raise ValueError(f"initial_state must have shape {(N, S, HK, K, V)}, got {tuple(h0.shape)}")
@@ -129,7 +166,10 @@ def chunk_dsla_cpp(
     C = chunk_size or CHUNK
     status = lib.dsla_chunk_forward(
         _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(g1), _strides(g1), _ptr(g2),
-        _strides(g2), _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
+        _strides(g2), _ptr(x), _strides(x), 0 if x is None else x.shape[-1], _ptr(gw), _ptr(gc),
+        ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
+        ctypes.c_long(0 if mask is None else mask.stride(0)), ctypes.c_long(0 if mask is None else mask.stride(1)),
+        _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
         _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), ctypes.c_long(o.stride(0)), C,
         max(1, BLOCK_TOKENS // C), torch.get_num_threads(),
     )  # fmt: skip

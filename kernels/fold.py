@@ -10,20 +10,23 @@ import torch
 
 from .chunk import chunk_states_torch
 from .dispatch import package_module, resolve_backend
+from .gates import LinearGates, gate_tensors
 from .naive import naive_dsla
 
 
 def fold_kv(
     k: torch.Tensor,
     v: torch.Tensor,
-    g1: torch.Tensor,
+    g1: torch.Tensor | LinearGates,
     g2: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_size: int = 64,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Final states [N, S, HK, K, V] (fp32) after reading ``k``/``v`` [B, T, HK, *] from ``initial_state``."""
+    """Final states [N, S, HK, K, V] (fp32) after reading ``k``/``v`` [B, T, HK, *] from ``initial_state``.
+    ``g1`` may be a :class:`~.gates.LinearGates` (with ``g2=None``)."""
+    g1, g2 = gate_tensors(g1, g2)
     backend = resolve_backend(k, backend)
     if backend == "naive":
         q = k.new_zeros(k.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute, package_module, resolve_backend
+from .gates import LinearGates, gate_tensors
 from .naive import naive_dsla
 
 
@@ -88,7 +89,7 @@ def fused_recurrent_dsla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g1: torch.Tensor,
+    g1: torch.Tensor | LinearGates,
     g2: torch.Tensor | None = None,
     mix: torch.Tensor | None = None,
     scale: float | None = None,
@@ -102,8 +103,9 @@ def fused_recurrent_dsla(
 
     ``inplace=True`` updates ``initial_state`` (fp32 ``[N, S, HK, K, V]``) in place and returns it as the final
     state. ``backend``: ``None`` (Triton for CUDA tensors when importable, else PyTorch), ``"torch"``,
-    ``"triton"`` or ``"naive"``.
+    ``"triton"`` or ``"naive"``. ``g1`` may be a :class:`~.gates.LinearGates` (with ``g2=None``).
     """
+    g1, g2 = gate_tensors(g1, g2)
     backend = resolve_backend(q, backend)
     if backend == "naive":
         o, final = naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state or inplace, cu_seqlens)

@@ -35,7 +35,8 @@ def reference_layer_output(attn, teacher_attn, x, cos, sin):
     q = (teacher_attn.q_proj(x) + attn.q_lora(x)).view(B, T, H, D)
     k = teacher_attn.k_proj(x).view(B, T, HK, D)
     v = teacher_attn.v_proj(x).view(B, T, HK, D)
-    feats, vals, g1, g2 = attn.key_side(k, v, None, None)
+    feats, vals, gates = attn.key_side(k, v, None, None)
+    g1, g2 = gates.materialize().unbind(2)
     qf = attn.q_feature_map(q).float()
     mix = attn.mix_weights()
     q_rot = q * cos[:, :, None] + rotate_half(q) * sin[:, :, None]

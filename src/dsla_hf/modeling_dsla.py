@@ -35,7 +35,7 @@ from transformers.utils import logging
 
 from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
-from .kernels import chunk_dsla, fold_kv, fused_recurrent_dsla
+from .kernels import LinearGates, chunk_dsla, fold_kv, fused_recurrent_dsla
 from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -102,28 +102,14 @@ class DSLAGates(nn.Module):
         self.weight = nn.Parameter(torch.empty(S, num_heads, feature_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(S, num_heads, feature_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, in_dim] (keys) or [B, T, in_dim] (hidden state). Returns fp32 [B, T, S, H, F] (a strided
-        view for keys)."""
-        S, H, F_, D = self.weight.shape
-        B, T = x.shape[:2]
-        # logsigmoid(u) / tau = softplus(u / tau, beta=-tau), 3x faster than F.logsigmoid on CPU. The bias and 1 / tau
-        # go into the product, so one pass over the gates remains; in place when no gradient is needed.
-        weight, bias, scale = self.weight.float(), self.bias.float(), 1.0 / self.tau
-        if x.dim() == 4:  # one batched matmul over heads, [H, B*T, S*F]
-            keys = x.float().reshape(B * T, H, D).transpose(0, 1)
-            weight = weight.permute(1, 3, 0, 2).reshape(H, D, S * F_)
-            z = torch.baddbmm(bias.transpose(0, 1).reshape(H, 1, S * F_), keys, weight, beta=scale, alpha=scale)
-            z = z.view(H, B, T, S, F_).permute(1, 2, 3, 0, 4)
-        else:
-            hidden = x.float().reshape(B * T, D)
-            z = torch.addmm(bias.reshape(-1), hidden, weight.reshape(-1, D).T, beta=scale, alpha=scale)
-            z = z.view(B, T, S, H, F_)
-        if z.requires_grad:
-            g = F.softplus(z, beta=-self.tau)
-        else:  # no second tensor of the gates' size: at 16k tokens it is 25 MB of fresh pages per layer
-            g = torch.ops.aten.softplus.out(z, -self.tau, 20.0, out=z)
-        return g.clamp(min=self.clamp) if self.clamp is not None else g
+    def linear(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> LinearGates:
+        """The gates of inputs `x` ([B, T, H, in_dim] keys or [B, T, in_dim] hidden state) as kernels take them:
+        computed inside the C++ CPU kernel, materialised by the others. `mask` [B, T]: 0 at padded tokens."""
+        return LinearGates(x, self.weight, self.bias, self.tau, self.clamp, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [B, T, S, H, F] (a strided view for keys)."""
+        return self.linear(x, mask).materialize()
 
 
 class DSLAAttention(nn.Module):
@@ -215,7 +201,7 @@ class DSLAAttention(nn.Module):
         values: torch.Tensor,
         hidden_states: torch.Tensor | None,
         mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, LinearGates]:
         """What enters the states: features of the keys, values (with a ones column for the sum normaliser) and the
         log gates. Padded positions (mask 0) contribute nothing and do not decay the states."""
         if self.state_heads != self.num_kv_heads:
@@ -223,15 +209,12 @@ class DSLAAttention(nn.Module):
             keys = keys.repeat_interleave(groups, dim=2)
             values = values.repeat_interleave(groups, dim=2)
         features = self.k_feature_map(keys)
-        gates = self.gates(keys if self.config.dsla_gate_source == "key" else hidden_states)
+        gates = self.gates.linear(keys if self.config.dsla_gate_source == "key" else hidden_states, mask)
         if self.normalizer == "sum":
             values = torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
         if mask is not None:
-            keep = mask[:, :, None, None].to(features.dtype)
-            features = features * keep
-            gates = gates * keep[:, :, None].to(gates.dtype)
-        g2 = gates[:, :, 1] if self.num_states > 1 else None
-        return features, values, gates[:, :, 0], g2
+            features = features * mask[:, :, None, None].to(features.dtype)
+        return features, values, gates
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         value_dim = self.head_dim + (self.normalizer == "sum")
@@ -288,8 +271,8 @@ class DSLAAttention(nn.Module):
             keys = undo_rotary(keys, cos, sin)
             past_mask = mask[:, start : start + count] if mask is not None else None
             (keys, values, past_mask), _, window = self.advance(keys, values, past_mask, cache_layer.window)
-            features, values, g1, g2 = self.key_side(keys, values, None, past_mask)
-            state = fold_kv(features, values, g1, g2, initial_state=cache_layer.state)
+            features, values, gates = self.key_side(keys, values, None, past_mask)
+            state = fold_kv(features, values, gates, initial_state=cache_layer.state)
         cache_layer.set_state(state, 0, window)
         if not cache_layer.keep_kv:
             cache_layer.free_kv()
@@ -367,17 +350,25 @@ class DSLAAttention(nn.Module):
         mask = padding_mask[:, -T:] if padding_mask is not None else None
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
-        features, values, g1, g2 = self.key_side(state_k, state_v, hidden_states, state_mask)
+        features, values, gates = self.key_side(state_k, state_v, hidden_states, state_mask)
         queries = self.q_feature_map(q)
         mix = self.mix_weights()
 
         if cache_layer is not None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
             o, state = fused_recurrent_dsla(
-                queries, features, values, g1, g2, mix, self.scale, initial_state=state, inplace=True
+                queries, features, values, gates, None, mix, self.scale, initial_state=state, inplace=True
             )
         else:
             o, state = chunk_dsla(
-                queries, features, values, g1, g2, mix, self.scale, state, output_final_state=cache_layer is not None
+                queries,
+                features,
+                values,
+                gates,
+                None,
+                mix,
+                self.scale,
+                state,
+                output_final_state=cache_layer is not None,
             )
         if cache_layer is not None:
             cache_layer.set_state(state, T, window)
