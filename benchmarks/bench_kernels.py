@@ -84,14 +84,19 @@ class DSLAAttention(SoftmaxAttention):
         self.mix = nn.Parameter(torch.zeros(HEADS, 2))
         self.backend = None  # chunk_dsla's default
 
-    def attend(self, q, k, v, state=None):
+    def attend(self, q, k, v, state=None, overlay=False):
         """chunk_dsla (prefill) or fused_recurrent_dsla (decode, states updated in place), given the gates as the
-        model gives them: inputs and weights (computed inside the C++ kernel, materialised by the other paths)."""
+        model gives them: inputs and weights (computed inside the C++ kernel, materialised by the other paths).
+        ``overlay``: the prefill's output overlays the queries (as in the model, where nothing reads them after)."""
         gates = self.gates.linear(k)
         mix = self.mix.softmax(-1)
         if state is None:
-            return chunk_dsla(q, k, v, gates, None, mix, backend=self.backend)[0]
+            return chunk_dsla(q, k, v, gates, None, mix, backend=self.backend, out=q if overlay else None)[0]
         return fused_recurrent_dsla(q, k, v, gates, None, mix, initial_state=state, inplace=True)[0]
+
+    def forward(self, x, *state):
+        o = self.attend(*self.project(x), *state, overlay=not state)
+        return self.o_proj(o.reshape(*x.shape[:2], HEADS * HEAD_DIM))
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:

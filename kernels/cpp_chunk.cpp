@@ -94,8 +94,8 @@ struct Problem {
     const float* w;  // [HK, G, S], scale folded in
     int S, HK, G, K, V, C;
     int Kp, Vp, Cp, Mp, SK;
-    float* o;  // [B, T, H, V] contiguous
-    long o_sb;
+    float* o;  // [B, T, H, V], unit stride over V
+    long o_sb, o_st, o_sh;
 };
 
 struct Item {  // one chunk of one sequence and KV head
@@ -246,15 +246,15 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
         const int seen = std::min(it.len, (i + 7) / G + 1);
         gemm<true>(8, p.Vp, seen, &s.A[i * Cp], Cp, 1, s.vloc.data(), p.Vp, &s.O[i * p.Vp], p.Vp);
     }
-    const long H = (long)p.HK * G;
-    for (int t = 0; t < it.len; ++t)
-        std::memcpy(p.o + it.b * p.o_sb + ((it.t0 + t) * H + it.hk * G) * p.V, &s.O[t * G * p.Vp],
-                    (p.Vp == p.V ? G * p.V : p.V) * 4);
-    if (p.Vp != p.V)
-        for (int t = 0; t < it.len; ++t)
-            for (int g = 1; g < G; ++g)
-                std::memcpy(p.o + it.b * p.o_sb + ((it.t0 + t) * H + it.hk * G + g) * p.V,
-                            &s.O[(t * G + g) * p.Vp], p.V * 4);
+    // Each row (token, head) of o is written after the item has read that row of q: o may overlay q row for row.
+    const bool heads_together = p.Vp == p.V && p.o_sh == p.V;
+    for (int t = 0; t < it.len; ++t) {
+        float* dst = p.o + it.b * p.o_sb + (it.t0 + t) * p.o_st + (long)it.hk * G * p.o_sh;
+        if (heads_together)
+            std::memcpy(dst, &s.O[t * G * p.Vp], G * p.V * 4);
+        else
+            for (int g = 0; g < G; ++g) std::memcpy(dst + g * p.o_sh, &s.O[(t * G + g) * p.Vp], p.V * 4);
+    }
 }
 
 }  // namespace
@@ -262,14 +262,14 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
 extern "C" {
 
 // seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. h0 [N, S, HK, K, V] or null;
-// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] the outputs. The log decays come from g1 and g2, or
+// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] (strides o_strides) the outputs. The log decays come from g1 and g2, or
 // (gw not null, g1 and g2 null) from the gate inputs x: see LinearGates. Returns 0, or 1 on an allocation failure.
 int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, const long* k_strides,
                        const float* v, const long* v_strides, const float* g1, const long* g1_strides,
                        const float* g2, const long* g2_strides, const float* x, const long* x_strides, int D,
                        const float* gw, const float* gc, float inv_tau, float clamp, const float* mask, long mask_sb,
                        long mask_st, const float* w, int S, int HK, int G, int K, int V, int N, const long* seq_b,
-                       const long* seq_t0, const long* seq_len, const float* h0, float* hT, float* o, long o_sb,
+                       const long* seq_t0, const long* seq_len, const float* h0, float* hT, float* o, const long* o_strides,
                        int C, int block, int threads) {
     Problem p;
     p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
@@ -281,7 +281,7 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
     p.w = w;
     p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C;
     p.Kp = round_up(K, 8), p.Vp = round_up(V, 16), p.Cp = round_up(C, 16), p.Mp = round_up(G * C, 8);
-    p.o = o, p.o_sb = o_sb;
+    p.o = o, p.o_sb = o_strides[0], p.o_st = o_strides[1], p.o_sh = o_strides[2];
     const int SK = p.SK = S * p.Kp;
     p.lg.SKz = round_up(SK, 16);
     const long state_size = (long)SK * p.Vp;

@@ -122,9 +122,10 @@ def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
 @torch.no_grad()
 def chunk_dsla_cpp(
     q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size=None,
+    chunk_size=None, out=None,
 ):  # fmt: skip
-    """``chunk_dsla`` (inference) by the fused C++ kernel. Same arguments and results as the other backends."""
+    """``chunk_dsla`` (inference) by the fused C++ kernel. Same arguments and results as the other backends; an
+    fp32 ``out`` with a unit stride over values is written directly (its rows may overlay q's)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
@@ -161,7 +162,13 @@ def chunk_dsla_cpp(
     h0 = None if initial_state is None else initial_state.float().contiguous()
     if h0 is not None and h0.shape != (N, S, HK, K, V):
         raise ValueError(f"initial_state must have shape {(N, S, HK, K, V)}, got {tuple(h0.shape)}")
-    o = torch.empty(B, T, H, V) if cu_seqlens is None else torch.zeros(B, T, H, V)  # packing may leave a tail
+    direct = out is not None and out.dtype == torch.float32 and out.stride(-1) == 1
+    if direct:
+        o = out
+        if cu_seqlens is not None:  # tokens outside every sequence are zeros, as in the other backends
+            o[:, : int(seq_t0[0])].zero_(), o[:, int(seq_t0[-1] + seq_len[-1]) :].zero_()
+    else:
+        o = torch.empty(B, T, H, V) if cu_seqlens is None else torch.zeros(B, T, H, V)  # packing may leave a tail
     final = torch.empty(N, S, HK, K, V)
     C = chunk_size or CHUNK
     status = lib.dsla_chunk_forward(
@@ -170,9 +177,12 @@ def chunk_dsla_cpp(
         ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
         ctypes.c_long(0 if mask is None else mask.stride(0)), ctypes.c_long(0 if mask is None else mask.stride(1)),
         _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
-        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), ctypes.c_long(o.stride(0)), C,
+        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), _strides(o), C,
         max(1, BLOCK_TOKENS // C), torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("the C++ CPU kernel could not allocate its workspace")
-    return o.to(dtype), (final if output_final_state else None)
+    final = final if output_final_state else None
+    if out is not None:
+        return (out if direct else out.copy_(o)), final
+    return o.to(dtype), final

@@ -84,6 +84,36 @@ def test_gates_are_logsigmoid_over_tau(source):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_inference_output_over_the_queries_changes_nothing(tiny_teacher, preset, monkeypatch):
+    """Under no_grad the prefill's output overlays the query features (both presets can): the logits are those of
+    a fresh output tensor, and the gradient-enabled forward does not overlay."""
+    from dsla_hf.modeling_dsla import DSLAAttention
+
+    model = convert(tiny_teacher, layers="all", dsla_preset=preset).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 45))
+    overlaid = []
+    original = DSLAAttention.output_over_queries
+
+    def spy(self, *args):
+        out = original(self, *args)
+        overlaid.append(out is not None)
+        return out
+
+    monkeypatch.setattr(DSLAAttention, "output_over_queries", spy)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert overlaid and all(overlaid)
+    monkeypatch.setattr(DSLAAttention, "output_over_queries", lambda self, *args: None)
+    with torch.no_grad():
+        fresh = model(ids).logits
+    torch.testing.assert_close(logits, fresh, rtol=0, atol=1e-6)
+    overlaid.clear()
+    monkeypatch.setattr(DSLAAttention, "output_over_queries", spy)
+    model(ids)
+    assert overlaid and not any(overlaid)
+
+
 @pytest.mark.parametrize("active", [[1, 3], [0, 1, 2, 3], []])
 def test_cached_greedy_generation_matches_no_cache_argmax(tiny_teacher, active):
     model = convert(tiny_teacher, layers="all").eval()

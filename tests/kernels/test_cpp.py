@@ -154,3 +154,39 @@ def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpp_chunk.library.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "naive"])
+def test_output_may_overlay_the_queries(backend):
+    """out=q (and out=q[..., :V] with fewer value than key features) gives the outputs of a fresh tensor, written
+    where the queries were, packed sequences included."""
+    if backend == "cpp" and not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine")
+    for K, V, cu in [(16, 16, None), (16, 12, None), (16, 16, torch.tensor([0, 40, 41, 90]))]:
+        x = make_inputs(1, 90, 6, 2, K, V, gate=0.5, requires_grad=False)
+        if cu is not None:
+            x["initial_state"] = x["initial_state"].expand(3, -1, -1, -1, -1).contiguous()
+        with torch.no_grad():
+            want, final_want = chunk_dsla(**x, output_final_state=True, backend=backend, cu_seqlens=cu)
+            q = x["q"].clone()
+            out = q[..., :V]
+            o, final = chunk_dsla(**dict(x, q=q), output_final_state=True, backend=backend, cu_seqlens=cu, out=out)
+        assert o.data_ptr() == q.data_ptr()
+        assert_close("o", o, want, 1e-6)
+        assert_close("final_state", final, final_want, 1e-6)
+
+
+def test_bad_outputs_are_refused():
+    x = make_inputs(1, 20, 4, 2, 8, 8, gate=0.5, requires_grad=False)
+    shifted = torch.empty(1, 21, 4, 8)  # q in tokens 0..19, out in tokens 1..20
+    shifted[:, :20] = x["q"]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="must be a"):
+            chunk_dsla(**x, out=torch.empty(1, 20, 4, 7))
+        with pytest.raises(ValueError, match="row for row"):
+            chunk_dsla(**dict(x, q=shifted[:, :20]), out=shifted[:, 1:])
+        out = torch.empty(1, 20, 4, 8)
+        with pytest.raises(ValueError, match="other than q"):
+            chunk_dsla(**dict(x, k=out[:, :, :2]), out=out)
+    with pytest.raises(ValueError, match="inference"):
+        chunk_dsla(**make_inputs(1, 20, 4, 2, 8, 8), out=torch.empty(1, 20, 4, 8))
