@@ -101,7 +101,12 @@ class _Layout:
         rest = x.shape[3:]
         x = x.reshape(self.Bs, self.n * self.C, *rest)
         if self.varlen:
-            return x[0, self.dst][None]
+            if len(self.dst) == self.T:
+                return x[0, self.dst][None]
+            # sequences that do not cover [0, T): the tokens outside them are zeros, as in the naive recurrence
+            out = x.new_zeros(1, self.T, *rest)
+            out[0, self.src[self.dst]] = x[0, self.dst]
+            return out
         return x[:, : self.T].contiguous()
 
 

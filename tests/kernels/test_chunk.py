@@ -160,6 +160,20 @@ def test_varlen_matches_per_sequence(states):
         assert_close(f"d{name}", g[name], g_ref[name], 1e-4)
 
 
+def test_varlen_with_tokens_outside_every_sequence():
+    """Packed sequences that leave tokens before the first and after the last: their outputs are zeros and their
+    gradients too, as in the naive recurrence (the output keeps the batch's length)."""
+    cu = torch.tensor([2, 40, 41, 77])
+    x = make_inputs(1, 90, 6, 2, 16, 16, gate=0.5, h0=False)
+    o, final, g = grads(chunk_dsla, x, cu_seqlens=cu, backend="torch")
+    o_ref, final_ref, g_ref = grads(naive_dsla, x, cu_seqlens=cu)
+    assert o.shape == (1, 90, 6, 16) and (o[:, :2] == 0).all() and (o[:, 77:] == 0).all()
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final_state", final, final_ref, 1e-5)
+    for name in g:
+        assert_close(f"d{name}", g[name], g_ref[name], 1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 64])
 def test_blocked_inference_path(chunk_size):
     """Long inputs without autograd run in blocks of chunks with the states carried across blocks (the default
