@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute, package_module, resolve_backend
-from .gates import LinearGates, gate_tensors
+from .gates import LinearGates, gate_inputs, gate_tensors
 from .naive import _mix_weights, naive_dsla
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
@@ -500,10 +500,10 @@ def chunk_dsla(
     ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and
     for training, 32 for inference on CPUs.
     """
-    gate_inputs = (g1.x, g1.weight, g1.bias, g1.mask) if isinstance(g1, LinearGates) else (g1, g2)
-    grad = _needs_grad(q, k, v, mix, initial_state, *gate_inputs)
+    gate_parts = gate_inputs(g1, g2)
+    grad = _needs_grad(q, k, v, mix, initial_state, *gate_parts)
     if out is not None:
-        _check_out(out, q, v.shape[-1], grad, (k, v, mix, initial_state, *gate_inputs))
+        _check_out(out, q, v.shape[-1], grad, (k, v, mix, initial_state, *gate_parts))
     backend = resolve_backend(q, backend, cpp=not grad)
     if backend == "cpp":
         if grad:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .gates import LinearGates
+from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
 SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
@@ -99,7 +99,7 @@ def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
     shared input), W^T [HK, D, SKz] and biases [HK, SKz] in the padded columns s * Kp + f, the mask, tau, clamp."""
     S, H, F, D = gates.weight.shape
     x = _operand(gates.x)
-    if S not in (1, 2) or H != HK or F != K or gates.bias.shape != (S, H, F):
+    if H != HK or F != K or gates.bias.shape != (S, H, F):
         raise ValueError(f"gates of shape {tuple(gates.weight.shape)} (states, heads, features, inputs) do not fit "
                          f"{HK} key/value heads of {K} features")  # fmt: skip
     if x.shape[:2] != (B, T) or x.shape[-1] != D or (gates.per_head and x.shape[2] != HK):
@@ -129,14 +129,14 @@ def chunk_dsla_cpp(
     lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
-    gate_inputs = (g1.x, g1.weight, g1.bias, g1.mask) if isinstance(g1, LinearGates) else (g1, g2)
-    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, mix, initial_state, *gate_inputs)):
+    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, mix, initial_state, *gate_inputs(g1, g2))):
         raise ValueError("the C++ kernel takes CPU tensors; use backend='triton' or 'torch' for other devices")
     B, T, H, K = q.shape
     HK, V, dtype = k.shape[2], v.shape[-1], q.dtype
     if H % HK:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    G, S = H // HK, 1 if g2 is None else 2
+    G = H // HK
+    S = g1.num_states if isinstance(g1, LinearGates) else 1 if g2 is None else 2
     scale = K**-0.5 if scale is None else scale
     if cu_seqlens is None:
         seq_b, seq_t0, seq_len = torch.arange(B), torch.zeros(B, dtype=torch.long), torch.full((B,), T)
@@ -148,9 +148,7 @@ def chunk_dsla_cpp(
         seq_b, seq_t0 = torch.zeros_like(seq_len), bounds[:-1].clone()
     N = len(seq_len)
     if isinstance(g1, LinearGates):
-        if g2 is not None:
-            raise ValueError("pass g2=None with LinearGates: they hold the gates of every state")
-        gates, S = _linear_gates(g1, B, T, HK, K), g1.num_states
+        gates = _linear_gates(g1, B, T, HK, K)
         g1 = g2 = None
     else:
         gates = None
@@ -166,7 +164,8 @@ def chunk_dsla_cpp(
     if direct:
         o = out
         if cu_seqlens is not None:  # tokens outside every sequence are zeros, as in the other backends
-            o[:, : int(seq_t0[0])].zero_(), o[:, int(seq_t0[-1] + seq_len[-1]) :].zero_()
+            o[:, : int(bounds[0])].zero_()
+            o[:, int(bounds[-1]) :].zero_()
     else:
         o = torch.empty(B, T, H, V) if cu_seqlens is None else torch.zeros(B, T, H, V)  # packing may leave a tail
     final = torch.empty(N, S, HK, K, V)

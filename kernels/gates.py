@@ -62,13 +62,22 @@ class LinearGates:
         return g
 
 
-def gate_tensors(g1: torch.Tensor | LinearGates, g2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-state log decays ``(g1, g2)`` [B, T, H, F] a kernel reads, from tensors or a :class:`LinearGates`."""
+def gate_inputs(g1: torch.Tensor | LinearGates, g2: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors the gates are made of (for checks of gradients, devices and overlaps). Refuses a
+    :class:`LinearGates` given with a ``g2`` or with other than one or two states."""
     if not isinstance(g1, LinearGates):
         return g1, g2
     if g2 is not None:
         raise ValueError("pass g2=None with LinearGates: they hold the gates of every state")
     if g1.num_states not in (1, 2):
         raise ValueError(f"DSLA has one or two states, the gates have {g1.num_states}")
+    return g1.x, g1.weight, g1.bias, g1.mask
+
+
+def gate_tensors(g1: torch.Tensor | LinearGates, g2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-state log decays ``(g1, g2)`` [B, T, H, F] a kernel reads, from tensors or a :class:`LinearGates`."""
+    if not isinstance(g1, LinearGates):
+        return g1, g2
+    gate_inputs(g1, g2)  # the checks
     g = g1.materialize()
     return g[:, :, 0], (g[:, :, 1] if g1.num_states == 2 else None)
