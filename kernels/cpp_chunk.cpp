@@ -28,7 +28,18 @@
 namespace {
 
 constexpr float SAFE_EXPONENT = 60.0f;
-typedef float vf __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, or two AVX2 ones
+
+// The micro-kernel's register blocking, per instruction set: R rows by NV vectors of LANES floats accumulate in
+// registers, with NV vectors of B and one broadcast beside them. AVX-512 has 32 registers of 16 floats: 8 x 2
+// (16 accumulators). AVX2 has 16 registers of 8 floats: 4 x 2 (8 accumulators; 6 x 2 measured no faster). A
+// 16-float vector there is two registers, and the 8 x 2 block of 16-float vectors spilled: ten times slower.
+#if defined(__AVX512F__)
+constexpr int LANES = 16, ROWS = 8, PANEL = 2;
+#else
+constexpr int LANES = 8, ROWS = 4, PANEL = 2;
+#endif
+static_assert(8 % ROWS == 0, "products have a multiple of 8 rows");
+typedef float vf __attribute__((vector_size(4 * LANES)));
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -40,36 +51,38 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 
-// C[R x 16 NV] (+)= A[R x P] @ B[P x 16 NV]: A(r, p) at A[r * ars + p * aps] (any layout: its elements are
+// C[R x LANES NV] (+)= A[R x P] @ B[P x LANES NV]: A(r, p) at A[r * ars + p * aps] (any layout: its elements are
 // broadcast one at a time), B and C row-major. The R x NV accumulators stay in registers.
 template <int R, int NV, bool ACC>
 inline void micro(int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
     vf acc[R][NV];
     for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NV; ++j) acc[r][j] = ACC ? load(C + r * ldc + 16 * j) : vf{};
+        for (int j = 0; j < NV; ++j) acc[r][j] = ACC ? load(C + r * ldc + LANES * j) : vf{};
     for (int p = 0; p < P; ++p) {
         vf b[NV];
-        for (int j = 0; j < NV; ++j) b[j] = load(B + p * ldb + 16 * j);
+        for (int j = 0; j < NV; ++j) b[j] = load(B + p * ldb + LANES * j);
         for (int r = 0; r < R; ++r) {
             const float a = A[r * ars + p * aps];
             for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NV; ++j) store(C + r * ldc + 16 * j, acc[r][j]);
+        for (int j = 0; j < NV; ++j) store(C + r * ldc + LANES * j, acc[r][j]);
 }
 
-// C[M x N] (+)= A[M x P] @ B[P x N]; M a multiple of 8, N a multiple of 16. Panels of 8 rows by 32 columns:
-// 16 accumulators, each A element broadcast once per two B vectors (faster here than 4 x 64 panels).
+template <int NV, bool ACC>
+inline void panel(int M, int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    for (int i = 0; i < M; i += ROWS) micro<ROWS, NV, ACC>(P, A + i * ars, ars, aps, B, ldb, C + i * ldc, ldc);
+}
+
+// C[M x N] (+)= A[M x P] @ B[P x N]; M a multiple of 8, N of 16 (whole vectors on either instruction set). Panels
+// of PANEL vectors' width, each A element broadcast once per PANEL vectors of B.
 template <bool ACC>
 void gemm(int M, int N, int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
-    for (int j = 0; j < N; j += 32)
-        for (int i = 0; i < M; i += 8) {
-            if (N - j >= 32)
-                micro<8, 2, ACC>(P, A + i * ars, ars, aps, B + j, ldb, C + i * ldc + j, ldc);
-            else
-                micro<8, 1, ACC>(P, A + i * ars, ars, aps, B + j, ldb, C + i * ldc + j, ldc);
-        }
+    constexpr int WIDE = LANES * PANEL;
+    int j = 0;
+    for (; j + WIDE <= N; j += WIDE) panel<PANEL, ACC>(M, P, A, ars, aps, B + j, ldb, C + j, ldc);
+    for (; j < N; j += LANES) panel<1, ACC>(M, P, A, ars, aps, B + j, ldb, C + j, ldc);
 }
 
 struct Tensor3 {  // a [batch, token, head, feature] tensor with unit feature stride

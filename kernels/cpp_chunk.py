@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 
+from .dispatch import cpu_isa
 from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
 SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
 # Compiled with -ffast-math (vectorised expf from glibc's libmvec) but linked without it: a fast-math link adds
 # crtfastmath.o (GCC < 13), whose constructor would flush denormals to zero for the whole process on load.
-COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
+COMPILE = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
+# DSLA_HF_CPU_ISA selects the instruction set: "native" (this CPU's), "avx2" (x86-64-v3, which runs on every
+# AVX-512 CPU too: an AVX2-only machine's code measured here) or "avx512" (x86-64-v4).
+ISA_FLAGS = {"native": "-march=native", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4"}
 LINK = ("-shared", "-fopenmp")
 CHUNK, BLOCK_TOKENS = 32, 1024  # 32-token chunks: the intra-chunk products are a third of the work at 16k
 FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -ffast-math assumes no infinities
@@ -49,21 +53,46 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSLA_HF_CACHE", Path.home() / ".cache" / "dsla_hf")) / "kernels"
 
 
-@functools.cache
+def isa() -> str:
+    """The instruction set the kernel is built for: ``$DSLA_HF_CPU_ISA`` (default ``native``)."""
+    name = os.environ.get("DSLA_HF_CPU_ISA", "native").lower()
+    if name not in ISA_FLAGS:
+        raise ValueError(f"DSLA_HF_CPU_ISA={name!r}: choose one of {sorted(ISA_FLAGS)}")
+    if name == "avx512" and cpu_isa() != "avx512" or name == "avx2" and cpu_isa() == "other":
+        raise ValueError(f"DSLA_HF_CPU_ISA={name!r}: this CPU lacks that instruction set (it has {cpu_isa()})")
+    return name
+
+
+def vector_isa() -> str:
+    """The kernel's code path in use: "avx512" (16-float vectors, 8 x 2 blocks), "avx2" (8-float, 4 x 2), or
+    "generic" (8-float vectors, on CPUs with neither)."""
+    name = isa()
+    if name == "native":
+        return {"avx512": "avx512", "avx2": "avx2"}.get(cpu_isa(), "generic")
+    return name
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it if needed; ``None`` where it cannot be built here."""
+    """The compiled kernel for :func:`isa`, building it if needed; ``None`` where it cannot be built here."""
+    return build(isa())
+
+
+@functools.cache
+def build(name: str) -> ctypes.CDLL | None:
+    """The kernel compiled for instruction set ``name`` (a key of :data:`ISA_FLAGS`), built once per machine."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not SOURCE.is_file():
         return None
+    flags = (*COMPILE, ISA_FLAGS[name])
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILE, *LINK, version, _cpu_signature()]).encode())
-        target = _cache_dir() / f"cpp_chunk-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, *LINK, version, _cpu_signature()]).encode())
+        target = _cache_dir() / f"cpp_chunk-{name}-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move into place
                 obj, built = Path(tmp) / "cpp_chunk.o", Path(tmp) / target.name
-                for cmd in ([*COMPILE, str(SOURCE), "-o", str(obj)], [*LINK, str(obj), "-o", str(built)]):
+                for cmd in ([*flags, str(SOURCE), "-o", str(obj)], [*LINK, str(obj), "-o", str(built)]):
                     subprocess.run([compiler, *cmd], capture_output=True, text=True, check=True)
                 os.replace(built, target)
         lib = ctypes.CDLL(str(target))

@@ -6,14 +6,24 @@ import shutil
 
 import pytest
 import torch
-from dsla_hf.kernels import chunk_dsla, cpp_chunk, naive_dsla
-from dsla_hf.kernels.dispatch import resolve_backend
+from dsla_hf.kernels import chunk_dsla, cpp_chunk, dispatch, naive_dsla
+from dsla_hf.kernels.dispatch import cpu_isa, resolve_backend
 
 from .test_chunk import SHAPES
 from .utils import assert_close, make_inputs
 
 HAS_COMPILER = shutil.which("g++") is not None
 needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+
+
+ISAS = ["native"] + (["avx2"] if cpu_isa() == "avx512" else [])  # AVX2 code runs on AVX-512 CPUs too
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each code path of the kernel this CPU can run: its own, and AVX2's on an AVX-512 CPU."""
+    monkeypatch.setenv("DSLA_HF_CPU_ISA", request.param)
+    return request.param
 
 
 def check(x, tol=1e-5, **kwargs):
@@ -36,26 +46,26 @@ def test_the_kernel_builds_where_there_is_a_compiler():
 def test_loading_the_kernel_keeps_denormals(monkeypatch, tmp_path):
     """Linked with -ffast-math, the library would flush fp32 denormals to zero for the whole process on load."""
     monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path))
-    cpp_chunk.library.cache_clear()
+    cpp_chunk.build.cache_clear()
     try:
         assert cpp_chunk.library() is not None  # a fresh build, loaded
         assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
     finally:
         monkeypatch.undo()
-        cpp_chunk.library.cache_clear()
+        cpp_chunk.build.cache_clear()
 
 
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}HK{}K{}V{}".format(*s))
 @pytest.mark.parametrize("states", [2, 1])
-def test_matches_naive(shape, states):
+def test_matches_naive(shape, states, isa):
     check(make_inputs(*shape, states=states, gate=0.2, requires_grad=False))
 
 
 @needs_kernel
 @pytest.mark.parametrize("mix", ["none", "layer", "heads"])
 @pytest.mark.parametrize("h0", [True, False])
-def test_mix_and_initial_state(mix, h0):
+def test_mix_and_initial_state(mix, h0, isa):
     check(make_inputs(2, 70, 6, 2, 16, 16, mix=mix, h0=h0, gate=0.5, requires_grad=False))
 
 
@@ -67,7 +77,7 @@ def test_chunk_sizes(chunk_size):
 
 @needs_kernel
 @pytest.mark.parametrize("gate", [(1e-3, 1e-3), (0.1, 2.0), (0.1, 8.0), (1.0, 100.0), (0.0, 1e4)])
-def test_strong_and_weak_decay(gate):
+def test_strong_and_weak_decay(gate, isa):
     """Chunks whose exponents exceed SAFE_EXPONENT take the pairwise path: finite and right, to gates far beyond
     fp32's exponent range."""
     check(make_inputs(1, 130, 6, 2, 16, 16, gate=gate, requires_grad=False))
@@ -82,7 +92,7 @@ def test_rounds_carry_the_states(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("states", [2, 1])
-def test_varlen_matches_naive(states, monkeypatch):
+def test_varlen_matches_naive(states, monkeypatch, isa):
     """Packed sequences, an empty one among them (its state passes through), over several rounds."""
     monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 32)
     cu = torch.tensor([0, 1, 64, 64, 129, 159])
@@ -134,17 +144,45 @@ def test_disabled_by_environment(monkeypatch):
     assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
 
 
+@needs_kernel
+def test_dispatch_rule_by_cpu(monkeypatch):
+    """Unset, the kernel is the default on CPUs with AVX2 and FMA only (where it was measured faster than the
+    PyTorch path); DSLA_HF_CPP_KERNEL=1 turns it on anywhere."""
+    monkeypatch.delenv("DSLA_HF_CPP_KERNEL", raising=False)
+    for flags, want in [({"avx2", "fma", "sse2"}, "cpp"), ({"avx2", "fma", "avx512f"}, "cpp"), ({"sse2"}, "torch"),
+                        (set(), "torch")]:  # fmt: skip
+        monkeypatch.setattr(dispatch, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert resolve_backend(torch.zeros(1), None, cpp=True) == want, flags
+    monkeypatch.setenv("DSLA_HF_CPP_KERNEL", "1")
+    assert resolve_backend(torch.zeros(1), None, cpp=True) == "cpp"
+
+
+def test_isa_choice(monkeypatch):
+    """DSLA_HF_CPU_ISA names a code path; an unknown one, or one this CPU cannot run, is refused before any build."""
+    monkeypatch.setenv("DSLA_HF_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="choose one of"):
+        cpp_chunk.isa()
+    monkeypatch.setattr(cpp_chunk, "cpu_isa", lambda: "avx2")
+    monkeypatch.setenv("DSLA_HF_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="lacks"):
+        cpp_chunk.library()
+    monkeypatch.setenv("DSLA_HF_CPU_ISA", "native")
+    assert cpp_chunk.vector_isa() == "avx2"
+    monkeypatch.setattr(cpp_chunk, "cpu_isa", lambda: "other")
+    assert cpp_chunk.vector_isa() == "generic"
+
+
 def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
     """A fresh cache folder gets the library; a compiler that fails gives one warning and the PyTorch path."""
     monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path))
     try:
         if HAS_COMPILER:
-            cpp_chunk.library.cache_clear()
+            cpp_chunk.build.cache_clear()
             assert cpp_chunk.library() is not None
             assert len(list((tmp_path / "kernels").glob("cpp_chunk-*.so"))) == 1
         monkeypatch.setenv("CXX", "false")  # exists, exits 1
         monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path / "other"))
-        cpp_chunk.library.cache_clear()
+        cpp_chunk.build.cache_clear()
         with pytest.warns(UserWarning, match="could not be built"):
             assert cpp_chunk.library() is None
         assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
@@ -153,7 +191,7 @@ def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
             assert_close("o", chunk_dsla(**x)[0], naive_dsla(**x)[0], 1e-5)
     finally:
         monkeypatch.undo()
-        cpp_chunk.library.cache_clear()
+        cpp_chunk.build.cache_clear()
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "naive"])

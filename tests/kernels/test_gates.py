@@ -10,7 +10,7 @@ from dsla_hf.kernels import LinearGates, chunk_dsla, cpp_chunk, fold_kv, fused_r
 from dsla_hf.kernels.chunk import SAFE_EXPONENT
 from dsla_hf.kernels.gates import gate_tensors
 
-from .test_cpp import needs_kernel
+from .test_cpp import isa, needs_kernel  # noqa: F401 (isa: a fixture)
 from .utils import assert_close, make_inputs
 
 
@@ -54,7 +54,7 @@ def test_materialize_is_the_formula(source):
 @pytest.mark.parametrize("source", ["key", "hidden"])
 @pytest.mark.parametrize("states", [2, 1])
 @pytest.mark.parametrize("T", [1, 29, 77])
-def test_kernel_gates_match_naive(source, states, T):
+def test_kernel_gates_match_naive(source, states, T, isa):
     """Short last chunks (T not a multiple of 8 or of the chunk) and both kinds of input."""
     gates = linear_gates(2, T, 2, 16, source=source, states=states, D=24 if source == "hidden" else None)
     x = inputs(2, T, 6, 2, 16, 16, gates)
@@ -82,7 +82,7 @@ def test_kernel_gates_clamp_mask_and_odd_widths(K, clamp, mask):
 
 @needs_kernel
 @pytest.mark.parametrize("strength", [20.0, 400.0])
-def test_kernel_gates_strong_decay(strength):
+def test_kernel_gates_strong_decay(strength, isa):
     """Gates strong enough that chunks take the pairwise path, which recomputes them: finite and right."""
     gates = linear_gates(1, 100, 2, 8, strength=strength)
     x = inputs(1, 100, 4, 2, 8, 8, gates)
