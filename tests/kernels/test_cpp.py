@@ -7,23 +7,13 @@ import shutil
 import pytest
 import torch
 from dsla_hf.kernels import chunk_dsla, cpp_chunk, dispatch, naive_dsla
-from dsla_hf.kernels.dispatch import cpu_isa, resolve_backend
+from dsla_hf.kernels.dispatch import resolve_backend
 
 from .test_chunk import SHAPES
 from .utils import assert_close, make_inputs
 
 HAS_COMPILER = shutil.which("g++") is not None
 needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
-
-
-ISAS = ["native"] + (["avx2"] if cpu_isa() == "avx512" else [])  # AVX2 code runs on AVX-512 CPUs too
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """Each code path of the kernel this CPU can run: its own, and AVX2's on an AVX-512 CPU."""
-    monkeypatch.setenv("DSLA_HF_CPU_ISA", request.param)
-    return request.param
 
 
 def check(x, tol=1e-5, **kwargs):

@@ -10,7 +10,7 @@ from dsla_hf.kernels import LinearGates, chunk_dsla, cpp_chunk, fold_kv, fused_r
 from dsla_hf.kernels.chunk import SAFE_EXPONENT
 from dsla_hf.kernels.gates import gate_tensors
 
-from .test_cpp import isa, needs_kernel  # noqa: F401 (isa: a fixture)
+from .test_cpp import needs_kernel
 from .utils import assert_close, make_inputs
 
 
