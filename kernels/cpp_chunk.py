@@ -1,7 +1,8 @@
 """The fused C++ chunk kernel for CPU inference: ``cpp_chunk.cpp``, built on first use and called through ctypes.
 
-The library is compiled once per machine with the system C++ compiler (``$CXX`` or ``g++``), ``-O3 -march=native``
-and OpenMP, into ``$DSLA_HF_CACHE`` (default ``~/.cache/dsla_hf``) under a name that hashes the source, the flags,
+The library (this kernel and the decoding step of ``cpp_decode.cpp``) is compiled once per machine and instruction
+set with the system C++ compiler (``$CXX`` or ``g++``), ``-O3``, the ``-march`` of ``$DSLA_HF_CPU_ISA`` (default
+``native``) and OpenMP, into ``$DSLA_HF_CACHE`` (default ``~/.cache/dsla_hf``) under a name that hashes the source, the flags,
 the compiler and the CPU; later processes load it in milliseconds. It needs no Python or PyTorch headers. Where no
 compiler is found or the build fails, :func:`library` returns ``None`` (with one warning) and ``chunk_dsla`` uses
 the PyTorch path. The call releases the GIL.
@@ -28,7 +29,8 @@ from .dispatch import cpu_isa
 from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
-SOURCE = Path(__file__).with_name("cpp_chunk.cpp")
+# One library of the CPU kernels: the chunked prefill and the fused decoding step.
+SOURCES = (Path(__file__).with_name("cpp_chunk.cpp"), Path(__file__).with_name("cpp_decode.cpp"))
 # Compiled with -ffast-math (vectorised expf from glibc's libmvec) but linked without it: a fast-math link adds
 # crtfastmath.o (GCC < 13), whose constructor would flush denormals to zero for the whole process on load.
 COMPILE = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
@@ -81,18 +83,21 @@ def library() -> ctypes.CDLL | None:
 def build(name: str) -> ctypes.CDLL | None:
     """The kernel compiled for instruction set ``name`` (a key of :data:`ISA_FLAGS`), built once per machine."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None or not SOURCE.is_file():
+    if compiler is None or not all(source.is_file() for source in SOURCES):
         return None
     flags = (*COMPILE, ISA_FLAGS[name])
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, *LINK, version, _cpu_signature()]).encode())
+        texts = [source.read_text() for source in SOURCES]
+        key = hashlib.sha256("\n".join([*texts, *flags, *LINK, version, _cpu_signature()]).encode())
         target = _cache_dir() / f"cpp_chunk-{name}-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move into place
-                obj, built = Path(tmp) / "cpp_chunk.o", Path(tmp) / target.name
-                for cmd in ([*flags, str(SOURCE), "-o", str(obj)], [*LINK, str(obj), "-o", str(built)]):
+                objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+                built = Path(tmp) / target.name
+                commands = [[*flags, str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+                for cmd in [*commands, [*LINK, *objects, "-o", str(built)]]:
                     subprocess.run([compiler, *cmd], capture_output=True, text=True, check=True)
                 os.replace(built, target)
         lib = ctypes.CDLL(str(target))
@@ -102,6 +107,7 @@ def build(name: str) -> ctypes.CDLL | None:
                       stacklevel=2)  # fmt: skip
         return None
     lib.dsla_chunk_forward.restype = ctypes.c_int
+    lib.dsla_decode_step.restype = None
     return lib
 
 

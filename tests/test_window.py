@@ -171,3 +171,52 @@ def test_window_layer_gradients_match_token_by_token_reference(tiny_teacher):
         if b is None:
             continue
         assert a is not None and rel(a, b) <= 1e-3, name
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypatch):
+    """Decoding by the fused kernel (one call per layer and token) gives the logits, states and windows of the
+    unfused step within fp32 rounding: left-padded batch, a padded new token, keep_kv, beam search."""
+    from dsla_hf import modeling_dsla
+    from dsla_hf.kernels.dispatch import cpp_available
+
+    if not cpp_available():
+        pytest.skip("no fused CPU backend here")
+    model = window_model(tiny_teacher, window=window)
+    model.set_dsla_layers([0, 2, 3])
+    ids = torch.randint(3, 101, (2, 13))
+    mask = (torch.arange(13) >= torch.tensor([[0], [5]])).long()
+    calls = []
+    fused = modeling_dsla.fused_decode_dsla
+    monkeypatch.setattr(modeling_dsla, "fused_decode_dsla", lambda *a, **k: calls.append(1) or fused(*a, **k))
+
+    def decode(use_fused: bool):
+        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: use_fused)
+        cache = DSLACache(model.config, keep_kv=True)
+        logits = [model(ids, attention_mask=mask, cache=cache).logits[:, -1]]
+        token, m = logits[0].argmax(-1, keepdim=True), mask
+        for step in range(5):
+            pad = torch.tensor([[1], [0 if step == 2 else 1]])  # row 1's third new token is padding
+            m = torch.cat([m, pad], 1)
+            logits.append(model(token, attention_mask=m, cache=cache).logits[:, -1])
+            token = logits[-1].argmax(-1, keepdim=True)
+        return torch.stack(logits), cache
+
+    with torch.no_grad():
+        want, cache_want = decode(False)
+        assert not calls
+        got, cache_got = decode(True)
+    assert len(calls) == 5 * 3
+    assert rel(got, want) <= 1e-5
+    for i in (0, 2, 3):
+        a, b = cache_got.layers[i], cache_want.layers[i]
+        assert rel(a.state, b.state) <= 1e-5 and a.seen_tokens == b.seen_tokens
+        assert rel(a.keys, b.keys) <= 1e-5 and rel(a.values, b.values) <= 1e-5  # keep_kv: the rotated keys
+        for x, y in zip(a.window or (), b.window or ()):
+            assert rel(x, y) <= 1e-5
+    with torch.no_grad():  # beam search reorders the states and windows between fused steps
+        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: True)
+        beams = model.generate(ids[:1], max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
+        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: False)
+        beams_unfused = model.generate(ids[:1], max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(beams, beams_unfused)

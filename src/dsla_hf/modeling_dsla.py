@@ -36,6 +36,7 @@ from transformers.utils import logging
 from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
 from .kernels import LinearGates, chunk_dsla, fold_kv, fused_recurrent_dsla
+from .kernels.decode import DecodeWeights, decode_backend, fused_decode_dsla
 from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -348,6 +349,9 @@ class DSLAAttention(nn.Module):
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
         state = self.fold(cache_layer, cache, rotary_emb, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
+        if T == 1 and state is not None and self.fused_decoding(q):
+            o = self.fused_step(q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings)
+            return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
         features, values, gates = self.key_side(state_k, state_v, hidden_states, state_mask)
@@ -366,24 +370,63 @@ class DSLAAttention(nn.Module):
             )  # fmt: skip
         if cache_layer is not None:
             cache_layer.set_state(state, T, window)
-            if cache_layer.keep_kv:
-                cos, sin = position_embeddings
-                k_rot = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
-                cache_layer.append_kv(k_rot, v.transpose(1, 2))
+            self.keep_kv(cache_layer, k, v, position_embeddings)
 
         if self.window:
-            positions = self.pending_positions(cache, cache_layer, T, B, hidden_states.device)
+            seen = cache_layer.seen_tokens if cache_layer is not None else None
+            positions = self.pending_positions(cache, seen, T, B, hidden_states.device)
             cos, sin = rotary_emb(hidden_states, positions)
             o = self.window_attention(q, pending, cos, sin, o).to(hidden_states.dtype)
         elif self.normalizer == "sum":
             o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
         elif self.normalizer == "rms":
             o = self.out_norm(o)
-        o = o.reshape(B, T, self.num_heads * D)
+        return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
+
+    def output_projection(self, o: torch.Tensor, o_proj: nn.Linear) -> torch.Tensor:
         out = o_proj(o)
         if hasattr(self, "o_lora"):
             out = out + self.o_lora(o)
         return out
+
+    def fused_decoding(self, q: torch.Tensor) -> bool:
+        """Whether a one-token step runs as one fused kernel call (:func:`fused_decode_dsla`): inference with a
+        default-preset layer (Hedgehog features, gates from the key, sum normaliser, GQA states) where a fused
+        backend exists (the C++ kernel on CPUs, fp32; Triton on CUDA)."""
+        cfg = self.config
+        layout = (cfg.dsla_feature_map, self.normalizer, cfg.dsla_gate_source) == ("hedgehog", "sum", "key")
+        if torch.is_grad_enabled() or not layout or self.state_heads != self.num_kv_heads:
+            return False
+        backend = decode_backend(q.device)
+        return backend == "triton" or backend == "cpp" and q.dtype == torch.float32
+
+    def fused_step(self, q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings) -> torch.Tensor:
+        """One token through the fused decoding kernel; the states and the window are updated in place."""
+        B = q.shape[0]
+        window, positions = None, None
+        if self.window:
+            window = cache_layer.window or self.empty_window(B, k)
+            window = tuple(t.contiguous() for t in window)  # after a prefill, views of a larger tensor: once
+            positions = self.pending_positions(cache, cache_layer.seen_tokens + 1, 1, B, q.device)
+        weights = DecodeWeights(
+            q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
+            gate_bias=self.gates.bias, tau=self.gates.tau, clamp=self.gates.clamp, mix=self.mix_weights(),
+            scale=self.scale, window_log_scale=getattr(self, "linear_log_scale", None),
+            inv_freq=rotary_emb.inv_freq, rope_scale=rotary_emb.attention_scaling,
+        )  # fmt: skip
+        mask = None if mask is None else mask[:, 0]
+        o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask)
+        cache_layer.set_state(state, 1, window)
+        self.keep_kv(cache_layer, k, v, position_embeddings)
+        return o
+
+    @staticmethod
+    def keep_kv(cache_layer: DSLACacheLayer, k: torch.Tensor, v: torch.Tensor, position_embeddings) -> None:
+        """Keep the new keys (rotated, as softmax attention caches them) and values where reverts must be exact."""
+        if cache_layer.keep_kv:
+            cos, sin = position_embeddings
+            k_rot = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+            cache_layer.append_kv(k_rot, v.transpose(1, 2))
 
     def output_over_queries(self, queries: torch.Tensor, q: torch.Tensor, value_dim: int) -> torch.Tensor | None:
         """Where the prefill's output can overlay the query features row for row (inference, when nothing reads them
@@ -395,11 +438,11 @@ class DSLAAttention(nn.Module):
             return None
         return queries[..., :value_dim]
 
-    def pending_positions(self, cache, cache_layer, T: int, batch: int, device) -> torch.LongTensor:
-        """Positions of the W + T pending tokens (the window's, then the new ones); 0 for null entries."""
+    def pending_positions(self, cache, seen: int | None, T: int, batch: int, device) -> torch.LongTensor:
+        """Positions of the W + T pending tokens (the window's, then the new ones); 0 for null entries. `seen`: the
+        tokens the layer has seen, the T new ones included."""
         if cache is None:
             return torch.arange(-self.window, T, device=device).clamp(min=0).expand(batch, -1)
-        seen = cache_layer.seen_tokens  # already counts the new tokens
         start = seen - T - self.window
         positions = cache.position_ids[:, max(0, start) : seen]
         return F.pad(positions, (max(0, -start), 0))

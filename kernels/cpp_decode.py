@@ -1,0 +1,57 @@
+"""The fused decoding step on CPUs: ``cpp_decode.cpp`` (built with the chunk kernel by :mod:`.cpp_chunk`)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .cpp_chunk import FLT_MAX, library
+
+
+def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if x is None else x.data_ptr())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, heads, D] whose heads and features are contiguous (any stride between sequences)."""
+    x = x.float()
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float().contiguous()
+
+
+@torch.no_grad()
+def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=None):
+    """:func:`~.decode.fused_decode_dsla` by the C++ kernel (inputs checked there). The window's tensors must be
+    fp32 (they are updated in place)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
+    if q.device.type != "cpu":
+        raise ValueError("the C++ kernel takes CPU tensors")
+    B, H, D = q.shape
+    S, HK = state.shape[1], state.shape[2]
+    F, dtype = weights.k_map.shape[-1], q.dtype
+    keys, values, valid = window if window is not None else (None, None, None)
+    if window is not None and any(t.dtype != torch.float32 for t in window):
+        raise ValueError("the C++ kernel moves an fp32 window in place")
+    # Every operand is held here until the call returns (a pointer to a temporary would dangle).
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    mask, w = _fp32(mask), weights.mix_weights(H, S).contiguous()
+    q_map, k_map = _fp32(weights.q_map), _fp32(weights.k_map)
+    gate_weight, gate_bias = _fp32(weights.gate_weight), _fp32(weights.gate_bias)
+    pos = None if positions is None else positions.to(torch.long).contiguous()
+    inv_freq, log_scale = _fp32(weights.inv_freq), _fp32(weights.window_log_scale)
+    clamp = -FLT_MAX if weights.clamp is None else weights.clamp
+    o = torch.empty(B, H, D)
+    lib.dsla_decode_step(
+        _ptr(q), ctypes.c_long(q.stride(0)), _ptr(k), ctypes.c_long(k.stride(0)), _ptr(v), ctypes.c_long(v.stride(0)),
+        _ptr(mask), _ptr(state), _ptr(q_map), _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias),
+        ctypes.c_float(1.0 / weights.tau), ctypes.c_float(clamp), _ptr(w), B, S, HK, H // HK, D, F,
+        0 if keys is None else keys.shape[1], _ptr(keys), _ptr(values), _ptr(valid), _ptr(pos), _ptr(inv_freq),
+        ctypes.c_float(weights.rope_scale), _ptr(log_scale), _ptr(o), torch.get_num_threads(),
+    )  # fmt: skip
+    return o.to(dtype)
