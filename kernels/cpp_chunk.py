@@ -108,6 +108,9 @@ def build(name: str) -> ctypes.CDLL | None:
         return None
     lib.dsla_chunk_forward.restype = ctypes.c_int
     lib.dsla_decode_step.restype = None
+    p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    lib.dsla_decode_step.argtypes = [p, n, p, n, p, n, p, p, p, p, p, p, f, f, p, i, f, i, i, i, i, i, i, i, p, p, p,
+                                     p, p, f, p, p, i]  # fmt: skip
     return lib
 
 

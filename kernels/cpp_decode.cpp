@@ -48,6 +48,83 @@ inline void rotate(const float* x, const float* cos, const float* sin, int D, fl
     }
 }
 
+#if defined(__AVX512F__)
+constexpr int LANES = 16, BLOCK = 4;  // 4 x 16 columns by up to 4 heads: 16 of the 32 registers accumulate
+#else
+constexpr int LANES = 8, BLOCK = 2;  // 2 x 8 columns by up to 4 heads: 8 of the 16 registers accumulate
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES)));
+
+inline vf load(const float* p) {
+    vf x;
+    std::memcpy(&x, p, sizeof x);
+    return x;
+}
+
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+
+// Columns [c0, c0 + NV * LANES) of one state (rows [F2, V1]), for GB query heads: unless `read_only`, each row is
+// updated, row = a_j row + phi_j v, then lin[g] (+)= coef[j][g] row. Rows pass through registers once, and the
+// GB x NV accumulators stay in registers: each state element is loaded once, stored once and used GB + 1 times.
+template <int GB, int NV>
+void state_columns(float* st, int F2, int V1, int G, int c0, const float* a, const float* phi, const float* v,
+                   const float* coef, float* lin, bool read_only, bool accumulate) {
+    vf acc[GB][NV], val[NV];
+    for (int n = 0; n < NV; ++n) val[n] = load(v + c0 + n * LANES);
+    for (int g = 0; g < GB; ++g)
+        for (int n = 0; n < NV; ++n) acc[g][n] = accumulate ? load(lin + (long)g * V1 + c0 + n * LANES) : vf{};
+    for (int j = 0; j < F2; ++j) {
+        float* row = st + (long)j * V1 + c0;
+        vf r[NV];
+        for (int n = 0; n < NV; ++n) r[n] = load(row + n * LANES);
+        if (!read_only) {
+            for (int n = 0; n < NV; ++n) r[n] = a[j] * r[n] + phi[j] * val[n];
+            for (int n = 0; n < NV; ++n) store(row + n * LANES, r[n]);
+        }
+        for (int g = 0; g < GB; ++g)
+            for (int n = 0; n < NV; ++n) acc[g][n] += coef[(long)j * G + g] * r[n];
+    }
+    for (int g = 0; g < GB; ++g)
+        for (int n = 0; n < NV; ++n) store(lin + (long)g * V1 + c0 + n * LANES, acc[g][n]);
+}
+
+template <int GB>
+void state_heads(float* st, int F2, int V1, int G, const float* a, const float* phi, const float* v,
+                 const float* coef, float* lin, bool read_only, bool accumulate) {
+    int c = 0;
+    for (; c + BLOCK * LANES <= V1; c += BLOCK * LANES)
+        state_columns<GB, BLOCK>(st, F2, V1, G, c, a, phi, v, coef, lin, read_only, accumulate);
+    for (; c + LANES <= V1; c += LANES)
+        state_columns<GB, 1>(st, F2, V1, G, c, a, phi, v, coef, lin, read_only, accumulate);
+    for (; c < V1; ++c)  // the last columns (the normaliser's) one by one
+        for (int j = 0; j < F2; ++j) {
+            float* x = st + (long)j * V1 + c;
+            if (!read_only) *x = a[j] * *x + phi[j] * v[c];
+            for (int g = 0; g < GB; ++g) {
+                float& out = lin[(long)g * V1 + c];
+                out = (accumulate || j ? out : 0.0f) + coef[(long)j * G + g] * *x;
+            }
+        }
+}
+
+// One state [F2, V1]: updated in place, and read by the G query heads, lin[g] (+)= sum_j coef[j][g] row_j (coef
+// [F2, G]); `accumulate`: add to lin (the second state) rather than overwrite it. Heads in blocks of up to 4.
+void state_read(float* st, int F2, int V1, int G, const float* a, const float* phi, const float* v,
+                const float* coef, float* lin, bool accumulate) {
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const int gb = std::min(4, G - g0);
+        float* out = lin + (long)g0 * V1;
+        const float* cf = coef + g0;
+        const bool read_only = g0 > 0;  // the first block updated the state
+        switch (gb) {
+            case 1: state_heads<1>(st, F2, V1, G, a, phi, v, cf, out, read_only, accumulate); break;
+            case 2: state_heads<2>(st, F2, V1, G, a, phi, v, cf, out, read_only, accumulate); break;
+            case 3: state_heads<3>(st, F2, V1, G, a, phi, v, cf, out, read_only, accumulate); break;
+            default: state_heads<4>(st, F2, V1, G, a, phi, v, cf, out, read_only, accumulate); break;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -58,7 +135,8 @@ extern "C" {
 // valid [B, W], moved in place, pos [B, W + 1], inv_freq [D / 2], rope_scale, log_scale [H]; o [B, H, D].
 void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, const float* v, long v_sb,
                       const float* mask, float* state, const float* qm, const float* km, const float* gw,
-                      const float* gb, float inv_tau, float clamp, const float* w, int B, int S, int HK, int G,
+                      const float* gb, float inv_tau, float clamp, const float* mix, int mix_heads, float scale,
+                      int B, int S, int HK, int G,
                       int D, int F, int W, float* wk, float* wv, float* valid, const long* pos,
                       const float* inv_freq, float rope_scale, const float* log_scale, float* o, int threads) {
     const int H = HK * G, F2 = 2 * F, V1 = D + 1, half = D / 2;
@@ -66,19 +144,18 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
 #pragma omp parallel num_threads(threads)
     {
         std::vector<float> z(F), phi(F2), decay((size_t)S * F2), psi((size_t)G * F2), lin((size_t)G * V1),
-            vext(V1), qrot((size_t)G * D), krow(D), scores((size_t)G * W), top(G);
+            vext(V1), qrot((size_t)G * D), krow(D), scores((size_t)G * W), top(G), coef((size_t)F2 * G);
         std::vector<char> live(W);
         if (W) {
 #pragma omp for schedule(static)
             for (long r = 0; r < (long)B * (W + 1); ++r) {
                 float* t = &tables[r * D];
                 const float p = (float)pos[r];
+                // Two loops: GCC would fuse one loop's cosf and sinf into scalar sincosf calls (ten times slower).
 #pragma omp simd
-                for (int i = 0; i < half; ++i) {
-                    const float a = p * inv_freq[i];
-                    t[i] = cosf(a) * rope_scale;
-                    t[half + i] = sinf(a) * rope_scale;
-                }
+                for (int i = 0; i < half; ++i) t[i] = cosf(p * inv_freq[i]) * rope_scale;
+#pragma omp simd
+                for (int i = 0; i < half; ++i) t[half + i] = sinf(p * inv_freq[i]) * rope_scale;
             }
         }
 #pragma omp for schedule(static)
@@ -91,36 +168,35 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
             const float me = W ? valid[(long)b * W] : new_valid;
             hedgehog(ke, km + (long)hk * D * F, D, F, z.data(), phi.data());
             for (int j = 0; j < F2; ++j) phi[j] *= me;
-            for (int s = 0; s < S; ++s)
+            for (int s = 0; s < S; ++s) {
+                float* u = &decay[(long)s * F2];
                 for (int j = 0; j < F2; ++j) {
                     const float* row = gw + (((long)s * HK + hk) * F2 + j) * D;
-                    float u = gb[((long)s * HK + hk) * F2 + j];
-#pragma omp simd reduction(+ : u)
-                    for (int d = 0; d < D; ++d) u += row[d] * ke[d];
-                    const float g = (std::fmin(u, 0.0f) - log1pf(expf(-std::fabs(u)))) * inv_tau;
-                    decay[(long)s * F2 + j] = expf(std::fmax(g, clamp) * me);
+                    float acc = gb[((long)s * HK + hk) * F2 + j];
+#pragma omp simd reduction(+ : acc)
+                    for (int d = 0; d < D; ++d) acc += row[d] * ke[d];
+                    u[j] = acc;
                 }
+#pragma omp simd
+                for (int j = 0; j < F2; ++j) {  // a loop of its own, so that the exponentials are vectorised
+                    const float g = (std::fmin(u[j], 0.0f) - log1pf(expf(-std::fabs(u[j])))) * inv_tau;
+                    u[j] = expf(std::fmax(g, clamp) * me);
+                }
+            }
             std::memcpy(vext.data(), ve, D * 4);
             vext[D] = 1.0f;
             for (int g = 0; g < G; ++g)
                 hedgehog(q + b * q_sb + (long)(hk * G + g) * D, qm + (long)(hk * G + g) * D * F, D, F, z.data(),
                          &psi[(long)g * F2]);
-            std::fill(lin.begin(), lin.end(), 0.0f);
-            // Both states, row by row: update, then the group's read of the new row.
+            // Both states: the update and the group's read, column block by column block (see state_pass).
             for (int s = 0; s < S; ++s) {
                 float* st = state + (((long)b * S + s) * HK + hk) * F2 * V1;
-                for (int j = 0; j < F2; ++j) {
-                    float* row = st + (long)j * V1;
-                    const float a = decay[(long)s * F2 + j], f = phi[j];
-#pragma omp simd
-                    for (int c = 0; c < V1; ++c) row[c] = a * row[c] + f * vext[c];
-                    for (int g = 0; g < G; ++g) {
-                        const float coef = w[(long)(hk * G + g) * S + s] * psi[(long)g * F2 + j];
-                        float* out = &lin[(long)g * V1];
-#pragma omp simd
-                        for (int c = 0; c < V1; ++c) out[c] += coef * row[c];
-                    }
+                for (int g = 0; g < G; ++g) {
+                    const int h = hk * G + g;
+                    const float wg = scale * (mix ? mix[mix_heads ? h * S + s : s] : 1.0f);
+                    for (int j = 0; j < F2; ++j) coef[(long)j * G + g] = wg * psi[(long)g * F2 + j];
                 }
+                state_read(st, F2, V1, G, &decay[(long)s * F2], phi.data(), vext.data(), coef.data(), lin.data(), s > 0);
             }
             float* dst = o + ((long)b * H + hk * G) * D;
             if (!W) {
@@ -165,16 +241,20 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
                 }
             }
             for (int g = 0; g < G; ++g) {
-                float den = 0.0f;
+                float den = 0.0f, *p = &scores[(long)g * W];
+                const float m = top[g];
+#pragma omp simd reduction(+ : den)
+                for (int j = 0; j < W; ++j) {  // vectorised exponentials; dead entries weigh 0
+                    p[j] = live[j] ? expf(p[j] - m) : 0.0f;
+                    den += p[j];
+                }
                 float* out = dst + (long)g * D;
                 std::fill(out, out + D, 0.0f);
                 for (int j = 0; j < W; ++j) {
-                    if (!live[j]) continue;
-                    const float p = expf(scores[(long)g * W + j] - top[g]);
-                    den += p;
                     const float* val = vals + j * row_stride;
+                    const float pj = p[j];
 #pragma omp simd
-                    for (int d = 0; d < D; ++d) out[d] += p * val[d];
+                    for (int d = 0; d < D; ++d) out[d] += pj * val[d];
                 }
                 const float c = expf(log_scale[hk * G + g] - top[g]);
                 const float* l = &lin[(long)g * V1];

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from .cpp_chunk import FLT_MAX, library
 
 
-def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if x is None else x.data_ptr())
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -40,18 +38,18 @@ def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=N
         raise ValueError("the C++ kernel moves an fp32 window in place")
     # Every operand is held here until the call returns (a pointer to a temporary would dangle).
     q, k, v = _rows(q), _rows(k), _rows(v)
-    mask, w = _fp32(mask), weights.mix_weights(H, S).contiguous()
+    mask, mix = _fp32(mask), _fp32(weights.mix)
     q_map, k_map = _fp32(weights.q_map), _fp32(weights.k_map)
     gate_weight, gate_bias = _fp32(weights.gate_weight), _fp32(weights.gate_bias)
     pos = None if positions is None else positions.to(torch.long).contiguous()
     inv_freq, log_scale = _fp32(weights.inv_freq), _fp32(weights.window_log_scale)
     clamp = -FLT_MAX if weights.clamp is None else weights.clamp
     o = torch.empty(B, H, D)
-    lib.dsla_decode_step(
-        _ptr(q), ctypes.c_long(q.stride(0)), _ptr(k), ctypes.c_long(k.stride(0)), _ptr(v), ctypes.c_long(v.stride(0)),
-        _ptr(mask), _ptr(state), _ptr(q_map), _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias),
-        ctypes.c_float(1.0 / weights.tau), ctypes.c_float(clamp), _ptr(w), B, S, HK, H // HK, D, F,
+    lib.dsla_decode_step(  # argument types declared once (cpp_chunk.build)
+        _ptr(q), q.stride(0), _ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(mask), _ptr(state), _ptr(q_map),
+        _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias), 1.0 / weights.tau, clamp, _ptr(mix), mix is not None and mix.dim() == 2,
+        weights.scale, B, S, HK, H // HK, D, F,
         0 if keys is None else keys.shape[1], _ptr(keys), _ptr(values), _ptr(valid), _ptr(pos), _ptr(inv_freq),
-        ctypes.c_float(weights.rope_scale), _ptr(log_scale), _ptr(o), torch.get_num_threads(),
+        weights.rope_scale, _ptr(log_scale), _ptr(o), torch.get_num_threads(),
     )  # fmt: skip
     return o.to(dtype)

@@ -134,6 +134,8 @@ def check_inputs(q, k, v, state, weights: DecodeWeights, window, positions, mask
         raise ValueError("feature maps must be [H, D, F] and [HK, D, F]")
     if weights.gate_weight.shape != (S, HK, F2, D) or weights.gate_bias.shape != (S, HK, F2):
         raise ValueError(f"gates must be [{S}, {HK}, {F2}, {D}] and [{S}, {HK}, {F2}] (gates from the key)")
+    if weights.mix is not None and weights.mix.shape not in ((S,), (H, S)):
+        raise ValueError(f"mix must be [{S}] or [{H}, {S}], got {tuple(weights.mix.shape)}")
     if mask is not None and mask.shape != (B,):
         raise ValueError(f"mask must have shape ({B},), got {tuple(mask.shape)}")
     if window is None:

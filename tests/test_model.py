@@ -420,3 +420,24 @@ def test_conversion_initialises_every_new_parameter(tiny_teacher, options):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     with torch.no_grad():
         assert torch.isfinite(models[0](torch.randint(3, 101, (1, 9))).logits).all()
+
+
+def test_lora_merged_at_inference_follows_weight_changes():
+    """At inference the LoRA delta runs merged into one product; the merged weight follows in-place changes of the
+    projection and of the delta, the teacher's projection is untouched, and training keeps the two-term form."""
+    from dsla_hf.modeling_dsla import LowRankDelta
+
+    torch.manual_seed(0)
+    proj, lora = torch.nn.Linear(12, 10, bias=True), LowRankDelta(12, 10, rank=3, alpha=6.0)
+    torch.nn.init.normal_(lora.down), torch.nn.init.normal_(lora.up)
+    x = torch.randn(4, 12)
+    before = proj.weight.clone()
+    with torch.no_grad():
+        assert rel(lora.beside(proj, x), proj(x) + lora(x)) <= 1e-6
+        for p in (proj.weight, lora.up, lora.down):
+            p.mul_(1.5)
+            assert rel(lora.beside(proj, x), proj(x) + lora(x)) <= 1e-6
+    assert torch.equal(proj.weight, before * 1.5)
+    y = lora.beside(proj, x)
+    y.sum().backward()
+    assert lora.up.grad is not None and lora.down.grad is not None

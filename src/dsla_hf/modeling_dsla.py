@@ -69,6 +69,19 @@ class LowRankDelta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up) * self.scaling
 
+    def beside(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """`proj(x) + self(x)`. At inference, one product with the merged weight `W + up @ down * scaling` (the
+        teacher's `proj` stays untouched; the merged copy is rebuilt whenever a weight changes): two small matmuls
+        and an add fewer per call, which is a fifth of a decoding step."""
+        if torch.is_grad_enabled():
+            return proj(x) + self(x)
+        weight = proj.weight
+        key = (weight.data_ptr(), weight._version, self.down._version, self.up._version, weight.dtype)
+        if getattr(self, "_merged", (None,))[0] != key:
+            merged = torch.addmm(weight, self.up.to(weight.dtype), self.down.to(weight.dtype), alpha=self.scaling)
+            self._merged = (key, merged)
+        return F.linear(x, self._merged[1], proj.bias)
+
 
 class DSLAFeatureMap(nn.Module):
     """phi / psi applied per head to keys or queries: identity, elu + 1, or Hedgehog (softmax of a learned map, of
@@ -339,9 +352,7 @@ class DSLAAttention(nn.Module):
         B, T, _ = hidden_states.shape
         D = self.head_dim
         q_proj, k_proj, v_proj, o_proj = self.projections(teacher)
-        q = q_proj(hidden_states)
-        if hasattr(self, "q_lora"):
-            q = q + self.q_lora(hidden_states)
+        q = self.q_lora.beside(q_proj, hidden_states) if hasattr(self, "q_lora") else q_proj(hidden_states)
         q = q.view(B, T, self.num_heads, D)
         k = k_proj(hidden_states).view(B, T, self.num_kv_heads, D)
         v = v_proj(hidden_states).view(B, T, self.num_kv_heads, D)
@@ -384,10 +395,7 @@ class DSLAAttention(nn.Module):
         return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
 
     def output_projection(self, o: torch.Tensor, o_proj: nn.Linear) -> torch.Tensor:
-        out = o_proj(o)
-        if hasattr(self, "o_lora"):
-            out = out + self.o_lora(o)
-        return out
+        return self.o_lora.beside(o_proj, o) if hasattr(self, "o_lora") else o_proj(o)
 
     def fused_decoding(self, q: torch.Tensor) -> bool:
         """Whether a one-token step runs as one fused kernel call (:func:`fused_decode_dsla`): inference with a

@@ -13,7 +13,7 @@ from .test_cpp import needs_kernel
 from .utils import assert_close
 
 
-def make_step(B=2, H=6, HK=2, D=16, F_=8, S=2, W=5, seed=0, mask=False):
+def make_step(B=2, H=6, HK=2, D=16, F_=8, S=2, W=5, seed=0, mask=False, mix="heads"):
     """Weights, a state, a window of W entries (one of them padding) and a stream of 6 new tokens."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -23,7 +23,8 @@ def make_step(B=2, H=6, HK=2, D=16, F_=8, S=2, W=5, seed=0, mask=False):
     weights = DecodeWeights(
         q_map=rnd(H, D, F_, scale=0.5), k_map=rnd(HK, D, F_, scale=0.5),
         gate_weight=rnd(S, HK, 2 * F_, D, scale=0.3), gate_bias=rnd(S, HK, 2 * F_) + 2.0, tau=4.0, clamp=-0.5,
-        mix=torch.rand(H, S, generator=gen).softmax(-1) if S == 2 else None, scale=1.0,
+        mix={"heads": torch.rand(H, S, generator=gen), "layer": torch.rand(S, generator=gen), "none": None}[mix],
+        scale=0.7,
         window_log_scale=rnd(H, scale=0.5) if W else None, inv_freq=1.0 / 500 ** (torch.arange(0, D, 2) / D),
         rope_scale=1.1,
     )  # fmt: skip
@@ -34,7 +35,8 @@ def make_step(B=2, H=6, HK=2, D=16, F_=8, S=2, W=5, seed=0, mask=False):
         valid[0, 1] = 0.0  # a padded entry
         window = (rnd(B, W, HK, D), rnd(B, W, HK, D), valid)
     tokens = [(rnd(B, H, D), rnd(B, HK, D), rnd(B, HK, D)) for _ in range(6)]
-    masks = [torch.tensor([1.0, 0.0] + [1.0] * (B - 2)) if mask and i == 2 else None for i in range(6)]
+    padded = torch.tensor([1.0, 0.0] + [1.0] * (B - 2))[:B] if B > 1 else torch.zeros(1)
+    masks = [padded if mask and i == 2 else None for i in range(6)]
     positions = torch.arange(100, 100 + W + 6).expand(B, -1)
     return weights, state, window, tokens, masks, positions
 
@@ -53,9 +55,12 @@ def run_steps(backend, weights, state, window, tokens, masks, positions):
 @needs_kernel
 @pytest.mark.parametrize("W", [0, 5])
 @pytest.mark.parametrize("S", [2, 1])
-@pytest.mark.parametrize("B,H,HK", [(2, 6, 2), (3, 4, 4), (2, 9, 3)])
-def test_cpp_matches_reference(W, S, B, H, HK, isa):
-    case = make_step(B=B, H=H, HK=HK, S=S, W=W, mask=True)
+@pytest.mark.parametrize(
+    "B,H,HK,mix", [(2, 6, 2, "heads"), (3, 4, 4, "layer"), (2, 9, 3, "none"), (1, 10, 1, "heads")]
+)
+def test_cpp_matches_reference(W, S, B, H, HK, mix, isa):
+    """Batches, GQA groups of 1 to 10 query heads (blocks of 4 in the kernel), every mixing layout, padding."""
+    case = make_step(B=B, H=H, HK=HK, S=S, W=W, mask=True, mix=mix)
     o, state, window = run_steps("cpp", *case)
     o_ref, state_ref, window_ref = run_steps("naive", *case)
     assert_close("o", o, o_ref, 2e-6)
@@ -79,7 +84,7 @@ def test_reference_states_are_the_recurrence():
     u = torch.einsum("shfd,bthd->btshf", weights.gate_weight, k) + weights.gate_bias
     g = (F.logsigmoid(u) / weights.tau).clamp(min=weights.clamp)
     values = torch.cat([v, torch.ones(B, T, HK, 1)], -1)
-    lin, final_ref = naive_dsla(psi, phi, values, g[:, :, 0], g[:, :, 1], weights.mix, 1.0, state, True)
+    lin, final_ref = naive_dsla(psi, phi, values, g[:, :, 0], g[:, :, 1], weights.mix, weights.scale, state, True)
     assert_close("state", final, final_ref, 1e-6)
     assert_close("o", o, lin[..., :D] / (lin[..., D:] + 1e-6), 1e-6)
 
