@@ -2,10 +2,10 @@
 
 The library (this kernel and the decoding step of ``cpp_decode.cpp``) is compiled once per machine and instruction
 set with the system C++ compiler (``$CXX`` or ``g++``), ``-O3``, the ``-march`` of ``$DSLA_HF_CPU_ISA`` (default
-``native``) and OpenMP, into ``$DSLA_HF_CACHE`` (default ``~/.cache/dsla_hf``) under a name that hashes the source, the flags,
-the compiler and the CPU; later processes load it in milliseconds. It needs no Python or PyTorch headers. Where no
-compiler is found or the build fails, :func:`library` returns ``None`` (with one warning) and ``chunk_dsla`` uses
-the PyTorch path. The call releases the GIL.
+``native``) and OpenMP, into ``$DSLA_HF_CACHE`` (default ``~/.cache/dsla_hf``) under a name that hashes the
+sources, the flags, the compiler and the CPU; later processes load it in milliseconds. It needs no Python or
+PyTorch headers. Where no compiler is found or the build fails, :func:`library` returns ``None`` (with one
+warning) and ``chunk_dsla`` uses the PyTorch path. The call releases the GIL.
 
 Forward only: training keeps the PyTorch path's autograd.
 """

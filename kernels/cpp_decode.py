@@ -47,8 +47,8 @@ def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=N
     o = torch.empty(B, H, D)
     lib.dsla_decode_step(  # argument types declared once (cpp_chunk.build)
         _ptr(q), q.stride(0), _ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(mask), _ptr(state), _ptr(q_map),
-        _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias), 1.0 / weights.tau, clamp, _ptr(mix), mix is not None and mix.dim() == 2,
-        weights.scale, B, S, HK, H // HK, D, F,
+        _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias), 1.0 / weights.tau, clamp, _ptr(mix),
+        mix is not None and mix.dim() == 2, weights.scale, B, S, HK, H // HK, D, F,
         0 if keys is None else keys.shape[1], _ptr(keys), _ptr(values), _ptr(valid), _ptr(pos), _ptr(inv_freq),
         weights.rope_scale, _ptr(log_scale), _ptr(o), torch.get_num_threads(),
     )  # fmt: skip

@@ -177,8 +177,9 @@ def test_window_layer_gradients_match_token_by_token_reference(tiny_teacher):
 def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypatch):
     """Decoding by the fused kernel (one call per layer and token) gives the logits, states and windows of the
     unfused step within fp32 rounding: left-padded batch, a padded new token, keep_kv, beam search."""
-    from dsla_hf import modeling_dsla
     from dsla_hf.kernels.dispatch import cpp_available
+
+    from dsla_hf import modeling_dsla
 
     if not cpp_available():
         pytest.skip("no fused CPU backend here")

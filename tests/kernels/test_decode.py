@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dsla_hf.kernels import naive_dsla
-from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla, hedgehog, naive_decode_dsla, rope
+from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla, hedgehog, rope
 
 from .test_cpp import needs_kernel
 from .utils import assert_close
