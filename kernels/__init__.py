@@ -4,15 +4,30 @@
 - ``fused_recurrent_dsla``: decoding, one or a few tokens per step.
 - ``fold_kv``: rebuild the states of a layer from cached keys and values.
 - ``naive_dsla``: the fp32 token-by-token reference.
+- ``fused_decode_dsla``: one decoding step of a default-preset layer (features, gates, states, window), fused.
+- ``window_attention``: the softmax window beside the states, sharing their normaliser.
 - ``LinearGates``: gates given by their inputs and weights, in place of gate tensors (computed in the C++ kernel).
 
 Shapes and semantics are documented in :mod:`dsla_hf.kernels.naive`.
 """
 
 from .chunk import chunk_dsla
+from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
 from .fold import fold_kv
 from .fused_recurrent import fused_recurrent_dsla
 from .gates import LinearGates
 from .naive import naive_dsla
+from .window import window_attention
 
-__all__ = ["LinearGates", "chunk_dsla", "fold_kv", "fused_recurrent_dsla", "naive_dsla"]
+__all__ = [
+    "DecodeWeights",
+    "LinearGates",
+    "chunk_dsla",
+    "decode_backend",
+    "fold_kv",
+    "fused_decode_dsla",
+    "fused_recurrent_dsla",
+    "naive_decode_dsla",
+    "naive_dsla",
+    "window_attention",
+]

@@ -30,7 +30,9 @@ from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
 # One library of the CPU kernels: the chunked prefill and the fused decoding step.
-SOURCES = (Path(__file__).with_name("cpp_chunk.cpp"), Path(__file__).with_name("cpp_decode.cpp"))
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpp_chunk.cpp", HERE / "cpp_decode.cpp", HERE / "cpp_window.cpp")
+HEADERS = (HERE / "cpu_gemm.h",)
 # Compiled with -ffast-math (vectorised expf from glibc's libmvec) but linked without it: a fast-math link adds
 # crtfastmath.o (GCC < 13), whose constructor would flush denormals to zero for the whole process on load.
 COMPILE = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
@@ -83,12 +85,12 @@ def library() -> ctypes.CDLL | None:
 def build(name: str) -> ctypes.CDLL | None:
     """The kernel compiled for instruction set ``name`` (a key of :data:`ISA_FLAGS`), built once per machine."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None or not all(source.is_file() for source in SOURCES):
+    if compiler is None or not all(source.is_file() for source in (*SOURCES, *HEADERS)):
         return None
     flags = (*COMPILE, ISA_FLAGS[name])
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        texts = [source.read_text() for source in SOURCES]
+        texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
         key = hashlib.sha256("\n".join([*texts, *flags, *LINK, version, _cpu_signature()]).encode())
         target = _cache_dir() / f"cpp_chunk-{name}-{key.hexdigest()[:16]}.so"
         if not target.is_file():
@@ -111,6 +113,8 @@ def build(name: str) -> ctypes.CDLL | None:
     p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.dsla_decode_step.argtypes = [p, n, p, n, p, n, p, p, p, p, p, p, f, f, p, i, f, i, i, i, i, i, i, i, p, p, p,
                                      p, p, f, p, p, i]  # fmt: skip
+    lib.dsla_window_attention.restype = None
+    lib.dsla_window_attention.argtypes = [p, p, p, p, p, p, p, n, p, p, n, n, p, p, p, p, p, i, i, i, i, i, i, i]
     return lib
 
 

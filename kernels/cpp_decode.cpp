@@ -12,6 +12,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_gemm.h"
+
 namespace {
 
 // [softmax(z), softmax(-z)] of z = x M (x [D], M [D, F] row-major) into out [2F].
@@ -48,20 +50,11 @@ inline void rotate(const float* x, const float* cos, const float* sin, int D, fl
     }
 }
 
-#if defined(__AVX512F__)
-constexpr int LANES = 16, BLOCK = 4;  // 4 x 16 columns by up to 4 heads: 16 of the 32 registers accumulate
-#else
-constexpr int LANES = 8, BLOCK = 2;  // 2 x 8 columns by up to 4 heads: 8 of the 16 registers accumulate
-#endif
-typedef float vf __attribute__((vector_size(4 * LANES)));
-
-inline vf load(const float* p) {
-    vf x;
-    std::memcpy(&x, p, sizeof x);
-    return x;
-}
-
-inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+using dsla::LANES;
+using dsla::load;
+using dsla::store;
+using dsla::vf;
+constexpr int BLOCK = LANES == 16 ? 4 : 2;  // column vectors by up to 4 heads: half the registers accumulate
 
 // Columns [c0, c0 + NV * LANES) of one state (rows [F2, V1]), for GB query heads: unless `read_only`, each row is
 // updated, row = a_j row + phi_j v, then lin[g] (+)= coef[j][g] row. Rows pass through registers once, and the

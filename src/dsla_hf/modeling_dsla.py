@@ -35,8 +35,16 @@ from transformers.utils import logging
 
 from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
-from .kernels import LinearGates, chunk_dsla, fold_kv, fused_recurrent_dsla
-from .kernels.decode import DecodeWeights, decode_backend, fused_decode_dsla
+from .kernels import (
+    DecodeWeights,
+    LinearGates,
+    chunk_dsla,
+    decode_backend,
+    fold_kv,
+    fused_decode_dsla,
+    fused_recurrent_dsla,
+    window_attention,
+)
 from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -292,54 +300,6 @@ class DSLAAttention(nn.Module):
             cache_layer.free_kv()
         return state
 
-    def window_attention(
-        self,
-        q: torch.Tensor,
-        pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        linear: torch.Tensor,
-    ) -> torch.Tensor:
-        """Exact softmax attention (with RoPE, as the teacher) of each new query over the `dsla_window` newest
-        pending tokens up to itself, sharing one normaliser with the states' output `linear` ([..., D] numerator,
-        [..., 1] denominator). `cos`/`sin` cover the W + T pending positions; queries are the last T."""
-        W, D, H, HK = self.window, self.head_dim, self.num_heads, self.num_kv_heads
-        G = H // HK
-        B, T = q.shape[:2]
-        keys, values, valid = pending
-        scale = D**-0.5  # folded into the queries' rotation
-        q = (q * (cos[:, W:, None] * scale) + rotate_half(q) * (sin[:, W:, None] * scale)).float()
-        keys = (keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]).float()
-        # Query block n (queries nW..nW+W-1, pending index W+i) reads pending indices nW .. nW+2W-1: a band of W.
-        # Layouts for batched matmuls over (batch, block, KV head), the G query heads of a group as extra rows.
-        blocks = -(-T // W)
-        pad = (blocks + 1) * W - (W + T)
-        q = F.pad(q, (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, G, D)
-        q = q.permute(0, 1, 3, 4, 2, 5).reshape(B, blocks, HK, G * W, D)
-        keys = F.pad(keys, (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W)  # [B, blocks, HK, D, 2W]: k^T, no copy
-        values = F.pad(values.float(), (0, 0, 0, 0, 0, pad)).unfold(1, 2 * W, W).transpose(-1, -2)
-        valid = F.pad(valid, (0, pad)).unfold(1, 2 * W, W)  # [B, blocks, 2W]
-        r = torch.arange(W, device=q.device)[:, None]
-        c = torch.arange(2 * W, device=q.device)[None, :]
-        allowed = (c > r) & (c <= r + W) & (valid[:, :, None, :] > 0)  # [B, blocks, W, 2W]
-        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
-        # In-place steps only where autograd keeps no copy (matmul and sum outputs, exp's own result).
-        scores = (q @ keys).view(B, blocks, HK, G, W, 2 * W).add_(bias[:, :, None, None])
-        # The stabiliser cancels between numerator and denominator, so no gradient flows through it. It is >= 0, which
-        # keeps both exp(s - top) and exp(-top) <= 1.
-        top = scores.detach().amax(-1, keepdim=True).clamp_(min=0.0)
-        weights = scores.sub_(top).exp_()
-        denominator = weights.sum(-1, keepdim=True)  # [B, blocks, HK, G, W, 1]
-        numerator = (weights.view(B, blocks, HK, G * W, 2 * W) @ values).view(B, blocks, HK, G, W, D)
-        # The states' output in the same layout (a view) and under the same normaliser.
-        linear = F.pad(linear.float(), (0, 0, 0, 0, 0, blocks * W - T)).view(B, blocks, W, HK, G, D + 1)
-        linear = linear.permute(0, 1, 3, 4, 2, 5)  # [B, blocks, HK, G, W, D + 1]
-        lin_scale = torch.exp(self.linear_log_scale.float().view(HK, G, 1, 1) - top)
-        numerator.addcmul_(lin_scale, linear[..., :D])
-        denominator.addcmul_(lin_scale, linear[..., D:]).add_(1e-6)
-        out = (numerator / denominator).permute(0, 1, 4, 2, 3, 5).reshape(B, blocks * W, H, D)
-        return out[:, :T]
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -387,7 +347,7 @@ class DSLAAttention(nn.Module):
             seen = cache_layer.seen_tokens if cache_layer is not None else None
             positions = self.pending_positions(cache, seen, T, B, hidden_states.device)
             cos, sin = rotary_emb(hidden_states, positions)
-            o = self.window_attention(q, pending, cos, sin, o).to(hidden_states.dtype)
+            o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale).to(hidden_states.dtype)
         elif self.normalizer == "sum":
             o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
         elif self.normalizer == "rms":

@@ -1,0 +1,66 @@
+// Shared by the CPU kernels: vectors of the instruction set's width and a register-blocked product of small
+// matrices. Included by cpp_chunk.cpp, cpp_decode.cpp and cpp_window.cpp (each built with the same -march).
+
+#pragma once
+
+#include <cstring>
+
+namespace dsla {
+
+// The micro-kernel's register blocking, per instruction set: R rows by NV vectors of LANES floats accumulate in
+// registers, with NV vectors of B and one broadcast beside them. AVX-512 has 32 registers of 16 floats: 8 x 2
+// (16 accumulators). AVX2 has 16 registers of 8 floats: 4 x 2 (8 accumulators; 6 x 2 measured no faster). A
+// 16-float vector there is two registers, and the 8 x 2 block of 16-float vectors spilled: ten times slower.
+#if defined(__AVX512F__)
+constexpr int LANES = 16, ROWS = 8, PANEL = 2;
+#else
+constexpr int LANES = 8, ROWS = 4, PANEL = 2;
+#endif
+static_assert(8 % ROWS == 0, "products have a multiple of 8 rows");
+typedef float vf __attribute__((vector_size(4 * LANES)));
+
+inline vf load(const float* p) {
+    vf x;
+    std::memcpy(&x, p, sizeof x);
+    return x;
+}
+
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+
+// C[R x LANES NV] (+)= A[R x P] @ B[P x LANES NV]: A(r, p) at A[r * ars + p * aps] (any layout: its elements are
+// broadcast one at a time), B and C row-major. The R x NV accumulators stay in registers.
+template <int R, int NV, bool ACC>
+inline void micro(int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    vf acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) acc[r][j] = ACC ? load(C + r * ldc + LANES * j) : vf{};
+    for (int p = 0; p < P; ++p) {
+        vf b[NV];
+        for (int j = 0; j < NV; ++j) b[j] = load(B + p * ldb + LANES * j);
+        for (int r = 0; r < R; ++r) {
+            const float a = A[r * ars + p * aps];
+            for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) store(C + r * ldc + LANES * j, acc[r][j]);
+}
+
+template <int NV, bool ACC>
+inline void panel(int M, int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    for (int i = 0; i < M; i += ROWS) micro<ROWS, NV, ACC>(P, A + i * ars, ars, aps, B, ldb, C + i * ldc, ldc);
+}
+
+// C[M x N] (+)= A[M x P] @ B[P x N]; M a multiple of 8, N of 16 (whole vectors on either instruction set). Panels
+// of PANEL vectors' width, each A element broadcast once per PANEL vectors of B.
+template <bool ACC>
+void gemm(int M, int N, int P, const float* A, long ars, long aps, const float* B, long ldb, float* C, long ldc) {
+    constexpr int WIDE = LANES * PANEL;
+    int j = 0;
+    for (; j + WIDE <= N; j += WIDE) panel<PANEL, ACC>(M, P, A, ars, aps, B + j, ldb, C + j, ldc);
+    for (; j < N; j += LANES) panel<1, ACC>(M, P, A, ars, aps, B + j, ldb, C + j, ldc);
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+}  // namespace dsla
