@@ -10,6 +10,7 @@ factoring, state carry, in-place update), not their speed or compilation for a r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
@@ -21,6 +22,7 @@ pytest.importorskip("triton")
 
 from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsla  # noqa: E402
 
+from .test_decode import make_step, run_steps  # noqa: E402
 from .test_recurrent_fold import nan_empty  # noqa: E402, F401 (a fixture, used by name)
 from .utils import assert_close, grads, make_inputs  # noqa: E402
 
@@ -133,3 +135,40 @@ def test_triton_chunk_backward_no_uninitialised_reads():
     assert_close("final", final, final_ref, 1e-5)
     for name in g_ref:
         assert_close(f"d{name}", g[name], g_ref[name], 1e-4)
+
+
+def check_decode(case, o_tol=1e-5, state_tol=1e-5):
+    """Six chained steps of the Triton decoding step against the reference: outputs, states and moved windows."""
+    o, state, window = run_steps("triton", *case)
+    o_ref, state_ref, window_ref = run_steps("naive", *case)
+    assert o.dtype == o_ref.dtype
+    assert_close("o", o, o_ref, o_tol)
+    assert_close("state", state, state_ref, state_tol)
+    if window is not None:
+        for name, a, b in zip(("keys", "values", "valid"), window, window_ref):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("W", [0, 5])
+@pytest.mark.parametrize("S", [2, 1])
+@pytest.mark.parametrize(
+    "B,H,HK,mix", [(2, 6, 2, "heads"), (3, 4, 4, "layer"), (2, 9, 3, "none"), (1, 10, 1, "heads")]
+)
+def test_triton_decode_matches_reference(W, S, B, H, HK, mix):
+    """Batches, GQA groups of 1 to 10 query heads, every mixing layout, a padded token and a padded window entry."""
+    check_decode(make_step(B=B, H=H, HK=HK, S=S, W=W, mask=True, mix=mix))
+
+
+@pytest.mark.parametrize("W", [0, 5])
+def test_triton_decode_odd_head_dim_no_clamp(W):
+    """D = 20 and 2F = 12 (masked blocks of 32 and 16), no clamp on the log decays."""
+    weights, *rest = make_step(H=9, HK=3, D=20, F_=6, W=W, mask=True)
+    check_decode((dataclasses.replace(weights, clamp=None), *rest))
+
+
+def test_triton_decode_bf16_inputs():
+    """bf16 q, k, v (fp32 states and window): computed in fp32 from the same values as the reference, so the states
+    agree to fp32 rounding; o in bf16, which the interpreter rounds by truncation (CUDA to nearest): one ulp off."""
+    weights, state, window, tokens, masks, positions = make_step(W=5, mask=True)
+    tokens = [tuple(t.bfloat16() for t in token) for token in tokens]
+    check_decode((weights, state, window, tokens, masks, positions), o_tol=2e-2)
