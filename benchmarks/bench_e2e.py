@@ -1,23 +1,28 @@
-"""End-to-end speed and memory on SmolLM2: the teacher vs half of its layers run as DSLA (DESIGN §5).
+"""End-to-end speed and memory on SmolLM2: the teacher vs half of its layers run as DSLA (default preset).
 
-- Single-request prefill at 8k tokens. The bound is Amdahl's from measured parts: the teacher's prefill time, minus
-  the measured time of the converted layers' softmax attention modules, plus the measured time of their DSLA modules
-  on the same inputs. We report the fraction of that bound reached (bound time / measured time).
-- Batched decode (batch 8, 4k context). Decoding is memory-bound, so the bound is the ratio of bytes read per step:
-  weights (read once for the batch) plus every request's cache (keys and values, or DSLA states). Caches are filled
-  with random values of the right shapes (speed does not depend on them), so no 4k prefill is needed.
+- Single-request prefill at 1k, 4k, 8k and 16k tokens, teacher and DSLA interleaved. At the bound lengths (1k and
+  8k) the bound is Amdahl's from measured parts: the teacher's prefill time, minus the measured time of the
+  converted layers' softmax attention modules, plus the measured time of their DSLA modules on the same inputs. We
+  report the fraction of that bound reached (bound time / measured time).
+- Decode steps at batch 1 (1k, 4k, 16k of context) and batch 8 (4k). A step reads every weight once for the batch
+  plus every request's cache (keys and values, or DSLA states and windows); the bytes-read ratio is the bound of a
+  memory-bound step (at batch 1 the 540 MB of weights dominate). Caches are filled with random values of the right
+  shapes (speed does not depend on them), so no long prefill is needed.
 
-    python benchmarks/bench_e2e.py            # writes benchmarks/results/e2e.json and prints a Markdown table
+    python benchmarks/bench_e2e.py              # writes benchmarks/results/e2e.{json,md}
+    python benchmarks/bench_e2e.py --isa avx2   # the AVX2 code paths: e2e_avx2.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+from machine import add_isa_argument, describe, machine, suffix, use_isa
 
 from dsla_hf import DSLACache, convert_llama_to_dsla, load_teacher
 
@@ -54,33 +59,34 @@ def module_times(model, ids: torch.Tensor, layers: list[int]) -> dict[int, float
     return times
 
 
-def prefill(model, length: int, converted: list[int], repeats: int) -> dict:
+def prefill(model, length: int, converted: list[int], repeats: int, bound: bool) -> dict:
     ids = torch.randint(100, 40000, (1, length))
     run = lambda: model(ids, use_cache=False, logits_to_keep=1)
+    times = {"teacher": float("inf"), "dsla": float("inf")}
     with torch.no_grad():
-        model.set_dsla_layers([])
-        run()  # warm-up
-        teacher_s = timed(run, repeats)
-        softmax_parts = module_times(model, ids, converted)
-        model.set_dsla_layers(converted)
-        run()
-        dsla_s = timed(run, repeats)
-        dsla_parts = module_times(model, ids, converted)
+        for _ in range(repeats):  # interleaved: the machine's slow phases fall on both
+            for label, active in (("teacher", []), ("dsla", converted)):
+                model.set_dsla_layers(active)
+                times[label] = min(times[label], timed(run))
+        row = {"tokens": length, "teacher_s": times["teacher"], "dsla_s": times["dsla"],
+               "speedup": times["teacher"] / times["dsla"]}  # fmt: skip
+        if bound:
+            model.set_dsla_layers([])
+            softmax_parts = module_times(model, ids, converted)
+            everything = module_times(model, ids, list(range(model.config.num_hidden_layers)))
+            model.set_dsla_layers(converted)
+            dsla_parts = module_times(model, ids, converted)
+            bound_s = times["teacher"] - sum(softmax_parts.values()) + sum(dsla_parts.values())
+            row |= {
+                "attention_share_teacher": sum(everything.values()) / times["teacher"],
+                "converted_softmax_share": sum(softmax_parts.values()) / times["teacher"],
+                "bound_s": bound_s,
+                "bound_speedup": times["teacher"] / bound_s,
+                "fraction_of_bound": bound_s / times["dsla"],
+                "amdahl_limit_if_free": times["teacher"] / (times["teacher"] - sum(softmax_parts.values())),
+            }
     model.set_dsla_layers([])
-    attention_share = sum(module_times(model, ids, list(range(model.config.num_hidden_layers))).values()) / teacher_s
-    bound_s = teacher_s - sum(softmax_parts.values()) + sum(dsla_parts.values())
-    return {
-        "tokens": length,
-        "teacher_s": teacher_s,
-        "dsla_s": dsla_s,
-        "speedup": teacher_s / dsla_s,
-        "attention_share_teacher": attention_share,
-        "converted_softmax_share": sum(softmax_parts.values()) / teacher_s,
-        "bound_s": bound_s,
-        "bound_speedup": teacher_s / bound_s,
-        "fraction_of_bound": bound_s / dsla_s,
-        "amdahl_limit_if_free": teacher_s / (teacher_s - sum(softmax_parts.values())),
-    }
+    return row
 
 
 def synthetic_cache(model, batch: int, context: int) -> DSLACache:
@@ -105,21 +111,26 @@ def synthetic_cache(model, batch: int, context: int) -> DSLACache:
     return cache
 
 
-def decode(model, batch: int, context: int, converted: list[int], steps: int) -> dict:
+def decode(model, batch: int, context: int, converted: list[int], steps: int, repeats: int) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() > 0)
     # Parameters that a step reads: every weight except DSLA weights of layers that run as softmax, and vice versa.
-    results = {}
+    setups = {}
     for label, active in (("teacher", []), ("dsla", converted)):
         model.set_dsla_layers(active)
-        cache = synthetic_cache(model, batch, context)
-        token = torch.randint(100, 40000, (batch, 1))
-        with torch.no_grad():
-            model(token, cache=cache)  # warm-up step
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(token, cache=cache)
-            seconds = (time.perf_counter() - start) / steps
-        results[label] = {"step_s": seconds, "cache_bytes": cache.memory_bytes}
+        setups[label] = (active, synthetic_cache(model, batch, context))
+    token = torch.randint(100, 40000, (batch, 1))
+    results = {
+        label: {"step_s": float("inf"), "cache_bytes": cache.memory_bytes} for label, (_, cache) in setups.items()
+    }
+    with torch.no_grad():
+        for r in range(repeats + 1):  # interleaved rounds; the first is a warm-up
+            for label, (active, cache) in setups.items():
+                model.set_dsla_layers(active)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    model(token, cache=cache)
+                if r:
+                    results[label]["step_s"] = min(results[label]["step_s"], (time.perf_counter() - start) / steps)
     model.set_dsla_layers([])
     teacher, dsla = results["teacher"], results["dsla"]
     bytes_teacher = weights + teacher["cache_bytes"]
@@ -141,17 +152,42 @@ def decode(model, batch: int, context: int, converted: list[int], steps: int) ->
     }
 
 
+def markdown(result: dict) -> str:
+    lines = [f"Ran on {describe(result['meta'])}.", ""]
+    lines += ["| measurement | teacher | half DSLA | speedup | bound | fraction of bound |", "|" + "---|" * 6]
+    for p in result["prefill"]:
+        bound, fraction = "", ""
+        if "bound_s" in p:
+            bound = f"{p['bound_speedup']:.2f}x (Amdahl; {p['amdahl_limit_if_free']:.2f}x if DSLA were free)"
+            fraction = f"{p['fraction_of_bound']:.0%}"
+        lines.append(f"| prefill {p['tokens']} tokens (s) | {p['teacher_s']:.2f} | {p['dsla_s']:.2f} | "
+                     f"{p['speedup']:.2f}x | {bound} | {fraction} |")  # fmt: skip
+    for d in result["decode"]:
+        lines.append(f"| decode batch {d['batch']} @ {d['context']} (ms/step) | {1e3 * d['teacher_step_s']:.1f} | "
+                     f"{1e3 * d['dsla_step_s']:.1f} | {d['speedup']:.2f}x | {d['bytes_bound_speedup']:.2f}x (bytes "
+                     f"read) | {d['fraction_of_bound']:.0%} |")  # fmt: skip
+    for d in result["decode"]:
+        mib = d["teacher_cache_bytes"] / 2**20, d["dsla_cache_bytes"] / 2**20
+        lines.append(f"| cache memory, batch {d['batch']} @ {d['context']} (MiB) | {mib[0]:.0f} | {mib[1]:.0f} | "
+                     f"{d['cache_memory_ratio']:.1%} of the teacher's | | |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prefill-tokens", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--prefill-tokens", type=int, nargs="*", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--bound-tokens", type=int, nargs="*", default=[1024, 8192], help="prefills with a bound")
+    parser.add_argument("--decode", nargs="*", default=["1x1024", "1x4096", "1x16384", "8x4096"],
+                        help="decode setups, BATCHxCONTEXT")  # fmt: skip
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=None, help="dsla_window of the converted layers (preset's)")
-    parser.add_argument("--out", default="benchmarks/results/e2e.json")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e[_ISA].json)")
+    add_isa_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    use_isa(args.isa)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, _ = load_teacher()
     n = teacher.config.num_hidden_layers
@@ -159,32 +195,25 @@ def main() -> None:
     window = {} if args.window is None else {"dsla_window": args.window}
     model = convert_llama_to_dsla(teacher, layers=converted, active=[], **window).eval()
     result = {
-        "setup": vars(args)
-        | {"converted_layers": converted, "window": model.config.dsla_window, "threads": torch.get_num_threads()},
-        "decode": decode(model, args.batch, args.context, converted, args.steps),
-        "prefill": prefill(model, args.prefill_tokens, converted, args.repeats),
+        "meta": machine(args.threads),
+        "setup": vars(args) | {"converted_layers": converted, "window": model.config.dsla_window},
+        "decode": [],
+        "prefill": [],
     }
-    out = Path(args.out)
+    for setup in args.decode:
+        batch, context = (int(x) for x in setup.split("x"))
+        result["decode"].append(decode(model, batch, context, converted, args.steps, args.repeats))
+        print(result["decode"][-1])
+    for length in args.prefill_tokens:
+        result["prefill"].append(prefill(model, length, converted, args.repeats, length in args.bound_tokens))
+        print(result["prefill"][-1])
+    result["meta"]["load_average"] = os.getloadavg()
+    out = Path(args.out or f"benchmarks/results/e2e{suffix(args.isa)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    p, d = result["prefill"], result["decode"]
-    print("| measurement | teacher | half DSLA | speedup | bound | fraction of bound |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| prefill {p['tokens']} tokens (s) | {p['teacher_s']:.2f} | {p['dsla_s']:.2f} | {p['speedup']:.2f}x "
-        f"| {p['bound_speedup']:.2f}x (Amdahl, measured parts; {p['amdahl_limit_if_free']:.2f}x if DSLA were free) "
-        f"| {p['fraction_of_bound']:.0%} |"
-    )
-    print(
-        f"| decode batch {d['batch']} @ {d['context']} (ms/step) | {1e3 * d['teacher_step_s']:.0f} "
-        f"| {1e3 * d['dsla_step_s']:.0f} | {d['speedup']:.2f}x | {d['bytes_bound_speedup']:.2f}x (bytes read) "
-        f"| {d['fraction_of_bound']:.0%} |"
-    )
-    print(
-        f"| cache memory (MiB) | {d['teacher_cache_bytes'] / 2**20:.0f} | {d['dsla_cache_bytes'] / 2**20:.0f} "
-        f"| {d['cache_memory_ratio']:.0%} of the teacher's | | |"
-    )
-    print(f"\nattention share of the teacher's prefill: {p['attention_share_teacher']:.0%}")
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

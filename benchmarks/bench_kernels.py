@@ -10,9 +10,15 @@ cache of the given length and attends to it. Prefill is also timed for the atten
 inputs: ``scaled_dot_product_attention`` against the gates and ``chunk_dsla``. fla's ``chunk_gla`` is timed as well
 when ``fla`` is importable (CUDA only in practice).
 
+The real layer: the default preset's DSLA layer of SmolLM2 (layer 10 of the embedded teacher, converted; Hedgehog
+features of width 128, both states, the sum normaliser, the 64-token window, LoRA on q and o) against that layer's
+own softmax attention (Transformers' ``LlamaAttention``, SDPA), both with a cache as ``generate()`` runs them:
+prefill, and decode steps at a fixed context (the fused decoding step against SDPA over the KV cache).
+
 Times are medians of a few repeats, taken in one run (the machines are shared: read the ratios).
 
-    python benchmarks/bench_kernels.py            # 1k .. 16k, writes benchmarks/results/kernels.{json,md,png}
+    python benchmarks/bench_kernels.py            # writes benchmarks/results/kernels.{json,md,png}
+    python benchmarks/bench_kernels.py --isa avx2 # the AVX2 code paths: kernels_avx2.{json,md,png}
     python benchmarks/bench_kernels.py --quick    # small and fast, writes nothing unless --out is given
     python benchmarks/bench_kernels.py --lengths 16384 --decode-lengths   # one length, no decode; writes nothing
 """
@@ -21,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla
 from dsla_hf.kernels.dispatch import cpp_available
+from machine import add_isa_argument, describe, machine, suffix, use_isa
 from torch import nn
 
-from dsla_hf import DSLAConfig
+from dsla_hf import DSLACache, DSLAConfig, convert_llama_to_dsla, load_teacher
 from dsla_hf.modeling_dsla import DSLAGates
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 576, 9, 3, 64
@@ -193,6 +198,77 @@ def run(lengths, decode_lengths, repeats: int, decode_steps: int, threads: int):
     return prefill, decode
 
 
+class RealLayer:
+    """One layer of SmolLM2 run either as its softmax attention or as its default-preset DSLA layer, with a cache."""
+
+    def __init__(self, layer: int = 10):
+        teacher, _ = load_teacher()
+        self.model = convert_llama_to_dsla(teacher, layers=[layer]).eval()
+        self.block, self.layer, self.cfg = self.model.model.layers[layer], layer, self.model.config
+        self.rotary = self.model.model.rotary_emb
+
+    def attention(self, kind: str, x: torch.Tensor, cache: DSLACache, positions: torch.Tensor) -> torch.Tensor:
+        cache.record_positions(positions, x.shape[0])
+        embeddings = self.rotary(x, positions)
+        if kind == "dsla":
+            return self.block.linear_attn(x, self.block.self_attn, embeddings, cache, None, self.rotary)
+        return self.block.self_attn(hidden_states=x, attention_mask=None, position_ids=positions, cache=cache,
+                                    use_cache=True, position_embeddings=embeddings)[0]  # fmt: skip
+
+    def prefill(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(kind, x, DSLACache(self.cfg), torch.arange(x.shape[1])[None])
+
+    def decoder(self, kind: str, context: int):
+        """A step function at a fixed context: the softmax layer's new key and value are dropped after each step."""
+        x = torch.randn(1, context, self.cfg.hidden_size)
+        cache = DSLACache(self.cfg)
+        self.attention(kind, x, cache, torch.arange(context)[None])
+        step, position = torch.randn(1, 1, self.cfg.hidden_size), torch.tensor([[context]])
+
+        def run():
+            out = self.attention(kind, step, cache, position)
+            if kind == "softmax":
+                layer = cache.layers[self.layer]
+                layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
+                layer.seen_tokens = context
+                cache.position_ids = cache.position_ids[:, :context]
+            return out
+
+        return run
+
+
+@torch.no_grad()
+def run_layer(lengths, decode_lengths, repeats: int, decode_steps: int):
+    real = RealLayer()
+    prefill, decode = [], []
+    for T in lengths:
+        x = torch.randn(1, T, real.cfg.hidden_size)
+        times = interleaved({k: lambda k=k, x=x: real.prefill(k, x) for k in ("softmax", "dsla")}, max(2, repeats - 2))
+        prefill.append(dict(tokens=T, softmax_s=times["softmax"], dsla_s=times["dsla"],
+                            speedup=times["softmax"] / times["dsla"]))  # fmt: skip
+        print(f"layer prefill {T:6d}: softmax {times['softmax'] * 1e3:8.1f} ms  dsla {times['dsla'] * 1e3:7.1f} ms"
+              f"  x{prefill[-1]['speedup']:.2f}")  # fmt: skip
+    for L in decode_lengths:
+        steps = {k: real.decoder(k, L) for k in ("softmax", "dsla")}
+        times = interleaved({k: lambda f=f: [f() for _ in range(decode_steps)] for k, f in steps.items()}, repeats)
+        row = dict(context=L, softmax_step_s=times["softmax"] / decode_steps, dsla_step_s=times["dsla"] / decode_steps)
+        row["speedup"] = row["softmax_step_s"] / row["dsla_step_s"]
+        decode.append(row)
+        print(f"layer decode  {L:6d}: softmax {row['softmax_step_s'] * 1e6:8.1f} us  dsla "
+              f"{row['dsla_step_s'] * 1e6:7.1f} us  x{row['speedup']:.2f}")  # fmt: skip
+    return prefill, decode
+
+
+def layer_markdown(prefill, decode) -> str:
+    lines = ["| tokens | softmax layer (ms) | DSLA layer (ms) | speedup |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['tokens']} | {r['softmax_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} | {r['speedup']:.2f}x |"
+              for r in prefill]  # fmt: skip
+    lines += ["", "| context | softmax decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['context']} | {r['softmax_step_s'] * 1e6:.0f} | {r['dsla_step_s'] * 1e6:.0f} | "
+              f"{r['speedup']:.2f}x |" for r in decode]  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown(prefill, decode) -> str:
     lines = [
         "| tokens | SDPA module (ms) | DSLA module (ms) | speedup | DSLA, PyTorch path (ms) | speedup "
@@ -253,32 +329,41 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels.json/kernels.png")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prefill lengths (tokens)")
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=None, help="decode contexts (none: skip)")
+    parser.add_argument("--no-layer", action="store_true", help="skip the real SmolLM2 layer")
+    add_isa_argument(parser)
     args = parser.parse_args(argv)
+    use_isa(args.isa)
     if args.quick:
         lengths, decode_lengths, repeats, steps = [512, 1024, 2048], [1024, 4096], args.repeats or 2, 20
+        layer_lengths, layer_decode = [512, 1024], [512, 4096]
     else:
         lengths = [1024, 2048, 4096, 8192, 16384]
         decode_lengths = [1024, 2048, 4096, 8192, 16384, 32768]
+        layer_lengths, layer_decode = [512, 1024, 2048, 4096, 8192, 16384], [512, 1024, 4096, 16384]
         repeats, steps = args.repeats or 5, 100
     lengths = args.lengths or lengths
     decode_lengths = decode_lengths if args.decode_lengths is None else args.decode_lengths
     prefill, decode = run(lengths, decode_lengths, repeats, steps, args.threads)
-    table = markdown(prefill, decode)
+    layer = None if args.no_layer else run_layer(layer_lengths, layer_decode, repeats, 50)
+    meta = dict(machine(args.threads), dtype="float32", batch=1,
+                shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM))  # fmt: skip
+    table = f"Ran on {describe(meta)}.\n\nModule (projections, key gates, two states):\n\n" + markdown(prefill, decode)
+    if layer is not None:
+        table += "\n\nSmolLM2's layer 10, default preset, against its softmax attention:\n\n" + layer_markdown(*layer)
     print()
     print(table)
     custom = args.quick or args.lengths is not None or args.decode_lengths is not None
     out = args.out or (None if custom else RESULTS)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        meta = dict(
-            torch=torch.__version__, threads=args.threads, machine=platform.machine(), processor=platform.processor(),
-            dtype="float32", batch=1, load_average_after=os.getloadavg(),
-            shapes=dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM),
-        )  # fmt: skip
-        (out / "kernels.json").write_text(json.dumps(dict(meta=meta, prefill=prefill, decode=decode), indent=2))
-        (out / "kernels.md").write_text(table + "\n")
-        plot(prefill, decode, out / "kernels.png")
-        print(f"wrote {out}/kernels.json, kernels.md, kernels.png")
+        name = f"kernels{suffix(args.isa)}"
+        result = dict(meta=meta, prefill=prefill, decode=decode)
+        if layer is not None:
+            result["layer"] = dict(prefill=layer[0], decode=layer[1])
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{name}.md").write_text(table + "\n")
+        plot(prefill, decode, out / f"{name}.png")
+        print(f"wrote {out}/{name}.json, {name}.md, {name}.png")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-sequences", type=int, default=r.eval_sequences, help="held-out sequences (ppl)")
     parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--passkey-trials", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length of the speed table")
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024, 4096],
+                        help="prompt lengths of the speed table")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-resume", action="store_true", help="start the chain afresh")
@@ -344,18 +345,29 @@ def run(args: argparse.Namespace) -> int:
         )
     results["targets"] = targets
 
-    # -- 4. speed and cache size against the teacher (the first demo's table) -------------------------------------
+    # -- 4. speed and cache size against the teacher, at each prompt length ---------------------------------------
     t = time.perf_counter()
-    ids = heldout_ids.flatten()[None, : args.prompt_tokens]
+    models = [(label, ratio) for label, ratio in (("teacher", 0.0), ("DSLA 25%", 0.25), ("DSLA 50%", 0.5))
+              if ratio <= len(chain["stages"]) / n + 1e-9]  # fmt: skip
     rows = []
-    for label, ratio in (("teacher", 0.0), ("DSLA 25%", 0.25), ("DSLA 50%", 0.5)):
-        if ratio > len(chain["stages"]) / n + 1e-9:
-            continue
-        layers = student.set_dsla_layers(ratio)
-        stats = generation_stats(student, ids, args.new_tokens)
-        stats["text"] = tokenizer.decode(stats.pop("tokens")[0])
-        rows.append((label, len(layers), stats))
-    results["speed"] = {label: {"dsla_layers": count, **s} for label, count, s in rows}
+    for length in args.prompt_tokens:
+        # Held-out tokens, repeated where the held-out set is shorter than the prompt.
+        flat = heldout_ids.flatten()
+        ids = flat.repeat(-(-length // flat.numel()))[None, :length]
+        best: dict[str, dict] = {}
+        for _ in range(2):  # two interleaved rounds, the faster of each: the machine's slow phases fall on all
+            for label, ratio in models:
+                layers = student.set_dsla_layers(ratio)
+                stats = generation_stats(student, ids, args.new_tokens)
+                stats["text"] = tokenizer.decode(stats.pop("tokens")[0])
+                stats["dsla_layers"] = len(layers)
+                old = best.get(label)
+                best[label] = stats if old is None else {
+                    **stats, "prefill_s": min(old["prefill_s"], stats["prefill_s"]),
+                    "decode_ms_per_token": min(old["decode_ms_per_token"], stats["decode_ms_per_token"]),
+                }  # fmt: skip
+        rows += [(length, label, s) for label, s in best.items()]
+    results["speed"] = {f"{label} @ {length}": {"prompt_tokens": length, **s} for length, label, s in rows}
     timings["speed_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - wall
     results["timings"] = timings
@@ -372,11 +384,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {name} | {len(m['dsla_layers'])} | {m['heldout']['ppl']:.2f} | {ood_ppl} | "
               f"{m['passkey']['accuracy']:.2f} | {per} |")  # fmt: skip
     print("\nDESIGN §5 quality targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
-    print(f"\nprompt: {ids.shape[1]} held-out tokens, {args.new_tokens} greedy tokens\n")
-    print("| model | DSLA layers | prefill (s) | decode (ms/token) | cache (MiB) |")
-    print("|---|---|---|---|---|")
-    for label, count, s in rows:
-        print(f"| {label} | {count} | {s['prefill_s']:.2f} | {s['decode_ms_per_token']:.1f} | {s['cache_mib']:.1f} |")
+    print(f"\nspeed: held-out prompts, {args.new_tokens} greedy tokens, best of two interleaved rounds, "
+          f"{torch.get_num_threads()} threads\n")  # fmt: skip
+    print("| prompt | model | DSLA layers | prefill (s) | decode (ms/token) | cache (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for length, label, s in rows:
+        print(f"| {length} | {label} | {s['dsla_layers']} | {s['prefill_s']:.2f} | {s['decode_ms_per_token']:.1f} | "
+              f"{s['cache_mib']:.1f} |")  # fmt: skip
     return 0
 
 

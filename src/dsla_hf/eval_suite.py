@@ -13,7 +13,7 @@ For every model and ratio (ratio 0 of a DSLA checkpoint is its teacher, exactly)
   (`dsla_hf.ruler`), lengths counted by the model's tokenizer;
 - for DSLA models: effective attention maps of the history, recency and window components on held-out text (the
   DSLA paper's Figure 5), their share of the attention mass per layer, and the learned mixing per layer and head;
-- a speed and memory table from the benchmark JSONs (`benchmarks/results/kernels.json`, `e2e.json`).
+- the speed and memory tables of the benchmarks (`benchmarks/results/kernels*.md`, `e2e*.md`).
 
 Defaults are small (a few minutes for a teacher and two ratios on 2 CPU cores); every size has a flag.
 """
@@ -226,64 +226,26 @@ def attention_analysis(model, stream: torch.Tensor, args, out: Path, tag: str) -
 # --- speed and memory from the benchmark JSONs ------------------------------------------------------------------
 
 
+BENCHMARKS = {  # result file stem -> what it measures
+    "kernels": "One attention layer of SmolLM2 (the module benchmark and the real default-preset layer)",
+    "kernels_avx2": "The same on the AVX2 code paths",
+    "e2e": "SmolLM2, half the layers as DSLA vs the teacher",
+    "e2e_avx2": "The same on the AVX2 code paths",
+}
+
+
 def speed_tables(folder: str | Path) -> tuple[list[str], dict]:
-    """Markdown lines and the raw numbers of the kernel and end-to-end benchmarks found in `folder`."""
+    """The Markdown tables that the kernel and end-to-end benchmarks wrote into `folder` (each says where it ran),
+    and their raw numbers."""
     folder = Path(folder)
     lines, raw = [], {}
-    kernels = folder / "kernels.json"
-    if kernels.is_file():
-        k = json.loads(kernels.read_text())
-        raw["kernels"] = k
-        meta = k.get("meta", {})
-        lines += [
-            f"One attention module of SmolLM2's shapes (`{kernels}`; {meta.get('threads', '?')} threads, "
-            f"{meta.get('dtype', '?')}, torch {meta.get('torch', '?')}):",
-            "",
-            "| tokens | SDPA prefill (ms) | DSLA prefill (ms) | speedup |",
-            "|---:|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {r['tokens']} | {1000 * r['sdpa_s']:.1f} | {1000 * r['dsla_s']:.1f} | {r['speedup']:.2f}x |"
-            for r in k.get("prefill", [])
-        ]
-        lines += ["", "| context | SDPA decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
-        lines += [
-            f"| {r['context']} | {1e6 * r['sdpa_step_s']:.0f} | {1e6 * r['dsla_step_s']:.0f} | {r['speedup']:.2f}x |"
-            for r in k.get("decode", [])
-        ]
-        lines.append("")
-    else:
-        lines += [f"_No kernel benchmark ({kernels} missing: run `python benchmarks/bench_kernels.py`)._", ""]
-    e2e = folder / "e2e.json"
-    if e2e.is_file():
-        e = json.loads(e2e.read_text())
-        raw["e2e"] = e
-        d, p = e.get("decode", {}), e.get("prefill", {})
-        lines += [f"SmolLM2, half the layers as DSLA vs the teacher (`{e2e}`):", ""]
-        lines += [
-            "| measurement | teacher | half DSLA | speedup | bound | fraction of bound |",
-            "|---|---|---|---|---|---|",
-        ]
-        if d:
-            lines.append(
-                f"| decode, batch {d['batch']} at {d['context']} tokens (ms/step) | {1000 * d['teacher_step_s']:.1f} "
-                f"| {1000 * d['dsla_step_s']:.1f} | {d['speedup']:.2f}x | {d['bytes_bound_speedup']:.2f}x (bytes) "
-                f"| {d['fraction_of_bound']:.2f} |"
-            )
-            lines.append(
-                f"| cache memory (MiB) | {d['teacher_cache_bytes'] / 2**20:.1f} | {d['dsla_cache_bytes'] / 2**20:.1f} "
-                f"| {d['cache_memory_ratio']:.2f} of the teacher's | | |"
-            )
-        if p:
-            nan = float("nan")
-            lines.append(
-                f"| prefill {p.get('tokens', '?')} tokens (s) | {p.get('teacher_s', nan):.2f} "
-                f"| {p.get('dsla_s', nan):.2f} | {p.get('speedup', nan):.2f}x "
-                f"| {p.get('bound_speedup', nan):.2f}x (Amdahl) | {p.get('fraction_of_bound', nan):.2f} |"
-            )
-        lines.append("")
-    else:
-        lines += [f"_No end-to-end benchmark ({e2e} missing: run `python benchmarks/bench_e2e.py`)._", ""]
+    for stem, title in BENCHMARKS.items():
+        table, numbers = folder / f"{stem}.md", folder / f"{stem}.json"
+        if not (table.is_file() and numbers.is_file()):
+            lines += [f"_No {stem} benchmark ({table} missing: see `benchmarks/`)._", ""]
+            continue
+        raw[stem] = json.loads(numbers.read_text())
+        lines += [f"{title} (`{table}`):", "", *table.read_text().strip().splitlines(), ""]
     return lines, raw
 
 
