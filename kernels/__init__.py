@@ -6,13 +6,15 @@
 - ``naive_dsla``: the fp32 token-by-token reference.
 - ``fused_decode_dsla``: one decoding step of a default-preset layer (features, gates, states, window), fused.
 - ``window_attention``: the softmax window beside the states, sharing their normaliser.
-- ``LinearGates``: gates given by their inputs and weights, in place of gate tensors (computed in the C++ kernel).
+- ``LinearGates``, ``HedgehogFeatures``: gates, and query and key features, given by their inputs and weights in
+  place of tensors (the C++ kernel computes them chunk by chunk; the other backends materialise them).
 
 Shapes and semantics are documented in :mod:`dsla_hf.kernels.naive`.
 """
 
 from .chunk import chunk_dsla
 from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
+from .features import HedgehogFeatures, feature_tensor, hedgehog
 from .fold import fold_kv
 from .fused_recurrent import fused_recurrent_dsla
 from .gates import LinearGates
@@ -21,12 +23,15 @@ from .window import window_attention
 
 __all__ = [
     "DecodeWeights",
+    "HedgehogFeatures",
     "LinearGates",
     "chunk_dsla",
     "decode_backend",
+    "feature_tensor",
     "fold_kv",
     "fused_decode_dsla",
     "fused_recurrent_dsla",
+    "hedgehog",
     "naive_decode_dsla",
     "naive_dsla",
     "window_attention",

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute, package_module, resolve_backend
+from .features import HedgehogFeatures, feature_tensor, parts
 from .gates import LinearGates, gate_inputs, gate_tensors
 from .naive import _mix_weights, naive_dsla
 
@@ -471,8 +472,8 @@ def chunk_states_torch(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, c
 
 
 def chunk_dsla(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | HedgehogFeatures,
+    k: torch.Tensor | HedgehogFeatures,
     v: torch.Tensor,
     g1: torch.Tensor | LinearGates,
     g2: torch.Tensor | None = None,
@@ -487,8 +488,9 @@ def chunk_dsla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
 
-    ``g1`` may be a :class:`~.gates.LinearGates` holding the gates of every state (then ``g2`` is None): the C++
-    kernel computes them chunk by chunk, the other backends materialise them first.
+    ``g1`` may be a :class:`~.gates.LinearGates` holding the gates of every state (then ``g2`` is None), and ``q``
+    and ``k`` may be :class:`~.features.HedgehogFeatures`: the C++ kernel computes them chunk by chunk, the other
+    backends materialise them first.
 
     ``out`` (inference): a ``[B, T, H, V]`` tensor that receives the outputs and is returned. It may overlay the
     queries row for row (``out=q``, or ``q[..., :V]``) when nothing reads them after: every backend reads a row of
@@ -501,10 +503,11 @@ def chunk_dsla(
     for training, 32 for inference on CPUs.
     """
     gate_parts = gate_inputs(g1, g2)
-    grad = _needs_grad(q, k, v, mix, initial_state, *gate_parts)
+    grad = _needs_grad(*parts(q), *parts(k), v, mix, initial_state, *gate_parts)
     if out is not None:
-        _check_out(out, q, v.shape[-1], grad, (k, v, mix, initial_state, *gate_parts))
-    backend = resolve_backend(q, backend, cpp=not grad)
+        raw_q = () if isinstance(q, torch.Tensor) else parts(q)  # features computed in place of q: no overlay
+        _check_out(out, q, v.shape[-1], grad, (*raw_q, *parts(k), v, mix, initial_state, *gate_parts))
+    backend = resolve_backend(v, backend, cpp=not grad)
     if backend == "cpp":
         if grad:
             raise ValueError("the C++ kernel is forward-only: use backend='torch' (or None) when gradients are needed")
@@ -512,6 +515,7 @@ def chunk_dsla(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, out=out
         )
     g1, g2 = gate_tensors(g1, g2)
+    q, k = feature_tensor(q), feature_tensor(k)
     if backend == "naive":
         o, final = naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     elif backend == "triton":
@@ -535,15 +539,16 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
-def _check_out(out: torch.Tensor, q: torch.Tensor, V: int, grad: bool, others: tuple) -> None:
+def _check_out(out: torch.Tensor, q: torch.Tensor | HedgehogFeatures, V: int, grad: bool, others: tuple) -> None:
     """``out`` is a [B, T, H, V] tensor that overlays no input, or overlays ``q`` row for row."""
     if grad:
         raise ValueError("out= is for inference: autograd cannot differentiate through an output written in place")
     shape = (*q.shape[:3], V)
     if tuple(out.shape) != shape or out.device != q.device:
         raise ValueError(f"out must be a {shape} tensor on {q.device}, got {tuple(out.shape)} on {out.device}")
-    row_for_row = out.data_ptr() == q.data_ptr() and out.stride()[:3] == q.stride()[:3] and out.dtype == q.dtype
-    if _overlap(out, q) and not row_for_row:
-        raise ValueError("out may overlay q only row for row (out=q, or q[..., :V])")
+    if isinstance(q, torch.Tensor):  # (features computed from q are among the others)
+        row_for_row = out.data_ptr() == q.data_ptr() and out.stride()[:3] == q.stride()[:3] and out.dtype == q.dtype
+        if _overlap(out, q) and not row_for_row:
+            raise ValueError("out may overlay q only row for row (out=q, or q[..., :V])")
     if any(x is not None and _overlap(out, x) for x in others):
         raise ValueError("out overlays an input other than q")

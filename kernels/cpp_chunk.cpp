@@ -19,6 +19,7 @@
 // so every product is made of whole 16-float vectors. Built and loaded by cpp_chunk.py; plain C ABI, no Python.
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -50,9 +51,17 @@ struct LinearGates {  // log decays from the gate inputs x [B, T, HK or broadcas
     int D, SKz;
 };
 
+struct FeatureMaps {  // Hedgehog maps: q and k above are raw [.., Dx] and the features are computed per chunk
+    const float* qm;  // [H, Dx, F] or null: q and k are features already
+    const float* km;  // [HK, Dx, F]
+    const float* mask;  // [B, T] (strides of the gates' mask) or null: key features are 0 at padded tokens
+    int Dx, F;  // raw width, features per sign (K = 2F)
+};
+
 struct Problem {
     Tensor3 q, k, v, g[2];
     LinearGates lg;
+    FeatureMaps fm;
     const float* w;  // [HK, G, S], scale folded in
     int S, HK, G, K, V, C;
     int Kp, Vp, Cp, Mp, SK;
@@ -76,11 +85,69 @@ struct Shared {
 };
 
 struct Scratch {  // per thread
-    std::vector<float> b, kf, kd, vloc, qe, A, O, x, z;
+    std::vector<float> b, kf, kd, vloc, qe, A, O, x, z, kfeat, qfeat, raw, zf;
     explicit Scratch(const Problem& p)
         : b(p.S * p.C * p.Kp), kf(p.C * p.SK), kd(p.C * p.SK), vloc(p.Cp * p.Vp), qe(p.Mp * p.SK), A(p.Mp * p.Cp),
-          O(p.Mp * p.Vp), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0) {}
+          O(p.Mp * p.Vp), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0),
+          kfeat(p.fm.qm ? p.C * p.Kp : 0), qfeat(p.fm.qm ? p.G * p.C * p.Kp : 0),
+          raw(p.fm.qm ? round_up(p.C, 8) * p.fm.Dx : 0), zf(p.fm.qm ? round_up(p.C, 8) * p.fm.F : 0) {}
 };
+
+// Hedgehog features of the chunk's rows of x (head `head` of a [B, T, heads, Dx] tensor) by the map M [Dx, F]:
+// out[t] = [softmax(x_t M), softmax(-x_t M)] (times the mask when given), rows Kp apart.
+void hedgehog_rows(const Problem& p, const Item& it, const Tensor3& x, int head, const float* M, const float* mask,
+                   Scratch& s, float* out) {
+    const int Dx = p.fm.Dx, F = p.fm.F, rows = round_up(it.len, 8);
+    const float* src = x.at(it.b, it.t0, head);
+    long rs = x.st;
+    if (rows != it.len) {  // a short last chunk: rows past its end come from scratch (finite, never read back)
+        for (int t = 0; t < it.len; ++t) std::memcpy(&s.raw[t * Dx], src + t * rs, Dx * 4);
+        src = s.raw.data(), rs = Dx;
+    }
+    gemm<false>(rows, F, Dx, src, rs, 1, M, F, s.zf.data(), F);
+    for (int t = 0; t < it.len; ++t) {
+        const float* z = &s.zf[t * F];
+        float hi = -FLT_MAX, lo = FLT_MAX;
+        for (int f = 0; f < F; ++f) hi = std::max(hi, z[f]), lo = std::min(lo, z[f]);
+        float* row = out + (long)t * p.Kp;
+        float sp = 0.0f, sn = 0.0f;
+#pragma omp simd reduction(+ : sp, sn)
+        for (int f = 0; f < F; ++f) {
+            row[f] = expf(z[f] - hi);
+            row[F + f] = expf(lo - z[f]);
+            sp += row[f], sn += row[F + f];
+        }
+        const float keep = mask ? mask[it.b * p.lg.mask_sb + (it.t0 + t) * p.lg.mask_st] : 1.0f;
+        const float ip = keep / sp, in = keep / sn;
+#pragma omp simd
+        for (int f = 0; f < F; ++f) row[f] *= ip, row[F + f] *= in;
+    }
+}
+
+// The chunk's key features: rows of p.k, or (feature maps) computed into s.kfeat. Row t at the result + t * stride.
+const float* key_features(const Problem& p, const Item& it, Scratch& s, long& stride) {
+    if (!p.fm.qm) {
+        stride = p.k.st;
+        return p.k.at(it.b, it.t0, it.hk);
+    }
+    hedgehog_rows(p, it, p.k, it.hk, p.fm.km + (long)it.hk * p.fm.Dx * p.fm.F, p.fm.mask, s, s.kfeat.data());
+    stride = p.Kp;
+    return s.kfeat.data();
+}
+
+// The same for the queries of the G heads of the group: head g's row t at the result + g * hstride + t * stride.
+const float* query_features(const Problem& p, const Item& it, Scratch& s, long& stride, long& hstride) {
+    if (!p.fm.qm) {
+        stride = p.q.st, hstride = p.q.sh;
+        return p.q.at(it.b, it.t0, it.hk * p.G);
+    }
+    for (int g = 0; g < p.G; ++g) {
+        const int h = it.hk * p.G + g;
+        hedgehog_rows(p, it, p.q, h, p.fm.qm + (long)h * p.fm.Dx * p.fm.F, nullptr, s, &s.qfeat[(long)g * p.C * p.Kp]);
+    }
+    stride = p.Kp, hstride = (long)p.C * p.Kp;
+    return s.qfeat.data();
+}
 
 // The chunk's log decays from the gate inputs, z[t][s * Kp + f] = max(logsigmoid(x_t . W_sf + c_sf) / tau, clamp).
 void linear_gates(const Problem& p, const Item& it, Scratch& s) {
@@ -131,6 +198,8 @@ void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
     const int Kp = p.Kp, SK = p.SK;
     cumulative_decay(p, it, s, sh.safe);
     load_values(p, it, s);
+    long ks;
+    const float* keys = key_features(p, it, s, ks);
     for (int st = 0; st < p.S; ++st) {
         const float* b = s.b.data() + st * p.C * Kp;
         const float* last = b + (it.len - 1) * Kp;
@@ -138,7 +207,7 @@ void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
         float* eb = sh.eb + st * p.C * Kp;
         for (int k = 0; k < p.K; ++k) decay[k] = std::exp(last[k]);
         for (int t = 0; t < it.len; ++t) {
-            const float* key = p.k.at(it.b, it.t0 + t, it.hk);
+            const float* key = keys + t * ks;
             const float* bt = b + t * Kp;
             float* e = eb + t * Kp;
             float* kd = &s.kd[t * SK + st * Kp];
@@ -166,10 +235,12 @@ void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
 void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh) {
     const int S = p.S, Kp = p.Kp, Cp = p.Cp, G = p.G, SK = p.SK;
     load_values(p, it, s);
+    long qs, qhs;
+    const float* queries = query_features(p, it, s, qs, qhs);
     // qe[r][s, k] = w_{g,s} q_{t,g,k} e^{b_{s,t,k}}
     for (int t = 0; t < it.len; ++t)
         for (int g = 0; g < G; ++g) {
-            const float* query = p.q.at(it.b, it.t0 + t, it.hk * G + g);
+            const float* query = queries + g * qhs + t * qs;
             float* row = &s.qe[(t * G + g) * SK];
             for (int st = 0; st < S; ++st) {
                 const float wg = p.w[(it.hk * G + g) * S + st];
@@ -181,19 +252,22 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
         const int seen = std::min(Cp, round_up((i + 7) / G + 1, 16));
         gemm<false>(8, seen, SK, &s.qe[i * SK], SK, 1, sh.kT, Cp, &s.A[i * Cp], Cp);
     }
-    if (!(sh.safe[0] && (S == 1 || sh.safe[1]))) {  // the cumulative decays again, for the pairwise sums below
-        bool safe[2];
+    long ks = 0;
+    const float* keys = nullptr;
+    if (!(sh.safe[0] && (S == 1 || sh.safe[1]))) {  // the cumulative decays and key features again, for the pairwise
+        bool safe[2];                                // sums below
         cumulative_decay(p, it, s, safe);
+        keys = key_features(p, it, s, ks);
     }
     for (int st = 0; st < S; ++st) {  // strongly decaying states: pairwise, every exponent <= 0
         if (sh.safe[st]) continue;
         const float* b = s.b.data() + st * p.C * Kp;
         for (int t = 0; t < it.len; ++t)
             for (int g = 0; g < G; ++g) {
-                const float* query = p.q.at(it.b, it.t0 + t, it.hk * G + g);
+                const float* query = queries + g * qhs + t * qs;
                 const float wg = p.w[(it.hk * G + g) * S + st];
                 for (int i = 0; i <= t; ++i) {
-                    const float* key = p.k.at(it.b, it.t0 + i, it.hk);
+                    const float* key = keys + i * ks;
                     float dot = 0.0f;
                     for (int k = 0; k < p.K; ++k)
                         dot += query[k] * key[k] * std::exp(b[t * Kp + k] - b[i * Kp + k]);
@@ -232,7 +306,8 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
                        const float* gw, const float* gc, float inv_tau, float clamp, const float* mask, long mask_sb,
                        long mask_st, const float* w, int S, int HK, int G, int K, int V, int N, const long* seq_b,
                        const long* seq_t0, const long* seq_len, const float* h0, float* hT, float* o, const long* o_strides,
-                       int C, int block, int threads) {
+                       int C, int block, int threads, const float* qm, const float* km, const float* fmask, int Dx,
+                       int F) {
     Problem p;
     p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
     p.k = {k, k_strides[0], k_strides[1], k_strides[2]};
@@ -240,6 +315,7 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
     p.g[0] = {g1, g1_strides[0], g1_strides[1], g1_strides[2]};
     p.g[1] = {g2, g2_strides[0], g2_strides[1], g2_strides[2]};
     p.lg = {{x, x_strides[0], x_strides[1], x_strides[2]}, gw, gc, mask, mask_sb, mask_st, inv_tau, clamp, D, 0};
+    p.fm = {qm, km, fmask, Dx, F};
     p.w = w;
     p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C;
     p.Kp = round_up(K, 8), p.Vp = round_up(V, 16), p.Cp = round_up(C, 16), p.Mp = round_up(G * C, 8);

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import cpu_isa
+from .features import HedgehogFeatures, feature_tensor, parts
 from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
@@ -157,8 +158,24 @@ def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
     for s in range(S):
         gw[:, :, s * Kp : s * Kp + K] = gates.weight[s].float().transpose(1, 2)
         gc[:, s * Kp : s * Kp + K] = gates.bias[s].float()
-    mask = None if gates.mask is None else gates.mask.float()
+    mask = None if gates.mask is None else gates.mask.float().contiguous()
     return x, gw, gc, mask, gates.tau, gates.clamp
+
+
+def _feature_maps(q, k):
+    """fp32 maps of queries and keys given as HedgehogFeatures, and the keys' mask: (q_map, k_map, mask), or None
+    where they are not both given so (or their width is not a whole number of 16-float vectors)."""
+    if not (isinstance(q, HedgehogFeatures) and isinstance(k, HedgehogFeatures)):
+        return None
+    H, HK, Dx, F = q.weight.shape[0], k.weight.shape[0], q.x.shape[-1], q.weight.shape[-1]
+    if F % 16 or q.weight.shape != (H, Dx, F) or k.weight.shape != (HK, Dx, F) or q.mask is not None:
+        return None
+    if q.x.shape[2] != H or k.x.shape[2] != HK or k.x.shape[:2] != q.x.shape[:2] or k.x.shape[-1] != Dx:
+        raise ValueError(f"raw queries {tuple(q.x.shape)} and keys {tuple(k.x.shape)} do not fit their maps")
+    mask = None if k.mask is None else k.mask.float().contiguous()
+    if mask is not None and mask.shape != q.x.shape[:2]:
+        raise ValueError(f"the features' mask must have shape {tuple(q.x.shape[:2])}, got {tuple(mask.shape)}")
+    return q.weight.float().contiguous(), k.weight.float().contiguous(), mask
 
 
 @torch.no_grad()
@@ -171,10 +188,15 @@ def chunk_dsla_cpp(
     lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
-    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, mix, initial_state, *gate_inputs(g1, g2))):
+    inputs = (*parts(q), *parts(k), v, mix, initial_state, *gate_inputs(g1, g2))
+    if any(x is not None and x.device.type != "cpu" for x in inputs):
         raise ValueError("the C++ kernel takes CPU tensors; use backend='triton' or 'torch' for other devices")
+    maps = _feature_maps(q, k)
+    if maps is None:  # features given (or maps the kernel does not take: computed here)
+        q, k = feature_tensor(q), feature_tensor(k)
     B, T, H, K = q.shape
-    HK, V, dtype = k.shape[2], v.shape[-1], q.dtype
+    HK, V = k.shape[2], v.shape[-1]
+    dtype = q.dtype if maps is None else q.x.dtype
     if H % HK:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
     G = H // HK
@@ -197,8 +219,11 @@ def chunk_dsla_cpp(
         g1 = _operand(g1)
         g2 = g1 if g2 is None else _operand(g2)
     w = (_mix_weights(mix, H, S, "cpu").reshape(HK, G, S) * scale).contiguous()
-    q, k, v = _operand(q), _operand(k), _operand(v)
+    q, k = (_operand(q), _operand(k)) if maps is None else (_operand(q.x), _operand(k.x))
+    v = _operand(v)
+    q_map, k_map, feature_mask = maps or (None, None, None)
     x, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
+    strides = mask if mask is not None else feature_mask  # both [B, T] contiguous: one set of strides
     h0 = None if initial_state is None else initial_state.float().contiguous()
     if h0 is not None and h0.shape != (N, S, HK, K, V):
         raise ValueError(f"initial_state must have shape {(N, S, HK, K, V)}, got {tuple(h0.shape)}")
@@ -216,10 +241,11 @@ def chunk_dsla_cpp(
         _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(g1), _strides(g1), _ptr(g2),
         _strides(g2), _ptr(x), _strides(x), 0 if x is None else x.shape[-1], _ptr(gw), _ptr(gc),
         ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
-        ctypes.c_long(0 if mask is None else mask.stride(0)), ctypes.c_long(0 if mask is None else mask.stride(1)),
+        ctypes.c_long(0 if strides is None else T), ctypes.c_long(0 if strides is None else 1),
         _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
         _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), _strides(o), C,
-        max(1, BLOCK_TOKENS // C), torch.get_num_threads(),
+        max(1, BLOCK_TOKENS // C), torch.get_num_threads(), _ptr(q_map), _ptr(k_map), _ptr(feature_mask),
+        0 if maps is None else q.shape[-1], 0 if maps is None else q_map.shape[-1],
     )  # fmt: skip
     if status:
         raise MemoryError("the C++ CPU kernel could not allocate its workspace")

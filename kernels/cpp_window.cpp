@@ -60,7 +60,7 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
         // kT [D, NP]: rotated keys, column c the pending token t0 + 1 + c; qr [R, D]; S [R, NP]; vb [NP, Dv];
         // O [R, Dv]. Padding stays zero: rows and columns past the block are never written with other values.
         std::vector<float> kT((size_t)D * NP), qr((size_t)R * D), S((size_t)R * NP), vb((size_t)NP * Dv),
-            O((size_t)R * Dv), rot(D), top(R), den(R);
+            O((size_t)R * Dv), rot(D), top(R), den(R), live(NP);
 #pragma omp for schedule(static)
         for (long item = 0; item < items; ++item) {
             const int b = (int)(item / ((long)HK * blocks)), hk = (int)(item / blocks % HK);
@@ -91,18 +91,23 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
             }
             gemm<false>(R, NP, D, qr.data(), D, 1, kT.data(), NP, S.data(), NP);
             const float* ok = valid + b * valid_sb + t0 + 1;
+            for (int c = 0; c < NP; ++c) live[c] = c < nk && ok[c] > 0.0f ? 1.0f : 0.0f;
             for (int r = 0; r < R; ++r) {
                 // Query t sees pending tokens t0 + t + 1 .. t0 + t + W: columns t .. t + W - 1.
                 float* s = &S[(long)r * NP];
                 const int t = r / G, lo = t, hi = std::min(t + W, nk);
+                if (t >= nq) {
+                    std::fill(s, s + NP, 0.0f);
+                    continue;
+                }
                 float m = 0.0f;
                 for (int c = lo; c < hi; ++c)
-                    if (ok[c] > 0.0f) m = std::max(m, s[c]);
+                    if (live[c] > 0.0f) m = std::max(m, s[c]);
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int c = 0; c < NP; ++c) {
-                    const bool in = c >= lo && c < hi && t < nq && ok[std::min(c, nk - 1)] > 0.0f;
-                    s[c] = in ? expf(s[c] - m) : 0.0f;
+                for (int c = 0; c < NP; ++c) {  // every column exponentiated (vectorised), then the band kept
+                    const float e = expf(std::min(s[c] - m, 0.0f));  // <= 0 in the band; no overflow outside
+                    s[c] = e * (c >= lo && c < hi ? live[c] : 0.0f);
                     sum += s[c];
                 }
                 top[r] = m, den[r] = sum;

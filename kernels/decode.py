@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import package_module
+from .features import hedgehog
 
 Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # raw keys [B, W, HK, D], values, validity [B, W]
 
@@ -53,12 +54,6 @@ class DecodeWeights:
         if self.mix is None:
             return torch.full((H, S), self.scale, device=self.q_map.device)
         return self.mix.float().expand(H, S) * self.scale
-
-
-def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[softmax(x M), softmax(-x M)] per head: x [B, heads, D], weight [heads, D, F] -> fp32 [B, heads, 2F]."""
-    z = torch.einsum("bhd,hdf->bhf", x.float(), weight.float())
-    return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:

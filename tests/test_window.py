@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from dsla_hf.kernels import feature_tensor
 
 from dsla_hf import DSLACache, convert_llama_to_dsla
 from dsla_hf.modeling_dsla import rotate_half
@@ -36,6 +37,7 @@ def reference_layer_output(attn, teacher_attn, x, cos, sin):
     k = teacher_attn.k_proj(x).view(B, T, HK, D)
     v = teacher_attn.v_proj(x).view(B, T, HK, D)
     feats, vals, gates = attn.key_side(k, v, None, None)
+    feats = feature_tensor(feats)
     g1, g2 = gates.materialize().unbind(2)
     qf = attn.q_feature_map(q).float()
     mix = attn.mix_weights()

@@ -37,12 +37,15 @@ from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
 from .kernels import (
     DecodeWeights,
+    HedgehogFeatures,
     LinearGates,
     chunk_dsla,
     decode_backend,
+    feature_tensor,
     fold_kv,
     fused_decode_dsla,
     fused_recurrent_dsla,
+    hedgehog,
     window_attention,
 )
 from .remote_code import AUTO_MAP, write_remote_code
@@ -107,9 +110,16 @@ class DSLAFeatureMap(nn.Module):
             return x
         if self.kind == "elu":
             return F.elu(x) + 1.0
-        z = torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())
-        both = torch.cat([z, -z], dim=-1).unflatten(-1, (2, z.shape[-1]))  # [softmax(z), softmax(-z)], one softmax
-        return both.softmax(-1).flatten(-2).to(x.dtype)
+        return hedgehog(x, self.weight).to(x.dtype)
+
+    def lazy(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | HedgehogFeatures:
+        """The features as kernels take them: Hedgehog features by their inputs and map (computed inside the C++
+        CPU kernel, materialised by the others), the other kinds computed here. `mask` [B, T]: 0 where the features
+        must be 0."""
+        if self.kind == "hedgehog":
+            return HedgehogFeatures(x, self.weight, mask)
+        features = self(x)
+        return features if mask is None else features * mask[:, :, None, None].to(features.dtype)
 
 
 class DSLAGates(nn.Module):
@@ -230,12 +240,10 @@ class DSLAAttention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             keys = keys.repeat_interleave(groups, dim=2)
             values = values.repeat_interleave(groups, dim=2)
-        features = self.k_feature_map(keys)
+        features = self.k_feature_map.lazy(keys, mask)
         gates = self.gates.linear(keys if self.config.dsla_gate_source == "key" else hidden_states, mask)
         if self.normalizer == "sum":
             values = torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
-        if mask is not None:
-            features = features * mask[:, :, None, None].to(features.dtype)
         return features, values, gates
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -294,7 +302,7 @@ class DSLAAttention(nn.Module):
             past_mask = mask[:, start : start + count] if mask is not None else None
             (keys, values, past_mask), _, window = self.advance(keys, values, past_mask, cache_layer.window)
             features, values, gates = self.key_side(keys, values, None, past_mask)
-            state = fold_kv(features, values, gates, initial_state=cache_layer.state)
+            state = fold_kv(feature_tensor(features), values, gates, initial_state=cache_layer.state)
         cache_layer.set_state(state, 0, window)
         if not cache_layer.keep_kv:
             cache_layer.free_kv()
@@ -326,10 +334,11 @@ class DSLAAttention(nn.Module):
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
         features, values, gates = self.key_side(state_k, state_v, hidden_states, state_mask)
-        queries = self.q_feature_map(q)
+        queries = self.q_feature_map.lazy(q)
         mix = self.mix_weights()
 
         if cache_layer is not None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
+            queries, features = feature_tensor(queries), feature_tensor(features)
             o, state = fused_recurrent_dsla(
                 queries, features, values, gates, None, mix, self.scale, initial_state=state, inplace=True
             )
@@ -400,6 +409,8 @@ class DSLAAttention(nn.Module):
         """Where the prefill's output can overlay the query features row for row (inference, when nothing reads them
         after): a long prompt's output then takes no fresh memory, whose page faults are a quarter of the C++
         kernel's time at 16k tokens. None where it cannot."""
+        if not isinstance(queries, torch.Tensor):  # computed inside the kernel: no tensor to overlay
+            return None
         if torch.is_grad_enabled() or queries.dtype != torch.float32 or queries.shape[-1] < value_dim:
             return None
         if queries is q and self.window:  # the window attention reads the raw queries after

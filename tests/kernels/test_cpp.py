@@ -8,6 +8,7 @@ import pytest
 import torch
 from dsla_hf.kernels import chunk_dsla, cpp_chunk, dispatch, naive_dsla
 from dsla_hf.kernels.dispatch import resolve_backend
+from dsla_hf.kernels.gates import gate_tensors
 
 from .test_chunk import SHAPES
 from .utils import assert_close, make_inputs
@@ -218,3 +219,36 @@ def test_bad_outputs_are_refused():
             chunk_dsla(**dict(x, k=out[:, :, :2]), out=out)
     with pytest.raises(ValueError, match="inference"):
         chunk_dsla(**make_inputs(1, 20, 4, 2, 8, 8), out=torch.empty(1, 20, 4, 8))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "T,strength,cu", [(70, 1.0, None), (5, 1.0, None), (100, 300.0, None), (90, 1.0, [0, 33, 90])]
+)
+def test_kernel_features_match_naive(T, strength, cu, isa, monkeypatch):
+    """Queries and keys given raw with Hedgehog maps: the kernel computes the features chunk by chunk (keys masked
+    at padding), and matches the naive recurrence on the materialised features. Short chunks, strongly decaying
+    states (the pairwise path recomputes the key features), packed sequences over several rounds."""
+    from dsla_hf.kernels import HedgehogFeatures, LinearGates
+
+    monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 64)
+    gen = torch.Generator().manual_seed(1)
+    B, H, HK, D, F = (1 if cu else 2), 6, 2, 24, 16
+    qx, kx = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, HK, D, generator=gen)
+    v = torch.randn(B, T, HK, D + 1, generator=gen)
+    mask = torch.ones(B, T)
+    mask[0, : T // 3] = 0
+    gates = LinearGates(kx, torch.randn(2, HK, 2 * F, D, generator=gen) * 0.1,
+                        torch.randn(2, HK, 2 * F, generator=gen) + 2, 4.0 / strength, None, mask)  # fmt: skip
+    q = HedgehogFeatures(qx, torch.randn(H, D, F, generator=gen) * 0.3)
+    k = HedgehogFeatures(kx, torch.randn(HK, D, F, generator=gen) * 0.3, mask)
+    cu = None if cu is None else torch.tensor(cu)
+    N = B if cu is None else len(cu) - 1
+    h0 = torch.rand(N, 2, HK, 2 * F, D + 1, generator=gen)
+    mix = torch.rand(H, 2, generator=gen)
+    with torch.no_grad():
+        o, final = chunk_dsla(q, k, v, gates, None, mix, 1.0, h0, True, cu, backend="cpp")
+        g1, g2 = gate_tensors(gates, None)
+        o_ref, final_ref = naive_dsla(q.materialize(), k.materialize(), v, g1, g2, mix, 1.0, h0, True, cu)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final_state", final, final_ref, 1e-5)
