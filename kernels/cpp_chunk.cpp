@@ -113,8 +113,8 @@ void hedgehog_rows(const Problem& p, const Item& it, const Tensor3& x, int head,
         float sp = 0.0f, sn = 0.0f;
 #pragma omp simd reduction(+ : sp, sn)
         for (int f = 0; f < F; ++f) {
-            row[f] = expf(z[f] - hi);
-            row[F + f] = expf(lo - z[f]);
+            row[f] = dsla::exp_floor(z[f] - hi);
+            row[F + f] = dsla::exp_floor(lo - z[f]);
             sp += row[f], sn += row[F + f];
         }
         const float keep = mask ? mask[it.b * p.lg.mask_sb + (it.t0 + t) * p.lg.mask_st] : 1.0f;
@@ -166,7 +166,7 @@ void linear_gates(const Problem& p, const Item& it, Scratch& s) {
         float* z = &s.z[t * SKz];
         for (int j = 0; j < SKz; ++j) {  // logsigmoid(u) = min(u, 0) - log1p(e^{-|u|}), stable on both sides
             const float u = z[j] + bias[j];
-            const float g = (std::fmin(u, 0.0f) - log1pf(expf(-std::fabs(u)))) * lg.inv_tau;
+            const float g = (std::fmin(u, 0.0f) - log1pf(dsla::exp_floor(-std::fabs(u)))) * lg.inv_tau;
             z[j] = std::fmax(g, lg.clamp) * keep;
         }
     }
@@ -382,6 +382,7 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
 
 #pragma omp parallel num_threads(threads)
     {
+        const dsla::FlushDenormals flush;
         Scratch scratch(p);
         for (const auto& items : rounds) {
             const long count = (long)items.size();

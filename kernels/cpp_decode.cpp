@@ -30,8 +30,8 @@ void hedgehog(const float* x, const float* M, int D, int F, float* z, float* out
     float sp = 0.0f, sn = 0.0f;
 #pragma omp simd reduction(+ : sp, sn)
     for (int f = 0; f < F; ++f) {
-        out[f] = expf(z[f] - hi);
-        out[F + f] = expf(lo - z[f]);
+        out[f] = dsla::exp_floor(z[f] - hi);
+        out[F + f] = dsla::exp_floor(lo - z[f]);
         sp += out[f];
         sn += out[F + f];
     }
@@ -136,6 +136,7 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
     std::vector<float> tables(W ? (size_t)B * (W + 1) * D : 0);  // per sequence and position: cos [D/2], sin [D/2]
 #pragma omp parallel num_threads(threads)
     {
+        const dsla::FlushDenormals flush;
         std::vector<float> z(F), phi(F2), decay((size_t)S * F2), psi((size_t)G * F2), lin((size_t)G * V1),
             vext(V1), qrot((size_t)G * D), krow(D), scores((size_t)G * W), top(G), coef((size_t)F2 * G);
         std::vector<char> live(W);
@@ -172,7 +173,7 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
                 }
 #pragma omp simd
                 for (int j = 0; j < F2; ++j) {  // a loop of its own, so that the exponentials are vectorised
-                    const float g = (std::fmin(u[j], 0.0f) - log1pf(expf(-std::fabs(u[j])))) * inv_tau;
+                    const float g = (std::fmin(u[j], 0.0f) - log1pf(dsla::exp_floor(-std::fabs(u[j])))) * inv_tau;
                     u[j] = expf(std::fmax(g, clamp) * me);
                 }
             }
@@ -238,7 +239,7 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
                 const float m = top[g];
 #pragma omp simd reduction(+ : den)
                 for (int j = 0; j < W; ++j) {  // vectorised exponentials; dead entries weigh 0
-                    p[j] = live[j] ? expf(p[j] - m) : 0.0f;
+                    p[j] = live[j] ? dsla::exp_floor(p[j] - m) : 0.0f;
                     den += p[j];
                 }
                 float* out = dst + (long)g * D;

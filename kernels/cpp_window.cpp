@@ -57,6 +57,7 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
     const long items = (long)B * HK * blocks;
 #pragma omp parallel num_threads(threads)
     {
+        const dsla::FlushDenormals flush;
         // kT [D, NP]: rotated keys, column c the pending token t0 + 1 + c; qr [R, D]; S [R, NP]; vb [NP, Dv];
         // O [R, Dv]. Padding stays zero: rows and columns past the block are never written with other values.
         std::vector<float> kT((size_t)D * NP), qr((size_t)R * D), S((size_t)R * NP), vb((size_t)NP * Dv),
@@ -106,7 +107,7 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
                 for (int c = 0; c < NP; ++c) {  // every column exponentiated (vectorised), then the band kept
-                    const float e = expf(std::min(s[c] - m, 0.0f));  // <= 0 in the band; no overflow outside
+                    const float e = dsla::exp_floor(std::min(s[c] - m, 0.0f));  // <= 0 in the band; none outside
                     s[c] = e * (c >= lo && c < hi ? live[c] : 0.0f);
                     sum += s[c];
                 }

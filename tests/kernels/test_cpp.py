@@ -47,6 +47,17 @@ def test_loading_the_kernel_keeps_denormals(monkeypatch, tmp_path):
 
 
 @needs_kernel
+def test_kernels_leave_denormals_to_the_caller():
+    """The kernels flush denormals inside their parallel regions (five times faster on real activations), and give
+    the calling thread its own floating-point mode back: denormal results of later PyTorch work are kept."""
+    x = make_inputs(1, 40, 6, 2, 16, 16, gate=0.5, requires_grad=False)
+    tiny = torch.tensor([1e-39])
+    with torch.no_grad():
+        chunk_dsla(**x, backend="cpp")
+    assert (tiny * 1.0).item() != 0.0 and (tiny / 2).item() != 0.0
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}HK{}K{}V{}".format(*s))
 @pytest.mark.parametrize("states", [2, 1])
 def test_matches_naive(shape, states, isa):
