@@ -270,5 +270,6 @@ def test_workspace_kept_between_calls_of_other_shapes(monkeypatch):
     """The per-thread workspace is re-zeroed only when its layout changes: calls that reuse it with fewer or shorter
     chunks (stale values past them), or after another layout, still match the naive recurrence."""
     monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 64)
-    for T, K, V, gate in [(150, 16, 16, 0.5), (37, 16, 16, 0.5), (90, 8, 12, 20.0), (70, 16, 16, 20.0), (9, 16, 16, 0.5)]:
+    calls = [(150, 16, 16, 0.5), (37, 16, 16, 0.5), (90, 8, 12, 20.0), (70, 16, 16, 20.0), (9, 16, 16, 0.5)]
+    for T, K, V, gate in calls:
         check(make_inputs(2, T, 6, 2, K, V, gate=gate, requires_grad=False))
