@@ -250,22 +250,41 @@ def run_layer(lengths, decode_lengths, repeats: int, decode_steps: int):
               f"  x{prefill[-1]['speedup']:.2f}")  # fmt: skip
     for L in decode_lengths:
         steps = {k: real.decoder(k, L) for k in ("softmax", "dsla")}
+        steps["fused_step"] = fused_step_alone(steps["dsla"])
         times = interleaved({k: lambda f=f: [f() for _ in range(decode_steps)] for k, f in steps.items()}, repeats)
-        row = dict(context=L, softmax_step_s=times["softmax"] / decode_steps, dsla_step_s=times["dsla"] / decode_steps)
-        row["speedup"] = row["softmax_step_s"] / row["dsla_step_s"]
+        row = {f"{k}_step_s" if k != "fused_step" else "fused_step_s": t / decode_steps for k, t in times.items()}
+        row = dict(context=L, **row, speedup=row["softmax_step_s"] / row["dsla_step_s"])
         decode.append(row)
         print(f"layer decode  {L:6d}: softmax {row['softmax_step_s'] * 1e6:8.1f} us  dsla "
-              f"{row['dsla_step_s'] * 1e6:7.1f} us  x{row['speedup']:.2f}")  # fmt: skip
+              f"{row['dsla_step_s'] * 1e6:7.1f} us  x{row['speedup']:.2f}  (fused step alone "
+              f"{row['fused_step_s'] * 1e6:.1f} us)")  # fmt: skip
     return prefill, decode
+
+
+def fused_step_alone(step):
+    """The fused decoding kernel's call of one DSLA step (as the layer makes it: same tensors), without the
+    projections around it: the layer's step is run once with the call captured."""
+    from dsla_hf import modeling_dsla
+
+    captured, kernel = {}, modeling_dsla.fused_decode_dsla
+    modeling_dsla.fused_decode_dsla = lambda *args, **kw: captured.update(args=args, kw=kw) or kernel(*args, **kw)
+    try:
+        step()
+    finally:
+        modeling_dsla.fused_decode_dsla = kernel
+    if not captured:
+        raise RuntimeError("the DSLA layer's decoding step did not run through the fused kernel")
+    return lambda: kernel(*captured["args"], **captured["kw"])
 
 
 def layer_markdown(prefill, decode) -> str:
     lines = ["| tokens | softmax layer (ms) | DSLA layer (ms) | speedup |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['tokens']} | {r['softmax_s'] * 1e3:.1f} | {r['dsla_s'] * 1e3:.1f} | {r['speedup']:.2f}x |"
               for r in prefill]  # fmt: skip
-    lines += ["", "| context | softmax decode step (us) | DSLA decode step (us) | speedup |", "|---:|---:|---:|---:|"]
+    lines += ["", "| context | softmax decode step (us) | DSLA decode step (us) | speedup | fused step alone (us) |",
+              "|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['context']} | {r['softmax_step_s'] * 1e6:.0f} | {r['dsla_step_s'] * 1e6:.0f} | "
-              f"{r['speedup']:.2f}x |" for r in decode]  # fmt: skip
+              f"{r['speedup']:.2f}x | {r['fused_step_s'] * 1e6:.0f} |" for r in decode]  # fmt: skip
     return "\n".join(lines)
 
 

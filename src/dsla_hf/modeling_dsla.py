@@ -392,6 +392,7 @@ class DSLAAttention(nn.Module):
             inv_freq=rotary_emb.inv_freq, rope_scale=rotary_emb.attention_scaling,
         )  # fmt: skip
         mask = None if mask is None else mask[:, 0]
+        state = state if state.is_contiguous() else state.contiguous()  # updated in place: once, then kept
         o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask)
         cache_layer.set_state(state, 1, window)
         self.keep_kv(cache_layer, k, v, position_embeddings)
