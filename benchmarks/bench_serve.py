@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe, machine
 
 from dsla_hf.serving.engine import Engine, EngineConfig
 from dsla_hf.serving.metrics import Metrics
@@ -147,6 +148,7 @@ def main() -> None:
         summary["latency_per_token_speedup_vs_teacher"] = teacher_lpt / summary["mean_latency_per_token_ms"]
     ratios = sorted({0.0, 0.125, 0.25, 0.375, args.static_ratio})
     report = {
+        "meta": machine(args.threads),
         "model": args.model,
         "dsla_weights": "as given by --model (smollm2: untrained DSLA weights, quality is a lower bound)",
         "trace": {
@@ -172,7 +174,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     write_plot(details, runs, out.with_suffix(".png"))
-    table = markdown(report)
+    table = f"Ran on {describe(report['meta'])}.\n\n" + markdown(report)
     out.with_suffix(".md").write_text(table)
     print(table)
 
