@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ruler-new-tokens", type=int, default=None, help="generation budget (default per task)")
     parser.add_argument("--map-tokens", type=int, default=192, help="held-out tokens for the attention maps")
     parser.add_argument("--map-layers", type=int, nargs="*", default=None, help="layers drawn (default: three)")
-    parser.add_argument("--benchmarks", default="benchmarks/results", help="folder with kernels.json / e2e.json")
+    parser.add_argument("--benchmarks", default="benchmarks/results", help="benchmark results folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
