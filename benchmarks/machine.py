@@ -37,27 +37,16 @@ def suffix(isa: str) -> str:
     return "" if isa == "native" else f"_{isa}"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(threads: int) -> dict:
     """CPU model, its widest vector ISA, the code paths in use (ours, PyTorch's), threads and versions."""
     import torch
     import transformers
     from dsla_hf.kernels import cpp_chunk
-    from dsla_hf.kernels.dispatch import cpp_available, cpu_isa
+    from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpuinfo
 
     cpp = cpp_available()
     return {
-        "cpu": cpu_model(),
+        "cpu": cpuinfo().get("model name") or platform.processor() or platform.machine(),
         "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "threads": threads,

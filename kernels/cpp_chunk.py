@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import cpu_isa
+from .dispatch import cpu_isa, cpuinfo
 from .features import HedgehogFeatures, feature_tensor, parts
 from .gates import LinearGates, gate_inputs
 from .naive import _mix_weights
 
-# One library of the CPU kernels: the chunked prefill and the fused decoding step.
+# One library of the CPU kernels: the chunked prefill, the softmax window and the fused decoding step.
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpp_chunk.cpp", HERE / "cpp_decode.cpp", HERE / "cpp_window.cpp")
 HEADERS = (HERE / "cpu_gemm.h",)
@@ -47,11 +47,8 @@ FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor()
+    info = cpuinfo()
+    return f"{info.get('model name', platform.processor())}\n{info.get('flags', '')}"
 
 
 def _cache_dir() -> Path:
@@ -123,15 +120,24 @@ def available() -> bool:
     return library() is not None
 
 
+def loaded() -> ctypes.CDLL:
+    """The library, or a clear error where it cannot be had (for a backend forced to ``"cpp"``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
+    return lib
+
+
 def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if x is None else x.data_ptr())
 
 
-def _strides(x: torch.Tensor | None) -> ctypes.Array:
+def strides3(x: torch.Tensor | None) -> ctypes.Array:
+    """The strides of the first three dimensions, as the kernels take them (zeros for an absent tensor)."""
     return (ctypes.c_long * 3)(*(x.stride()[:3] if x is not None else (0, 0, 0)))
 
 
-def _operand(x: torch.Tensor) -> torch.Tensor:
+def fp32_operand(x: torch.Tensor) -> torch.Tensor:
     """fp32 on the CPU with a unit stride in its last dimension; other strides are passed through."""
     x = x.float()
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -141,7 +147,7 @@ def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
     """The kernel's operands for gates computed from their inputs: x [B, T, HK, D] (stride 0 over heads for a
     shared input), W^T [HK, D, SKz] and biases [HK, SKz] in the padded columns s * Kp + f, the mask, tau, clamp."""
     S, H, F, D = gates.weight.shape
-    x = _operand(gates.x)
+    x = fp32_operand(gates.x)
     if H != HK or F != K or gates.bias.shape != (S, H, F):
         raise ValueError(f"gates of shape {tuple(gates.weight.shape)} (states, heads, features, inputs) do not fit "
                          f"{HK} key/value heads of {K} features")  # fmt: skip
@@ -185,9 +191,7 @@ def chunk_dsla_cpp(
 ):  # fmt: skip
     """``chunk_dsla`` (inference) by the fused C++ kernel. Same arguments and results as the other backends; an
     fp32 ``out`` with a unit stride over values is written directly (its rows may overlay q's)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
+    lib = loaded()
     inputs = (*parts(q), *parts(k), v, mix, initial_state, *gate_inputs(g1, g2))
     if any(x is not None and x.device.type != "cpu" for x in inputs):
         raise ValueError("the C++ kernel takes CPU tensors; use backend='triton' or 'torch' for other devices")
@@ -216,11 +220,11 @@ def chunk_dsla_cpp(
         g1 = g2 = None
     else:
         gates = None
-        g1 = _operand(g1)
-        g2 = g1 if g2 is None else _operand(g2)
+        g1 = fp32_operand(g1)
+        g2 = g1 if g2 is None else fp32_operand(g2)
     w = (_mix_weights(mix, H, S, "cpu").reshape(HK, G, S) * scale).contiguous()
-    q, k = (_operand(q), _operand(k)) if maps is None else (_operand(q.x), _operand(k.x))
-    v = _operand(v)
+    q, k = (fp32_operand(q), fp32_operand(k)) if maps is None else (fp32_operand(q.x), fp32_operand(k.x))
+    v = fp32_operand(v)
     q_map, k_map, feature_mask = maps or (None, None, None)
     x, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
     strides = mask if mask is not None else feature_mask  # both [B, T] contiguous: one set of strides
@@ -238,12 +242,12 @@ def chunk_dsla_cpp(
     final = torch.empty(N, S, HK, K, V)
     C = chunk_size or CHUNK
     status = lib.dsla_chunk_forward(
-        _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(g1), _strides(g1), _ptr(g2),
-        _strides(g2), _ptr(x), _strides(x), 0 if x is None else x.shape[-1], _ptr(gw), _ptr(gc),
+        _ptr(q), strides3(q), _ptr(k), strides3(k), _ptr(v), strides3(v), _ptr(g1), strides3(g1), _ptr(g2),
+        strides3(g2), _ptr(x), strides3(x), 0 if x is None else x.shape[-1], _ptr(gw), _ptr(gc),
         ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
         ctypes.c_long(0 if strides is None else T), ctypes.c_long(0 if strides is None else 1),
         _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
-        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), _strides(o), C,
+        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), strides3(o), C,
         max(1, BLOCK_TOKENS // C), torch.get_num_threads(), _ptr(q_map), _ptr(k_map), _ptr(feature_mask),
         0 if maps is None else q.shape[-1], 0 if maps is None else q_map.shape[-1],
     )  # fmt: skip

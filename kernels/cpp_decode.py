@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpp_chunk import FLT_MAX, library
+from .cpp_chunk import FLT_MAX, loaded
 
 
 def _ptr(x: torch.Tensor | None) -> int | None:
@@ -25,9 +25,7 @@ def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
 def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=None):
     """:func:`~.decode.fused_decode_dsla` by the C++ kernel (inputs checked there). The window's tensors must be
     fp32 (they are updated in place)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C++ CPU kernel is not available on this machine (no compiler, or its build failed)")
+    lib = loaded()
     if q.device.type != "cpu":
         raise ValueError("the C++ kernel takes CPU tensors")
     B, H, D = q.shape
