@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .dispatch import package_module
 from .features import hedgehog
+from .window import rotate_half
 
 Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # raw keys [B, W, HK, D], values, validity [B, W]
 
@@ -61,9 +62,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale
     freqs = positions.float()[..., None] * inv_freq.float()  # [B, N, D/2]
     cos, sin = (torch.cat([freqs.cos(), freqs.cos()], -1) * scale), (torch.cat([freqs.sin(), freqs.sin()], -1) * scale)
     x = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 
 
 @torch.no_grad()
