@@ -93,7 +93,7 @@ class DSLAAttention(SoftmaxAttention):
         """chunk_dsla (prefill) or fused_recurrent_dsla (decode, states updated in place), given the gates as the
         model gives them: inputs and weights (computed inside the C++ kernel, materialised by the other paths).
         ``overlay``: the prefill's output overlays the queries (as in the model, where nothing reads them after)."""
-        gates = self.gates.linear(k)
+        gates = self.gates(k)
         mix = self.mix.softmax(-1)
         if state is None:
             return chunk_dsla(q, k, v, gates, None, mix, backend=self.backend, out=q if overlay else None)[0]

@@ -214,3 +214,47 @@ def test_chain_with_teacher_captured_inputs(student, tmp_path):
     state = run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
     assert [s["layer"] for s in state["stages"]] == [2, 0]
     assert all(s["layer_alone"]["steps"] == 3 for s in state["stages"])
+
+
+def test_gate_divergence_reaches_the_gates_gradients(student, tmp_path):
+    # Only the gate term: its gradient must reach the gate weights of the trained layer (and nothing else).
+    student.set_dsla_layers([2, 0])
+    args = DSLADistillConfig(
+        output_dir=str(tmp_path), max_steps=1, use_cpu=True, disable_tqdm=True, alignment_weight=0.0,
+        kl_weight=0.0, gate_divergence_weight=1.0, trained_layers=[2],
+    )  # fmt: skip
+    trainer = DSLADistillTrainer(
+        model=student, args=args, train_dataset=packed(2, 16, 2), processing_class=tiny_tokenizer()
+    )
+    batch = {"input_ids": torch.randint(3, 101, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    gates = student.model.layers[2].linear_attn.gates
+    assert gates.weight.grad is not None and gates.weight.grad.abs().sum() > 0
+    assert gates.bias.grad.abs().sum() > 0
+    assert 0 < loss.item() <= 1  # the mean cosine of two decaying gates (both negative): positive
+    assert student.model.layers[0].linear_attn.gates.weight.grad is None  # not trained
+
+
+def test_attention_alignment_term_is_the_normalised_error_to_the_teacher_attention(student, tmp_path):
+    student.set_dsla_layers([2])
+    args = DSLADistillConfig(
+        output_dir=str(tmp_path), max_steps=1, use_cpu=True, disable_tqdm=True, kl_weight=0.0,
+        gate_divergence_weight=0.0,
+    )  # fmt: skip
+    trainer = DSLADistillTrainer(
+        model=student, args=args, train_dataset=packed(2, 16, 2), processing_class=tiny_tokenizer()
+    )
+    ids = torch.randint(3, 101, (2, 16))
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, {"input_ids": ids})
+    # independent reference: the layer's input from a softmax forward up to layer 2 (nothing below it is DSLA),
+    # the teacher's attention there, and the DSLA layer called on that input
+    student.set_dsla_layers([])
+    with torch.no_grad():
+        x, y = capture_layer_io(student, 2, ids)
+    block, rotary = student.model.layers[2], student.model.rotary_emb
+    with torch.no_grad():
+        out = block.linear_attn(x, block.self_attn, rotary(x, torch.arange(16)[None]), rotary_emb=rotary)
+    expected = (out - y).pow(2).sum() / y.pow(2).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)

@@ -39,7 +39,8 @@ class DSLADistillConfig(SFTConfig):
     save_strategy: str = "no"
     max_length: int | None = None
     # Only a few small modules train: recomputing the whole model costs more than it saves.
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool | None = False
+    gradient_checkpointing: bool | None = None  # the deprecated alias (SFTConfig sets it to True)
 
     def __post_init__(self):
         if self.bf16 is None and not torch.cuda.is_available():
@@ -59,9 +60,14 @@ def token_normalised_kl(student_logits, teacher_logits, mask, temperature: float
     return (per_token * mask).sum() / mask.sum().clamp(min=1) * t * t
 
 
-def gate_cosine(log_gates: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between the history and recency log gates of [B, T, S, H, F] gates."""
-    return F.cosine_similarity(log_gates[:, :, 0], log_gates[:, :, 1], dim=-1, eps=1e-8).mean()
+def gate_cosine(log_gates: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine similarity between the history and recency log gates of [B, T, S, H, F] gates, over the tokens
+    where `mask` [B, T] is nonzero (padding and a window's null entries have no gates)."""
+    cosine = F.cosine_similarity(log_gates[:, :, 0], log_gates[:, :, 1], dim=-1, eps=1e-8)  # [B, T, H]
+    if mask is None:
+        return cosine.mean()
+    weight = mask[:, :, None].to(cosine.dtype).expand_as(cosine)
+    return (cosine * weight).sum() / weight.sum().clamp(min=1)
 
 
 class DSLADistillTrainer(SFTTrainer):
@@ -96,19 +102,15 @@ class DSLADistillTrainer(SFTTrainer):
         self._metrics[mode][name].append(value)
 
     @torch.no_grad()
-    def _teacher_forward(self, student, input_ids, attention_mask, want_hidden: bool):
+    def _teacher_forward(self, student, inputs: dict, want_hidden: bool):
         if self.teacher is not None:
-            out = self.teacher(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=want_hidden
-            )
+            out = self.teacher(**inputs, use_cache=False, output_hidden_states=want_hidden)
             return out.logits, out.hidden_states
         unwrapped = self.accelerator.unwrap_model(student)
         active = unwrapped.dsla_layers
         unwrapped.set_dsla_layers([])
         try:
-            out = unwrapped(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=want_hidden
-            )
+            out = unwrapped(**inputs, use_cache=False, output_hidden_states=want_hidden)
         finally:
             unwrapped.set_dsla_layers(active)
         return out.logits, out.hidden_states
@@ -117,62 +119,48 @@ class DSLADistillTrainer(SFTTrainer):
         args = self.args
         mode = "train" if model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs.get("attention_mask")
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         labels = inputs.get("labels")
+        align_attention = args.alignment_weight > 0 and args.alignment_target == "attention"
         want_hidden = args.alignment_weight > 0 and args.alignment_target == "hidden"
-
-        records: dict[int, dict] = {i: {} for i in self.trained_layers}
-        hooks = []
-        for i in self.trained_layers:
-            layer = unwrapped.model.layers[i]
-            if args.alignment_weight > 0 and args.alignment_target == "attention":
-
-                def keep_io(module, hook_args, out, i=i):
-                    records[i]["x"], records[i]["teacher_attn"], records[i]["pe"] = hook_args[:3]
-                    records[i]["out"] = out
-
-                hooks.append(layer.linear_attn.register_forward_hook(keep_io))
-            if args.gate_divergence_weight > 0 and layer.linear_attn.num_states > 1:
-                hooks.append(
-                    layer.linear_attn.gates.register_forward_hook(lambda m, a, out, i=i: records[i].update(gates=out))
-                )
-        try:
-            outputs = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=want_hidden
-            )
-        finally:
-            for h in hooks:
-                h.remove()
+        # What the losses read, recorded by the model (Transformers' output capturing), in layer order.
+        outputs = model(
+            **model_inputs,
+            use_cache=False,
+            output_hidden_states=want_hidden,
+            output_attention_inputs=align_attention,
+            output_dsla_attentions=align_attention,
+            output_dsla_gates=args.gate_divergence_weight > 0,
+        )
+        ran = unwrapped.dsla_layers
+        trained = [i for i in self.trained_layers if i in ran]  # a trained layer that did not run as DSLA has no term
         logits = outputs.logits
         zero = logits.new_zeros(())
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
         need_teacher = args.kl_weight > 0 or want_hidden
         teacher_logits, teacher_hidden = (
-            self._teacher_forward(model, input_ids, attention_mask, want_hidden) if need_teacher else (None, None)
+            self._teacher_forward(model, model_inputs, want_hidden) if need_teacher else (None, None)
         )
 
         align = zero
-        if args.alignment_weight > 0:
+        if args.alignment_weight > 0 and trained:
             terms = []
-            for i in self.trained_layers:
-                if args.alignment_target == "attention":
-                    rec = records[i]
-                    if "out" not in rec:  # the layer did not run as DSLA
-                        continue
-                    with torch.no_grad():
-                        target = rec["teacher_attn"](
-                            hidden_states=rec["x"].detach(), position_embeddings=rec["pe"], attention_mask=None
-                        )[0]
-                    out = rec["out"]
+            for i in trained:
+                if align_attention:
+                    out = outputs.dsla_attentions[ran.index(i)]
+                    with torch.no_grad():  # the teacher's softmax attention on the same input
+                        target = unwrapped.model.softmax_attention(
+                            i, outputs.attention_inputs[i].detach(), attention_mask, inputs.get("position_ids")
+                        )
                 else:
                     out, target = outputs.hidden_states[i + 1], teacher_hidden[i + 1]
                 m = valid[..., None].to(out.dtype)
                 err = ((out.float() - target.float()).pow(2) * m).sum()
                 scale = (target.float().pow(2) * m).sum().clamp(min=1e-12)
                 terms.append(err / scale)
-            align = torch.stack(terms).mean() if terms else zero
+            align = torch.stack(terms).mean()
 
         kl = zero
         if args.kl_weight > 0:
@@ -185,7 +173,8 @@ class DSLADistillTrainer(SFTTrainer):
 
         gate = zero
         if args.gate_divergence_weight > 0:
-            sims = [gate_cosine(records[i]["gates"]) for i in self.trained_layers if "gates" in records[i]]
+            gates = [outputs.dsla_gates[ran.index(i)] for i in trained]
+            sims = [gate_cosine(g.materialize(), g.mask) for g in gates if g.num_states > 1]
             gate = torch.stack(sims).mean() if sims else zero
 
         loss = (

@@ -68,7 +68,7 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
     keys = k.repeat_interleave(H // HK, dim=2) if SH != HK else k
     phi = attn.k_feature_map(keys)[0].float()  # [T, SH, F]
     psi = attn.q_feature_map(q)[0].float()  # [T, H, F]
-    gates = attn.gates(keys if cfg.dsla_gate_source == "key" else x)[0].float()  # [T, S, SH, F]
+    gates = attn.gates(keys if cfg.dsla_gate_source == "key" else x).materialize()[0]  # [T, S, SH, F]
     cumulative = gates.cumsum(0)
     mix = attn.mix_weights()
     mix = torch.ones(H, S) if mix is None else mix.float().expand(H, S)
@@ -120,7 +120,7 @@ def gate_half_lives(block, x: torch.Tensor) -> dict[str, float]:
     k = attn.projections(block.self_attn)[1](x).view(*x.shape[:2], attn.num_kv_heads, attn.head_dim)
     if attn.state_heads != attn.num_kv_heads:
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=2)
-    gates = attn.gates(k if attn.config.dsla_gate_source == "key" else x).float()  # [B, T, S, H, F]
+    gates = attn.gates(k if attn.config.dsla_gate_source == "key" else x).materialize()  # [B, T, S, H, F]
     names = ["history", "recency"] if attn.num_states == 2 else ["state"]
     mean = gates.mean(dim=(0, 1, 3, 4))
     return {name: float(torch.log(torch.tensor(2.0)) / (-mean[s]).clamp(min=1e-12)) for s, name in enumerate(names)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 from transformers.utils import logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_dsla import DSLACache, DSLACacheLayer
 from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
@@ -134,14 +136,12 @@ class DSLAGates(nn.Module):
         self.weight = nn.Parameter(torch.empty(S, num_heads, feature_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(S, num_heads, feature_dim))
 
-    def linear(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> LinearGates:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> LinearGates:
         """The gates of inputs `x` ([B, T, H, in_dim] keys or [B, T, in_dim] hidden state) as kernels take them:
-        computed inside the C++ CPU kernel, materialised by the others. `mask` [B, T]: 0 at padded tokens."""
+        computed inside the C++ CPU kernel, materialised by the others (`.materialize()`: fp32 [B, T, S, H, F],
+        differentiable). `mask` [B, T]: 0 at padded tokens. A module call, so the model can record them
+        (`output_dsla_gates=True`)."""
         return LinearGates(x, self.weight, self.bias, self.tau, self.clamp, mask)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 [B, T, S, H, F] (a strided view for keys)."""
-        return self.linear(x, mask).materialize()
 
 
 class DSLAAttention(nn.Module):
@@ -241,7 +241,7 @@ class DSLAAttention(nn.Module):
             keys = keys.repeat_interleave(groups, dim=2)
             values = values.repeat_interleave(groups, dim=2)
         features = self.k_feature_map.lazy(keys, mask)
-        gates = self.gates.linear(keys if self.config.dsla_gate_source == "key" else hidden_states, mask)
+        gates = self.gates(keys if self.config.dsla_gate_source == "key" else hidden_states, mask)
         if self.normalizer == "sum":
             values = torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
         return features, values, gates
@@ -455,7 +455,12 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == LINEAR_ATTENTION:
             hidden_states = self.linear_attn(
-                hidden_states, self.self_attn, position_embeddings, cache, padding_mask, rotary_emb
+                hidden_states,
+                teacher=self.self_attn,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                padding_mask=padding_mask,
+                rotary_emb=rotary_emb,
             )
         else:
             hidden_states, _ = self.self_attn(
@@ -474,6 +479,32 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+@dataclass
+class DSLAModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus what distillation reads, each recorded on request (`output_<name>=True`):
+
+    - `attention_inputs`: every layer's attention input (after its input norm), in layer order;
+    - `dsla_attentions`: the attention output of every layer that ran as DSLA, in layer order;
+    - `dsla_gates`: the gates of those layers (`LinearGates`; `.materialize()` gives the differentiable log decays).
+    """
+
+    attention_inputs: tuple[torch.Tensor, ...] | None = None
+    dsla_attentions: tuple[torch.Tensor, ...] | None = None
+    dsla_gates: tuple[LinearGates, ...] | None = None
+
+
+@dataclass
+class DSLACausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the recorded outputs of :class:`DSLAModelOutputWithPast`."""
+
+    attention_inputs: tuple[torch.Tensor, ...] | None = None
+    dsla_attentions: tuple[torch.Tensor, ...] | None = None
+    dsla_gates: tuple[LinearGates, ...] | None = None
+
+
+RECORDED = ("attention_inputs", "dsla_attentions", "dsla_gates")
+
+
 class DSLAPreTrainedModel(PreTrainedModel):
     config_class = DSLAConfig
     config: DSLAConfig
@@ -487,6 +518,14 @@ class DSLAPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _is_stateful = True
+    # Outputs recorded by Transformers' output capturing (`output_hidden_states=True`, `output_dsla_gates=True`, ...)
+    _can_record_outputs = {
+        "hidden_states": DSLADecoderLayer,
+        "attentions": OutputRecorder(LlamaAttention, index=1),
+        "attention_inputs": OutputRecorder(LlamaRMSNorm, layer_name="input_layernorm"),
+        "dsla_attentions": DSLAAttention,
+        "dsla_gates": DSLAGates,
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -537,6 +576,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -545,9 +585,8 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         cache: DSLACache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> DSLAModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -581,7 +620,6 @@ class DSLALlamaModel(DSLAPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
@@ -594,10 +632,28 @@ class DSLALlamaModel(DSLAPreTrainedModel):
                 rotary_emb=self.rotary_emb,
                 **kwargs,
             )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return DSLAModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def softmax_attention(
+        self,
+        layer_idx: int,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Layer `layer_idx`'s softmax attention (the teacher's) on attention inputs `hidden_states` [B, T, hidden],
+        no cache: the target a DSLA layer is aligned to. `attention_mask` and `position_ids` as for `forward`
+        (padding, packed sequences)."""
+        if position_ids is None:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=None,
+            position_ids=position_ids,
+        )  # fmt: skip
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        attention = self.layers[layer_idx].self_attn
+        return attention(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=mask)[0]
 
 
 class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
@@ -631,9 +687,8 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> DSLACausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -641,7 +696,6 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -650,9 +704,22 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        return DSLACausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{name: getattr(outputs, name) for name in RECORDED},
         )
 
 
-__all__ = ["DSLAAttention", "DSLADecoderLayer", "DSLALlamaForCausalLM", "DSLALlamaModel", "DSLAPreTrainedModel"]
+__all__ = [
+    "DSLACausalLMOutputWithPast",
+    "DSLAModelOutputWithPast",
+    "DSLAAttention",
+    "DSLADecoderLayer",
+    "DSLALlamaForCausalLM",
+    "DSLALlamaModel",
+    "DSLAPreTrainedModel",
+]
