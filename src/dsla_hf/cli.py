@@ -14,7 +14,7 @@ COMMANDS = {
     "serve": ("dsla_hf.serving.server", "OpenAI-compatible server that converts layers to DSLA as load grows"),
     "replay": ("dsla_hf.serving.replay", "Replay the Azure 2023 LLM traces against a server; vLLM benchmark report"),
     "eval": ("dsla_hf.eval_suite", "Perplexity, passkey, RULER needles, attention maps, speed: JSON, Markdown, plots"),
-    "ablate": ("dsla_hf.ablation", "Train DSLA and a single-state GLA with the demo's chain recipe (the ablation)"),
+    "ablate": ("dsla_hf.ablation", "The dual-state ablation: window {0, 64} x {DSLA, GLA, GLA-fast}, demo recipe"),
     "push": ("dsla_hf.hub", "Write a DSLA checkpoint's Hub repository (weights, remote code, card) and upload it"),
 }
 

@@ -50,6 +50,7 @@ class DemoRecipe:
     # DSLA layer: the default preset (two states, 64-token exact window, Hedgehog features, ...) except for these
     num_states: int = 2
     history_half_life: float | None = None  # initial half-life of the first state (None: the preset's)
+    window: int | None = None  # exact softmax window of the DSLA layers (None: the preset's 64; 0: none)
     seed: int = 0
 
     def replace(self, **changes) -> DemoRecipe:
@@ -60,6 +61,8 @@ class DemoRecipe:
         options = {"dsla_num_states": self.num_states}
         if self.history_half_life is not None:
             options["dsla_history_half_life"] = self.history_half_life
+        if self.window is not None:
+            options["dsla_window"] = self.window
         return options
 
     def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True):

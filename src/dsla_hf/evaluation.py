@@ -1,6 +1,6 @@
 """Evaluation helpers (DESIGN §4): held-out perplexity (rows, or a long stream with a sliding window) and passkey
-retrieval (per length, or over a length x depth grid). RULER's tasks are in `dsla_hf.ruler`, the `dsla eval`
-report in `dsla_hf.eval_suite`."""
+retrieval (per length, or over a length x depth grid), and recency bias (loss by distance inside a window).
+RULER's tasks are in `dsla_hf.ruler`, the `dsla eval` report in `dsla_hf.eval_suite`."""
 
 from __future__ import annotations
 
@@ -197,4 +197,93 @@ def passkey_grid(
         "accuracy": accuracy,
         "mean": overall,
         "samples": samples,
+    }
+
+
+# --- recency bias: loss by distance -------------------------------------------------------------------------------
+
+
+def distance_buckets(context: int, edges: tuple[int, ...] | list[int] = (16, 64, 256, 1024)) -> list[tuple[int, int]]:
+    """Log-spaced buckets `(lo, hi)` (inclusive) of the distance of a predicted token from the start of its window,
+    i.e. how many tokens of context it is predicted from: 1 to `context - 1`. `edges` are the upper ends of all but
+    the last bucket; edges at or past `context - 1` are dropped. `distance_buckets(2048)` is
+    [(1, 16), (17, 64), (65, 256), (257, 1024), (1025, 2047)]."""
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    edges = list(edges)
+    if any(e < 1 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be positive and strictly increasing, got {edges}")
+    buckets, lo = [], 1
+    for edge in edges:
+        if edge >= context - 1:
+            break
+        buckets.append((lo, edge))
+        lo = edge + 1
+    buckets.append((lo, context - 1))
+    return buckets
+
+
+@torch.no_grad()
+def loss_by_distance(
+    model,
+    input_ids: torch.Tensor,
+    context: int,
+    buckets: list[tuple[int, int]] | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "loss by distance",
+) -> dict:
+    """Recency bias: mean next-token loss as a function of how many tokens of context the prediction had. The 1-D
+    stream is cut into non-overlapping windows of exactly `context` tokens (a shorter tail is dropped, so every
+    distance has the same number of tokens); in each window the token at index `d` is predicted from the `d` tokens
+    before it and counts at distance `d`. Returns `buckets` (label "lo-hi" -> `lo`, `hi`, mean `loss`, `tokens`),
+    the overall `loss`, `tokens` and `windows`. A model that uses long context has a curve that keeps falling with
+    distance; one that forgets (a short window, a fast-decaying state) flattens past its reach."""
+    ids = input_ids.flatten()
+    windows = ids.numel() // context
+    if windows < 1:
+        raise ValueError(f"the stream has {ids.numel()} tokens, fewer than one window of {context}")
+    buckets = buckets or distance_buckets(context)
+    for lo, hi in buckets:
+        if not 1 <= lo <= hi <= context - 1:
+            raise ValueError(f"bucket ({lo}, {hi}) is outside distances 1 to {context - 1}")
+    device = next(model.parameters()).device
+    sums = torch.zeros(context, dtype=torch.float64)  # loss summed over windows, per distance (index 0: unused)
+    rows = ids[: windows * context].view(windows, context)
+    for batch in tqdm(rows.split(batch_size), desc=desc, leave=False, disable=not progress):
+        batch = batch.to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+        sums[1:] += loss.view(batch.shape[0], context - 1).sum(0).double().cpu()
+    out = {}
+    for lo, hi in buckets:
+        tokens = windows * (hi - lo + 1)
+        out[f"{lo}-{hi}"] = {"lo": lo, "hi": hi, "loss": sums[lo : hi + 1].sum().item() / tokens, "tokens": tokens}
+    total = windows * (context - 1)
+    return {
+        "context": context,
+        "windows": windows,
+        "tokens": total,
+        "loss": sums.sum().item() / total,
+        "buckets": out,
+    }
+
+
+def distance_gap(curve: dict, reference: dict, far_from: int = 256) -> dict:
+    """Loss by distance of `curve` minus that of `reference` (both from `loss_by_distance` with the same buckets, on
+    the same stream): per bucket, and token-weighted over the `near` buckets (starting at or before `far_from`) and
+    the `far` ones (starting past it). A recency-biased student's gap to its teacher grows from near to far."""
+    if curve["context"] != reference["context"] or list(curve["buckets"]) != list(reference["buckets"]):
+        raise ValueError("the two curves have different contexts or buckets")
+    per_bucket, sides = {}, {"near": [0.0, 0], "far": [0.0, 0]}
+    for label, b in curve["buckets"].items():
+        gap = b["loss"] - reference["buckets"][label]["loss"]
+        per_bucket[label] = gap
+        side = sides["far" if b["lo"] > far_from else "near"]
+        side[0] += gap * b["tokens"]
+        side[1] += b["tokens"]
+    return {
+        "per_bucket": per_bucket,
+        **{name: (s / n if n else None) for name, (s, n) in sides.items()},
+        "far_from": far_from,
     }
