@@ -1,5 +1,6 @@
 // The softmax window of a DSLA layer for CPUs (inference prefill): each query attends, with RoPE, to the W newest
-// pending tokens up to itself, under one normaliser with the states' output (the math: window.py's docstring).
+// pending tokens up to itself (packed sequences: none before its document's first token), under one normaliser with
+// the states' output (the math: window.py's docstring).
 //
 // One work item per (sequence, KV head, block of QB queries): the block's keys are rotated once into a transposed
 // scratch, the scores of its G x QB query rows against the QB + W - 1 keys they can see are one register-blocked
@@ -37,18 +38,17 @@ inline void rotate(const float* x, const float* cos, const float* sin, int D, fl
     }
 }
 
-}  // namespace
-
-extern "C" {
-
 // q [B, T, H, D] raw queries; keys, values [B, P, HK, D] raw pending tokens (P = W + T: the window's, then the new
 // ones), valid [B, P]; cos, sin [B, P, D] RoPE tables of the pending positions; lin [B, T, H, D + 1] the states'
 // output (numerator, then denominator); log_scale [H]; out [B, T, H, D]. Strides of dims 0..2 given per tensor
-// (unit stride in the last); valid_sb, rope_sb / rope_st for the 2-D / 3-D tables.
-void dsla_window_attention(const float* q, const long* qs, const float* keys, const long* ks, const float* values,
-                           const long* vs, const float* valid, long valid_sb, const float* cos, const float* sin,
-                           long rope_sb, long rope_st, const float* lin, const long* ls, const float* log_scale,
-                           float* out, const long* os, int B, int T, int W, int HK, int G, int D, int threads) {
+// (unit stride in the last); valid_sb, rope_sb / rope_st for the 2-D / 3-D tables. doc_start [B, T] (row stride
+// doc_sb) or null: packed sequences, the pending index of the first token of each query's document; the query skips
+// the pending tokens before it.
+void window_attention(const float* q, const long* qs, const float* keys, const long* ks, const float* values,
+                      const long* vs, const float* valid, long valid_sb, const float* cos, const float* sin,
+                      long rope_sb, long rope_st, const float* lin, const long* ls, const float* log_scale,
+                      const long* doc_start, long doc_sb, float* out, const long* os, int B, int T, int W, int HK,
+                      int G, int D, int threads) {
     const View Q{q, qs[0], qs[1], qs[2]}, K{keys, ks[0], ks[1], ks[2]}, Vv{values, vs[0], vs[1], vs[2]};
     const View L{lin, ls[0], ls[1], ls[2]};
     const int blocks = (T + QB - 1) / QB, R = round_up(G * QB, 8), NP = round_up(QB + W - 1, 16);
@@ -94,13 +94,15 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
             const float* ok = valid + b * valid_sb + t0 + 1;
             for (int c = 0; c < NP; ++c) live[c] = c < nk && ok[c] > 0.0f ? 1.0f : 0.0f;
             for (int r = 0; r < R; ++r) {
-                // Query t sees pending tokens t0 + t + 1 .. t0 + t + W: columns t .. t + W - 1.
+                // Query t sees pending tokens t0 + t + 1 .. t0 + t + W: columns t .. t + W - 1 (and, packed, none
+                // before its document's first token: column c is pending index t0 + 1 + c).
                 float* s = &S[(long)r * NP];
-                const int t = r / G, lo = t, hi = std::min(t + W, nk);
+                const int t = r / G, hi = std::min(t + W, nk);
                 if (t >= nq) {
                     std::fill(s, s + NP, 0.0f);
                     continue;
                 }
+                const int lo = doc_start ? std::max(t, (int)(doc_start[b * doc_sb + t0 + t] - t0 - 1)) : t;
                 float m = 0.0f;
                 for (int c = lo; c < hi; ++c)
                     if (live[c] > 0.0f) m = std::max(m, s[c]);
@@ -126,6 +128,30 @@ void dsla_window_attention(const float* q, const long* qs, const float* keys, co
             }
         }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The window without packing (the arguments of window_attention, no doc_start).
+void dsla_window_attention(const float* q, const long* qs, const float* keys, const long* ks, const float* values,
+                           const long* vs, const float* valid, long valid_sb, const float* cos, const float* sin,
+                           long rope_sb, long rope_st, const float* lin, const long* ls, const float* log_scale,
+                           float* out, const long* os, int B, int T, int W, int HK, int G, int D, int threads) {
+    window_attention(q, qs, keys, ks, values, vs, valid, valid_sb, cos, sin, rope_sb, rope_st, lin, ls, log_scale,
+                     nullptr, 0, out, os, B, T, W, HK, G, D, threads);
+}
+
+// Packed sequences: window_attention with a doc_start table.
+void dsla_window_attention_packed(const float* q, const long* qs, const float* keys, const long* ks,
+                                  const float* values, const long* vs, const float* valid, long valid_sb,
+                                  const float* cos, const float* sin, long rope_sb, long rope_st, const float* lin,
+                                  const long* ls, const float* log_scale, const long* doc_start, long doc_sb,
+                                  float* out, const long* os, int B, int T, int W, int HK, int G, int D,
+                                  int threads) {
+    window_attention(q, qs, keys, ks, values, vs, valid, valid_sb, cos, sin, rope_sb, rope_st, lin, ls, log_scale,
+                     doc_start, doc_sb, out, os, B, T, W, HK, G, D, threads);
 }
 
 }  // extern "C"

@@ -8,8 +8,11 @@ weighted by ``e^{c_h}`` per head:
     o_t = (sum_i e^{s_ti - m} v_i + e^{c_h - m} lin_t[:D]) / (sum_i e^{s_ti - m} + e^{c_h - m} lin_t[D] + 1e-6)
 
 with ``s_ti = rope(q_t) . rope(k_i) / sqrt(D)`` and ``m = max(0, max_i s_ti)`` (the stabiliser cancels; ``>= 0``
-keeps both exponentials ``<= 1``). Backends: the PyTorch path (differentiable, any device) and, for CPU inference,
-the C++ kernel (``cpp_window.cpp``), which computes it block by block in cache.
+keeps both exponentials ``<= 1``). Packed sequences: with ``doc_start`` a query also skips the pending tokens before
+its own document's first token, so documents packed in one row never see each other's tokens.
+
+Backends: the PyTorch path (differentiable, any device) and, for CPU inference, the C++ kernel
+(``cpp_window.cpp``), which computes it block by block in cache.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale):
+def window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=None):
     """The PyTorch path: two batched matmuls over bands of 2W (views, no copies), differentiable."""
     B, T, H, D = q.shape
     W, HK = keys.shape[1] - T, keys.shape[2]
@@ -45,6 +48,10 @@ def window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale):
     r = torch.arange(W, device=q.device)[:, None]
     c = torch.arange(2 * W, device=q.device)[None, :]
     allowed = (c > r) & (c <= r + W) & (valid[:, :, None, :] > 0)  # [B, blocks, W, 2W]
+    if doc_start is not None:  # column c of block n is pending index nW + c; row r is query nW + r
+        first = F.pad(doc_start, (0, blocks * W - T)).view(B, blocks, W, 1)
+        index = torch.arange(blocks, device=q.device)[:, None, None] * W + c  # [blocks, 1, 2W]
+        allowed &= index >= first
     bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
     # In-place steps only where autograd keeps no copy (matmul and sum outputs, exp's own result).
     scores = (q @ keys).view(B, blocks, HK, G, W, 2 * W).add_(bias[:, :, None, None])
@@ -73,6 +80,7 @@ def window_attention(
     lin: torch.Tensor,
     log_scale: torch.Tensor,
     backend: str | None = None,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the window beside the states' output (see the module docstring).
 
@@ -85,6 +93,8 @@ def window_attention(
         log_scale: [H] log weight of the states' share per head.
         backend: None (the C++ kernel for CPU inference where it is the chunk kernel's default, else PyTorch),
             "cpp" or "torch".
+        doc_start: [B, T] integers, or None. Packed sequences: the pending index of the first token of each query's
+            document (``W`` + its index among the new tokens); the query skips the pending tokens before it.
 
     Returns:
         [B, T, H, D] fp32.
@@ -96,13 +106,16 @@ def window_attention(
                          f"{tuple(keys.shape)}, {tuple(values.shape)}")  # fmt: skip
     if valid.shape != (B, P) or cos.shape[-2:] != (P, D) or sin.shape != cos.shape or lin.shape != (B, T, H, D + 1):
         raise ValueError("valid [B, W + T], cos/sin [B, W + T, D] and lin [B, T, H, D + 1] expected")
+    if doc_start is not None and (doc_start.shape != (B, T) or doc_start.is_floating_point()):
+        raise ValueError(f"doc_start must be an integer tensor of shape {(B, T)}, got {tuple(doc_start.shape)}")
     if backend is None:
         backend = "cpp" if _cpp_inference(q, keys, values, lin, log_scale) else "torch"
     if backend == "cpp":
-        return package_module("cpp_window").window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale)
+        cpp = package_module("cpp_window")
+        return cpp.window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale, doc_start)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose 'cpp' or 'torch'")
-    return window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale)
+    return window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale, doc_start)
 
 
 def _cpp_inference(*tensors: torch.Tensor) -> bool:

@@ -70,6 +70,43 @@ def half_life_logit(half_life: float, tau: float) -> float:
     return log_a - math.log(-math.expm1(log_a))
 
 
+def document_starts(cu_seqlens: torch.LongTensor, batch: int, length: int, device) -> torch.LongTensor:
+    """[batch, length]: for each token of rows packed as `cu_seqlens` (document boundaries over the rows laid end to
+    end; every row boundary a document boundary), the index in its row of its document's first token."""
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    total = batch * length
+    if cu_seqlens.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must run from 0 to {total} (the batch's tokens laid end to end), got {bounds}")
+    if any(b >= a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {bounds}")
+    if not set(range(0, total, length)) <= set(bounds):
+        raise ValueError("with cu_seqlens, every row of the batch must start a document (none spans two rows)")
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=total)
+    return starts.view(batch, length) - torch.arange(0, total, length, device=device)[:, None]
+
+
+def position_restarts(position_ids: torch.LongTensor, batch_size: int) -> torch.LongTensor | None:
+    """Documents packed in rows, found from their position ids by Transformers' own rule (a document starts wherever a
+    position is not its predecessor's plus one, `find_packed_sequence_indices`), so that the DSLA layers and the
+    softmax layers' masks agree. Returns CPU cu_seqlens over the rows laid end to end, or None if no row is packed."""
+    pos = position_ids.expand(batch_size, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    cu = starts.flatten().nonzero().squeeze(1).cpu()
+    return torch.cat([cu, torch.tensor([pos.numel()])])
+
+
+def restarts_among_valid(position_ids: torch.LongTensor, mask: torch.Tensor) -> bool:
+    """Whether a position goes back (or repeats) between successive unpadded tokens of a row: documents packed in a
+    padded batch. Left padding (pads at any position), holes and gaps do not count."""
+    pos, valid = position_ids.expand(mask.shape[0], -1), mask.bool()
+    seen = torch.where(valid, pos, torch.iinfo(pos.dtype).min).cummax(-1).values
+    return bool((valid[:, 1:] & (pos[:, 1:] <= seen[:, :-1])).any())
+
+
 class LowRankDelta(nn.Module):
     """A LoRA-style delta `up(down(x)) * alpha / r` beside a frozen projection; `up` starts at zero."""
 
@@ -262,10 +299,14 @@ class DSLAAttention(nn.Module):
         values: torch.Tensor,
         mask: torch.Tensor | None,
         window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        doc_start: torch.LongTensor | None = None,
     ):
         """Split raw keys/values of T new tokens into what enters the states now and what stays in the softmax
         window: with a window of W, the states take the W oldest of the W + T pending tokens (the window's and the new
-        ones), in order, and the W newest form the next window. Returns (state inputs, pending tokens, next window)."""
+        ones), in order, and the W newest form the next window. Returns (state inputs, pending tokens, next window).
+
+        `doc_start` [B, T] (packed sequences, no cache: see :func:`document_starts`): the state input at token t is the
+        key of token t - W, masked out where that token belongs to an earlier document."""
         if not self.window:
             return (keys, values, mask), None, None
         B, T = keys.shape[:2]
@@ -277,6 +318,9 @@ class DSLAAttention(nn.Module):
             torch.cat([window[2], new_mask], 1),
         )
         state_in = tuple(t[:, :T] for t in pending)
+        if doc_start is not None:
+            own = torch.arange(-self.window, T - self.window, device=keys.device) >= doc_start
+            state_in = (*state_in[:2], state_in[2] * own)
         next_window = tuple(t[:, T:] for t in pending)
         return state_in, pending, next_window
 
@@ -316,7 +360,16 @@ class DSLAAttention(nn.Module):
         cache: DSLACache | None = None,
         padding_mask: torch.Tensor | None = None,
         rotary_emb: Callable | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
     ) -> torch.Tensor:
+        """The layer's output on `hidden_states` [B, T, hidden] (its attention input), `o_proj` included.
+
+        `padding_mask` [B, past + T]: 0 at padded tokens. `cu_seqlens` (training and scoring, no cache): documents
+        packed in the rows, as LongTensor boundaries over the B * T tokens laid end to end (every row starts a
+        document; a batch of one row is flash attention's `cu_seq_lens`). Each document then runs as if alone: its
+        states start empty, the states take none of an earlier document's keys and the window sees none of its
+        tokens; `position_embeddings` give each token its position in its document. Refused with a cache: a packed
+        row cannot be continued."""
         B, T, _ = hidden_states.shape
         D = self.head_dim
         q_proj, k_proj, v_proj, o_proj = self.projections(teacher)
@@ -326,15 +379,26 @@ class DSLAAttention(nn.Module):
         v = v_proj(hidden_states).view(B, T, self.num_kv_heads, D)
 
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        doc_start = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (cu_seqlens) are for runs without a cache: a packed row cannot be "
+                                 "continued; pass use_cache=False, or one row per sequence")  # fmt: skip
+            doc_start = document_starts(cu_seqlens, B, T, hidden_states.device)
         state = self.fold(cache_layer, cache, rotary_emb, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
         if T == 1 and state is not None and self.fused_decoding(q):
             o = self.fused_step(q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings)
             return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
         window = cache_layer.window if cache_layer is not None else None
-        (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window)
-        features, values, gates = self.key_side(state_k, state_v, hidden_states, state_mask)
-        queries = self.q_feature_map.lazy(q)
+        (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window, doc_start)
+        state_q, state_x = q, hidden_states
+        if cu_seqlens is not None and B > 1:  # the kernels take packed rows as one row of B * T tokens
+            rows = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:])
+            state_q, state_x, state_k, state_v = rows(q), rows(hidden_states), rows(state_k), rows(state_v)
+            state_mask = rows(state_mask)
+        features, values, gates = self.key_side(state_k, state_v, state_x, state_mask)
+        queries = self.q_feature_map.lazy(state_q)
         mix = self.mix_weights()
 
         if cache_layer is not None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
@@ -343,20 +407,26 @@ class DSLAAttention(nn.Module):
                 queries, features, values, gates, None, mix, self.scale, initial_state=state, inplace=True
             )
         else:
-            out = self.output_over_queries(queries, q, values.shape[-1])
+            out = self.output_over_queries(queries, state_q, values.shape[-1])
             o, state = chunk_dsla(
                 queries, features, values, gates, None, mix, self.scale, state,
-                output_final_state=cache_layer is not None, out=out,
+                output_final_state=cache_layer is not None, cu_seqlens=cu_seqlens, out=out,
             )  # fmt: skip
+            if state_q is not q:
+                o = o.view(B, T, *o.shape[2:])
         if cache_layer is not None:
             cache_layer.set_state(state, T, window)
             self.keep_kv(cache_layer, k, v, position_embeddings)
 
         if self.window:
-            seen = cache_layer.seen_tokens if cache_layer is not None else None
-            positions = self.pending_positions(cache, seen, T, B, hidden_states.device)
-            cos, sin = rotary_emb(hidden_states, positions)
-            o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale).to(hidden_states.dtype)
+            if cache_layer is None:  # the new tokens' own positions (per document when packed) after W null entries
+                cos, sin = (F.pad(t, (0, 0, self.window, 0)) for t in position_embeddings)
+            else:
+                positions = self.pending_positions(cache, cache_layer.seen_tokens, T, B, hidden_states.device)
+                cos, sin = rotary_emb(hidden_states, positions)
+            doc_start = None if doc_start is None else doc_start + self.window  # as pending indices
+            o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start)
+            o = o.to(hidden_states.dtype)
         elif self.normalizer == "sum":
             o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
         elif self.normalizer == "rms":
@@ -449,6 +519,7 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
         rotary_emb: Callable | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -461,6 +532,7 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
                 cache=cache,
                 padding_mask=padding_mask,
                 rotary_emb=rotary_emb,
+                cu_seqlens=cu_seqlens,
             )
         else:
             hidden_states, _ = self.self_attn(
@@ -591,6 +663,14 @@ class DSLALlamaModel(DSLAPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not attention_mask.all()
+        cu_seqlens = None
+        if self.config.active_dsla_layers:
+            cu_seqlens, attention_mask, position_ids = self.packed_documents(
+                inputs_embeds, attention_mask, padded, position_ids, cache, use_cache, kwargs
+            )
+            if cu_seqlens is not None:
+                use_cache = False
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DSLACache(self.config)
@@ -614,9 +694,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
             position_ids=position_ids,
         )
         # DSLA layers read padding from the 2-D mask (past and current tokens); None when nothing is padded.
-        padding_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            padding_mask = attention_mask
+        padding_mask = attention_mask if padded else None
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -630,10 +708,87 @@ class DSLALlamaModel(DSLAPreTrainedModel):
                 position_embeddings=position_embeddings,
                 padding_mask=padding_mask,
                 rotary_emb=self.rotary_emb,
+                cu_seqlens=cu_seqlens,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return DSLAModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def packed_documents(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        padded: bool,
+        position_ids: torch.LongTensor | None,
+        cache: DSLACache | None,
+        use_cache: bool | None,
+        kwargs: dict,
+    ) -> tuple[torch.LongTensor | None, torch.Tensor | None, torch.LongTensor | None]:
+        """What the DSLA layers need to know of the documents packed in the rows, and the inputs they cannot honour
+        refused (a ValueError), since a mask the DSLA layers skipped would silently mix documents or padding.
+
+        Documents come from flash attention's `cu_seq_lens_q` / `cu_seq_lens_k` (a batch of one row) if given, else
+        from `position_ids` that restart inside a row (any batch size; Transformers' rule, which the softmax layers'
+        masks follow). Packing is for runs without a cache (training, scoring): with a cache, or `use_cache=True`,
+        it is refused; with `use_cache` unset no cache is made. Also refused: masks other than a 2-D padding mask,
+        and padding together with packing (Transformers' masks ignore packing under a padding mask).
+
+        Returns `(cu_seqlens, attention_mask, position_ids)`: CPU boundaries over the rows laid end to end (None when
+        nothing is packed); an all-ones mask dropped when packed, so the softmax layers' masks find the documents;
+        position ids derived from `cu_seq_lens_q` when none were given."""
+        B, T = inputs_embeds.shape[:2]
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else "custom"
+            raise ValueError(
+                f"An attention mask of shape {shape} cannot be honoured by the DSLA layers "
+                f"{self.config.active_dsla_layers}: they take a 2-D padding mask [batch, past + new tokens], and "
+                "packed documents from position_ids that restart at 0 (or cu_seq_lens_q/cu_seq_lens_k). Pass one of "
+                "those, or run those layers as softmax attention (set_dsla_layers) for custom masks."
+            )
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        cu_seqlens = None
+        if cu_q is not None or cu_k is not None:
+            given = cu_q if cu_q is not None else cu_k
+            cu_seqlens = given.to("cpu", torch.long)
+            if cu_q is not None and cu_k is not None and not torch.equal(cu_seqlens, cu_k.to("cpu", torch.long)):
+                raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: DSLA layers attend within the same tokens")
+            bounds = cu_seqlens.tolist()
+            if B != 1 or cu_seqlens.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T:
+                raise ValueError(f"cu_seq_lens_q must run from 0 to the row's {T} tokens, for a batch of one row "
+                                 f"(got {bounds} for a batch of {B})")  # fmt: skip
+            if any(b >= a for a, b in zip(bounds[1:], bounds[:-1])):
+                raise ValueError(f"cu_seq_lens_q must be strictly increasing, got {bounds}")
+            if position_ids is None:  # each document's own positions, which the softmax layers' masks read
+                starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff(), output_size=T)
+                position_ids = (torch.arange(T) - starts)[None].to(inputs_embeds.device)
+            else:
+                found = position_restarts(position_ids, 1) if T > 1 else None
+                if not torch.equal(found if found is not None else torch.tensor([0, T]), cu_seqlens):
+                    raise ValueError(
+                        "cu_seq_lens_q and position_ids describe different documents (a document starts where a "
+                        "position is not the previous one plus one): the softmax layers' masks follow position_ids"
+                    )
+            if len(bounds) == 2:
+                cu_seqlens = None  # one document: nothing packed
+        elif position_ids is not None and T > 1:
+            if not padded:
+                cu_seqlens = position_restarts(position_ids, B)
+            elif restarts_among_valid(position_ids, attention_mask[:, -T:]):
+                raise ValueError(
+                    "position_ids restart inside rows that are also padded: packed documents and padding together "
+                    "are not supported (the softmax layers' masks ignore packing under a padding mask). Pack without "
+                    "padding (no attention_mask, e.g. DataCollatorWithFlattening) or pad without packing."
+                )
+        if cu_seqlens is None:
+            return None, attention_mask, position_ids
+        if padded:
+            raise ValueError("cu_seq_lens_q with a padding mask is not supported: packed rows have no padding")
+        if cache is not None or use_cache:
+            raise ValueError(
+                "Packed documents (position_ids restarting inside a row, or cu_seq_lens_q) are for runs without a "
+                "cache (training, scoring): a packed row cannot be continued. Pass use_cache=False and no cache."
+            )
+        return cu_seqlens, None, position_ids
 
     def softmax_attention(
         self,
