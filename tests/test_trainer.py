@@ -124,7 +124,12 @@ def test_teacher_defaults_to_the_student_with_dsla_off(student, tmp_path):
 def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_path):
     train, held = packed(8, 32, 0), packed(2, 32, 1)
     config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=0.5, layer_alone_steps=5, capture_sequences=4, progress=False
+        output_dir=str(tmp_path),
+        target_ratio=0.5,
+        layer_alone_steps=5,
+        capture_sequences=4,
+        distill_steps=0,
+        progress=False,
     )
     state = run_chain(student, train, held, config)
     assert [s["layer"] for s in state["stages"]] == [2, 0]
@@ -159,7 +164,12 @@ def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_pat
 
 def test_chain_stops_at_the_quality_floor(student, tmp_path):
     config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=1.0, quality_floor=0.5, layer_alone_steps=0, progress=False
+        output_dir=str(tmp_path),
+        target_ratio=1.0,
+        quality_floor=0.5,
+        layer_alone_steps=0,
+        distill_steps=0,
+        progress=False,
     )
     # On random tokens an untrained layer may move the tiny model's perplexity either way (and within the default
     # preset's 64-token exact window not at all), so the floor sits below any reachable ratio: stage 1 passes it.
@@ -209,7 +219,12 @@ def test_two_process_chain_with_accelerate(tmp_path):
 
 def test_chain_with_teacher_captured_inputs(student, tmp_path):
     config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=0.5, layer_alone_steps=3, capture="teacher", progress=False
+        output_dir=str(tmp_path),
+        target_ratio=0.5,
+        layer_alone_steps=3,
+        capture="teacher",
+        distill_steps=0,
+        progress=False,
     )
     state = run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
     assert [s["layer"] for s in state["stages"]] == [2, 0]
@@ -258,3 +273,23 @@ def test_attention_alignment_term_is_the_normalised_error_to_the_teacher_attenti
         out = block.linear_attn(x, block.self_attn, rotary(x, torch.arange(16)[None]), rotary_emb=rotary)
     expected = (out - y).pow(2).sum() / y.pow(2).sum()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_chain_captures_each_stage_with_the_earlier_conversions_in_place(student, tmp_path, monkeypatch):
+    import dsla_hf.trainers.chain as chain
+
+    seen = []
+
+    def spy(model, layer, ids, *args, **kwargs):
+        seen.append((layer, model.dsla_layers, model.model.layers[layer].layer_type))
+        return capture_layer_io(model, layer, ids, *args, **kwargs)
+
+    monkeypatch.setattr(chain, "capture_layer_io", spy)
+    config = ChainConfig(
+        output_dir=str(tmp_path), target_ratio=0.75, layer_alone_steps=2, capture_sequences=2, distill_steps=0,
+        progress=False,
+    )  # fmt: skip
+    run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
+    # order [2, 0, 3, 1]: train and eval captures of stage k see order[:k] as DSLA, the captured layer as softmax
+    expected = [(2, [], "full_attention"), (0, [2], "full_attention"), (3, [0, 2], "full_attention")]
+    assert seen == [e for e in expected for _ in range(2)]

@@ -45,8 +45,8 @@ class ChainConfig:
     # "chain": capture each layer's inputs with the earlier conversions in place (a forward up to the layer per stage);
     # "teacher": one teacher pass captures every layer's inputs up front (LoLCATs-style, much cheaper)
     capture: str = "chain"
-    # logit distillation through DSLADistillTrainer (0 steps: skipped)
-    distill_steps: int = 0
+    # the TRL phase (DSLADistillTrainer: KL, alignment, gate divergence) after the layer-alone stage (0: skipped)
+    distill_steps: int = 8
     distill_lr: float = 1e-3
     distill_batch: int = 1
     alignment_weight: float = 1.0
@@ -281,7 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="target conversion ratio")
     parser.add_argument("--quality-floor", type=float, default=None, help="stop past this ppl ratio to the teacher")
     parser.add_argument("--layer-alone-steps", type=int, default=40)
-    parser.add_argument("--distill-steps", type=int, default=0)
+    parser.add_argument("--distill-steps", type=int, default=8, help="TRL phase steps per stage (0: none)")
     parser.add_argument("--output", default="dsla_chain")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
