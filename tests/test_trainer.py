@@ -293,3 +293,16 @@ def test_chain_captures_each_stage_with_the_earlier_conversions_in_place(student
     # order [2, 0, 3, 1]: train and eval captures of stage k see order[:k] as DSLA, the captured layer as softmax
     expected = [(2, [], "full_attention"), (0, [2], "full_attention"), (3, [0, 2], "full_attention")]
     assert seen == [e for e in expected for _ in range(2)]
+
+
+def test_chain_refuses_to_resume_with_another_recipe(student, tmp_path):
+    def config(**changes):
+        fields = dict(output_dir=str(tmp_path), target_ratio=0.25, layer_alone_steps=1, capture_sequences=2,
+                      distill_steps=0, progress=False)  # fmt: skip
+        return ChainConfig(**{**fields, **changes})
+
+    run_chain(student, packed(2, 16, 0), packed(2, 16, 1), config())
+    with pytest.raises(ValueError, match="another recipe.*layer_alone_steps: 1 -> 2"):
+        run_chain(student, packed(2, 16, 0), packed(2, 16, 1), config(layer_alone_steps=2, target_ratio=0.5))
+    state = run_chain(student, packed(2, 16, 0), packed(2, 16, 1), config(target_ratio=0.5))  # only aims further
+    assert [s["layer"] for s in state["stages"]] == [2, 0]

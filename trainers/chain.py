@@ -80,6 +80,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# Fields that may change between runs of one chain: where and how it runs, and how far it goes.
+RESUMABLE_FIELDS = {"output_dir", "target_ratio", "quality_floor", "eval_batch", "resume", "progress", "extra"}
+
+
+def recipe_changes(saved: dict, config: ChainConfig) -> list[str]:
+    """The training fields of `config` that differ from a saved chain's (`saved`: its recorded config), as
+    "name: saved -> now"; fields the saved chain does not record are taken as unchanged."""
+    now = asdict(config)
+    return [
+        f"{name}: {saved[name]!r} -> {now[name]!r}"
+        for name in now
+        if name not in RESUMABLE_FIELDS and name in saved and saved[name] != now[name]
+    ]
+
+
 def load_dsla_weights(student, folder: str | Path) -> int:
     """Copy the DSLA parameters (`*.linear_attn.*`) of a saved checkpoint into `student`; returns how many."""
     from safetensors.torch import load_file
@@ -175,6 +190,12 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         state = json.loads(state_file.read_text())
         if state["conversion_order"] != order:
             raise ValueError(f"{state_file} was made with another conversion order: {state['conversion_order']}")
+        changed = recipe_changes(state.get("config", {}), config)
+        if changed:
+            raise ValueError(
+                f"{state_file} was trained with another recipe ({', '.join(changed)}): resuming would mix the two. "
+                "Start afresh (--no-resume / ChainConfig(resume=False)) or use another output folder."
+            )
         load_dsla_weights(student, output_dir / CHECKPOINT)
         if (state["stopped"] or "").startswith("target ratio"):
             state["stopped"] = None  # a resumed chain may aim further
