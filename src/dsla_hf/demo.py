@@ -247,8 +247,10 @@ def plot_results(results: dict, path: Path) -> None:
     ratios = [0.0] + [s["ratio"] for s in stages]
     ppl = [results["chain"]["teacher"]["ppl"]] + [s["eval"]["ppl"] for s in stages]
     ax.plot([100 * r for r in ratios], ppl, marker="o")
-    ax.axhline(1.10 * ppl[0], color="tab:orange", ls="--", lw=1, label="teacher +10 % (target at 25 %)")
-    ax.axhline(1.25 * ppl[0], color="tab:red", ls="--", lw=1, label="teacher +25 % (target at 50 %)")
+    for ratio, color in (("25%", "tab:orange"), ("50%", "tab:red")):
+        factor = PPL_TARGETS[(ratio, "short")]
+        label = f"teacher +{round(100 * (factor - 1))} % (target at {ratio[:-1]} %, 512 tokens)"
+        ax.axhline(factor * ppl[0], color=color, ls="--", lw=1, label=label)
     for s in stages:
         ax.annotate(str(s["layer"]), (100 * s["ratio"], s["eval"]["ppl"]), fontsize=6, xytext=(2, 2),
                     textcoords="offset points")  # fmt: skip
