@@ -78,24 +78,13 @@ class DemoRecipe:
     def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True):
         from .trainers.chain import ChainConfig
 
+        # the chain's fields the recipe sets under the same name; the others under their own
+        shared = {f.name for f in dataclasses.fields(ChainConfig)} & {f.name for f in dataclasses.fields(self)}
         return ChainConfig(
+            **{name: getattr(self, name) for name in shared},
             output_dir=str(output_dir),
             target_ratio=self.ratio,
-            layer_alone_steps=self.layer_alone_steps,
-            layer_alone_lr=self.layer_alone_lr,
-            layer_alone_batch=self.layer_alone_batch,
-            layer_alone_schedule=self.layer_alone_schedule,
-            capture_sequences=self.capture_sequences,
-            capture=self.capture,
-            distill_steps=self.distill_steps,
-            distill_lr=self.distill_lr,
-            distill_batch=self.distill_batch,
-            alignment_weight=self.alignment_weight,
-            kl_weight=self.kl_weight,
-            ce_weight=self.ce_weight,
-            gate_divergence_weight=self.gate_divergence_weight,
             eval_batch=self.chain_eval_sequences,
-            seed=self.seed,
             resume=resume,
             progress=progress,
         )
