@@ -202,12 +202,15 @@ def test_distill_trainer_padding_free(tiny_teacher, tmp_path):
     values = []
     student.eval()
     with torch.no_grad():
-        for batch in (packed, padded):
+        # a packed row with an all-ones mask (custom collators send one) must not mix documents either
+        ones = {**packed, "attention_mask": torch.ones_like(packed["input_ids"])}
+        for batch in (packed, padded, ones):
             loss = trainer.compute_loss(student, batch)
             values.append((loss, *(trainer._metrics["eval"][name][-1] for name in terms)))
     assert values[0][1] > 0 and values[0][2] > 0 and values[0][3] > 0
-    for got, want in zip(*values):
-        assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
+    for other in values[1:]:
+        for got, want in zip(values[0], other):
+            assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()
     assert len([h for h in trainer.state.log_history if "kl_loss" in h]) == 2

@@ -120,7 +120,11 @@ class DSLADistillTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
         model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        if "attention_mask" in model_inputs and bool(model_inputs["attention_mask"].all()):
+            # Nothing padded: without the mask, Transformers' softmax layers (the teacher's, the alignment target's)
+            # find packed documents in the position ids, as the DSLA layers do.
+            del model_inputs["attention_mask"]
+        input_ids, attention_mask = inputs["input_ids"], model_inputs.get("attention_mask")
         labels = inputs.get("labels")
         align_attention = args.alignment_weight > 0 and args.alignment_target == "attention"
         want_hidden = args.alignment_weight > 0 and args.alignment_target == "hidden"
