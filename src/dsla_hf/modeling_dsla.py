@@ -422,7 +422,7 @@ class DSLAAttention(nn.Module):
             if cache_layer is None:  # the new tokens' own positions (per document when packed) after W null entries
                 cos, sin = (F.pad(t, (0, 0, self.window, 0)) for t in position_embeddings)
             else:
-                positions = self.pending_positions(cache, cache_layer.seen_tokens, T, B, hidden_states.device)
+                positions = self.pending_positions(cache, cache_layer.seen_tokens, T)
                 cos, sin = rotary_emb(hidden_states, positions)
             doc_start = None if doc_start is None else doc_start + self.window  # as pending indices
             o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start)
@@ -454,7 +454,7 @@ class DSLAAttention(nn.Module):
         if self.window:
             window = cache_layer.window or self.empty_window(B, k)
             window = tuple(t.contiguous() for t in window)  # after a prefill, views of a larger tensor: once
-            positions = self.pending_positions(cache, cache_layer.seen_tokens + 1, 1, B, q.device)
+            positions = self.pending_positions(cache, cache_layer.seen_tokens + 1, 1)
         weights = DecodeWeights(
             q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
             gate_bias=self.gates.bias, tau=self.gates.tau, clamp=self.gates.clamp, mix=self.mix_weights(),
@@ -488,11 +488,10 @@ class DSLAAttention(nn.Module):
             return None
         return queries[..., :value_dim]
 
-    def pending_positions(self, cache, seen: int | None, T: int, batch: int, device) -> torch.LongTensor:
-        """Positions of the W + T pending tokens (the window's, then the new ones); 0 for null entries. `seen`: the
-        tokens the layer has seen, the T new ones included."""
-        if cache is None:
-            return torch.arange(-self.window, T, device=device).clamp(min=0).expand(batch, -1)
+    def pending_positions(self, cache: DSLACache, seen: int, T: int) -> torch.LongTensor:
+        """Positions of the W + T pending tokens (the window's, then the new ones) from the cache; 0 for null entries.
+        `seen`: the tokens the layer has seen, the T new ones included. (Without a cache, the forward pads the new
+        tokens' own position embeddings instead.)"""
         start = seen - T - self.window
         positions = cache.position_ids[:, max(0, start) : seen]
         return F.pad(positions, (max(0, -start), 0))
