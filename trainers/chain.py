@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import add_device_arguments, device_and_dtype
 from ..evaluation import perplexity
 from .layer_alone import capture_layer_io, fit_layer_alone
 
@@ -146,7 +147,7 @@ def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: Ch
         alignment_target=config.alignment_target,
         trained_layers=[layer],
         seed=config.seed + stage,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=student.device.type == "cpu",  # train where the student is
         disable_tqdm=not config.progress,
         dataloader_num_workers=0,
     )
@@ -306,6 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="dsla_chain")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_arguments(parser, dtype_default=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -313,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ranking import load_student, rank_layers
 
     torch.manual_seed(args.seed)
-    student, tokenizer = load_student(args.model)
+    student, tokenizer = load_student(args.model, device=device_and_dtype(args)[0])
     train_ds, eval_ds = build_datasets(
         tokenizer, args.seq_len, args.train, args.heldout, args.train_sequences, args.eval_sequences, args.seed
     )

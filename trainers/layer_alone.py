@@ -42,7 +42,7 @@ def capture_layer_io(model, layer_idx: int, input_ids: torch.Tensor, batch_size:
     try:
         for rows in tqdm(input_ids.split(batch_size), desc=f"capture L{layer_idx}", leave=False, disable=not progress):
             try:
-                model.model(rows, use_cache=False)
+                model.model(rows.to(model.device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -80,7 +80,7 @@ def capture_all_layers(
         hooks.append(block.self_attn.register_forward_hook(lambda m, a, out, i=i: y[i].append(out[0].detach())))
     try:
         for rows in tqdm(input_ids.split(batch_size), desc="capture", leave=False, disable=not progress):
-            model.model(rows, use_cache=False)
+            model.model(rows.to(model.device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()

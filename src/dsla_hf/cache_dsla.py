@@ -206,10 +206,7 @@ class DSLACache(Cache):
             raise ValueError("Only caches of the same model and keep_kv setting can be stacked")
         lengths = [c.get_seq_length() for c in caches]
         total = max(lengths)
-        masks = [
-            torch.ones(c.position_ids.shape, dtype=torch.long) if m is None else m.long()
-            for c, m in zip(caches, masks)
-        ]
+        masks = [torch.ones_like(c.position_ids) if m is None else m.long() for c, m in zip(caches, masks)]
         joined = cls(num_layers=len(first.layers), keep_kv=first.keep_kv)
         for i, layer in enumerate(joined.layers):
             parts = [c.layers[i] for c in caches]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import add_device_arguments, device_and_dtype
+
 
 @dataclass(frozen=True)
 class DemoRecipe:
@@ -192,6 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths of the speed table")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_device_arguments(parser, dtype_default=None)
     parser.add_argument("--no-resume", action="store_true", help="start the chain afresh")
 
 
@@ -205,16 +208,20 @@ def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
     from .cache_dsla import DSLACache
 
     cache = DSLACache(model.config)
+    input_ids = input_ids.to(model.device)
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     start = time.perf_counter()
     with torch.no_grad():
         out = model(input_ids, cache=cache, use_cache=True)
-        prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
+        synchronize()
+        prefill = time.perf_counter() - start
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             tokens.append(token)
+        synchronize()
         decode = time.perf_counter() - start
     return {
         "prefill_s": prefill,
@@ -279,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
     timings = {}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    device, _ = device_and_dtype(args)
     teacher, tokenizer = load_teacher()
+    teacher = teacher.to(device)
     n = teacher.config.num_hidden_layers
 
     # -- data ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .devices import add_device_arguments, device_and_dtype
+from .loading import load_pretrained, trained_layers
+
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
 
 
@@ -60,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-layers", type=int, nargs="*", default=None, help="layers drawn (default: three)")
     parser.add_argument("--benchmarks", default="benchmarks/results", help="benchmark results folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_device_arguments(parser, dtype_default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -72,34 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- models -----------------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(spec: str) -> str:
-    """A chain output folder (`<dir>/checkpoint/config.json`) resolves to its checkpoint."""
-    path = Path(spec)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoint" / "config.json").is_file():
-        return str(path / "checkpoint")
-    return spec
-
-
-def load_model(spec: str, tokenizer: str | None = None):
+def load_model(spec: str, tokenizer: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """(model, tokenizer, trained DSLA layer count or None) from 'smollm2', a folder or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .teacher import load_teacher
-
-    if spec == "smollm2":
-        model, tok = load_teacher()
-        return model, tok, None
-    path = resolve_model_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or path)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"No tokenizer in {path} ({err}); pass --tokenizer") from None
-    trained = None
-    chain_file = Path(path) / "chain.json"
-    if chain_file.is_file():
-        trained = len(json.loads(chain_file.read_text()).get("stages", []))
-    return model, tok, trained
+        model, tok, _ = load_pretrained(spec, dtype, device, tokenizer)
+    except ValueError as err:  # no tokenizer
+        raise SystemExit(str(err)) from None
+    return model, tok, trained_layers(spec)
 
 
 def is_dsla(model) -> bool:
@@ -403,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
-    model, tokenizer, trained = load_model(args.model, args.tokenizer)
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, trained = load_model(args.model, args.tokenizer, dtype, device)
     longest = max([*args.ppl_lengths, *args.passkey_lengths, *args.ruler_lengths, args.map_tokens, 1])
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and longest > limit:
@@ -447,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate(model, tokenizer, variants, "main")
     del model
     for label, path in compares:
-        other, other_tok, other_trained = load_model(path, args.tokenizer)
+        other, other_tok, other_trained = load_model(path, args.tokenizer, dtype, device)
         variants, skipped = model_variants(other, args.ratios, other_trained, label, with_teacher=False)
         results["skipped"] += [{"model": path, "ratio": r, "why": why} for r, why in skipped]
         evaluate(other, other_tok, variants, label.lower().replace(" ", "_"))

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .devices import add_device_arguments, device_and_dtype
+
 
 def _last_token_entropy(attn, hidden_states: torch.Tensor, position_embeddings, mask: torch.Tensor | None):
     """Entropy (nats) of the last query token's attention distribution, per batch row and query head: [B, H]."""
@@ -65,8 +67,8 @@ def attention_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         hooks.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for start in range(0, len(input_ids), batch_size):
-            rows = input_ids[start : start + batch_size]
-            mask = attention_mask[start : start + batch_size] if attention_mask is not None else None
+            rows = input_ids[start : start + batch_size].to(model.device)
+            mask = attention_mask[start : start + batch_size].to(model.device) if attention_mask is not None else None
             current_mask["m"] = mask
             model.model(rows, attention_mask=mask, use_cache=False)
     finally:
@@ -227,26 +229,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="layer-alone steps per layer (measured)")
     parser.add_argument("--output", default="dsla_ranking", help="folder for ranking_<method>.json/.png")
     parser.add_argument("--save-config", default=None, help="save the converted model with this order here")
+    add_device_arguments(parser, dtype_default=None)
 
 
-def load_student(model_name: str):
-    """(student with every layer owning DSLA weights and none active, tokenizer) from 'smollm2' or a folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_student(model_name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(student with every layer owning DSLA weights, tokenizer) from 'smollm2', a folder or a hub id: a Llama is
+    converted (none active, every weight frozen), a DSLA checkpoint returned as saved."""
+    from .loading import as_dsla, load_pretrained
 
-    from .convert import convert_llama_to_dsla
-    from .modeling_dsla import DSLALlamaForCausalLM
-    from .teacher import load_teacher
-
-    if model_name == "smollm2":
-        teacher, tokenizer = load_teacher()
-    else:
-        teacher = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-    if isinstance(teacher, DSLALlamaForCausalLM):
-        return teacher, tokenizer
-    student = convert_llama_to_dsla(teacher, layers="all", active=[])
-    for p in student.parameters():
-        p.requires_grad_(False)
+    teacher, tokenizer, _ = load_pretrained(model_name, dtype, device)
+    student = as_dsla(teacher)
+    if student is not teacher:
+        for p in student.parameters():
+            p.requires_grad_(False)
     return student, tokenizer
 
 
@@ -254,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import build_datasets
 
     torch.manual_seed(0)
-    student, tokenizer = load_student(args.model)
+    student, tokenizer = load_student(args.model, device=device_and_dtype(args)[0])
     train_sources = [args.data] if args.data else None
     calib, heldout = build_datasets(tokenizer, args.seq_len, train_sources, args.heldout, args.samples, 4)
     calib_ids = torch.tensor(calib["input_ids"])

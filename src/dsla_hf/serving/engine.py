@@ -133,8 +133,11 @@ class Engine:
         ):
             eos.update([source] if isinstance(source, int) else source or [])
         self.eos_ids = sorted(eos)
+        # Requests' tensors live where the model's weights are; keys and values take the bytes of its dtype.
+        self.device = model.device
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        self.kv_bytes_per_token_layer = 2 * text_config.num_key_value_heads * head_dim * 4
+        element = torch.empty((), dtype=model.dtype).element_size()
+        self.kv_bytes_per_token_layer = 2 * text_config.num_key_value_heads * head_dim * element
         self.kv_budget = self.config.kv_cache_bytes or (
             self.config.max_num_seqs * self.max_model_len * self.kv_bytes_per_token_layer * self.num_layers
         )
@@ -362,7 +365,7 @@ class Engine:
             request.cache = DSLACache(self.model.config, keep_kv=self.config.keep_kv)
             request.prefilled = 0
         chunk = request.prompt_ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
-        ids = torch.tensor([chunk], dtype=torch.long)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=request.cache, logits_to_keep=1, use_cache=True).logits
         request.prefilled += len(chunk)
         self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
@@ -370,12 +373,12 @@ class Engine:
             return
         self.prefilling = None
         request.cached = len(request.prompt_ids)
-        self._accept(request, logits[0, -1])
+        self._accept(request, logits[0, -1].float().cpu())
         if request.finish_reason is not None:
             request.cache = None
             return
         if self.cache is None:
-            self.cache, self.mask = request.cache, torch.ones(1, request.cached, dtype=torch.long)
+            self.cache, self.mask = request.cache, torch.ones(1, request.cached, dtype=torch.long, device=self.device)
         else:
             self.cache, self.mask = DSLACache.stack([self.cache, request.cache], [self.mask, None])
         request.cache = None
@@ -385,12 +388,13 @@ class Engine:
 
     def _decode(self) -> None:
         batch = len(self.running)
-        tokens = torch.tensor([[r.output_ids[-1]] for r in self.running], dtype=torch.long)
-        positions = torch.tensor([[r.cached] for r in self.running], dtype=torch.long)
-        self.mask = torch.cat([self.mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+        tokens = torch.tensor([[r.output_ids[-1]] for r in self.running], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.cached] for r in self.running], dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
         logits = self.model(
             tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
         ).logits[:, -1]
+        logits = logits.float().cpu()  # sampled on the CPU, with each request's own generator: one copy per step
         for row, request in enumerate(self.running):
             request.cached += 1
             self._accept(request, logits[row])
@@ -473,7 +477,7 @@ class Engine:
         if not keep:
             self.cache, self.mask = None, None
             return
-        self.cache.batch_select_indices(torch.tensor(keep))
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
         self.mask = self.mask[keep]
         leading = int((self.mask.cumsum(1) == 0).all(0).sum())
         if leading:

@@ -4,11 +4,7 @@ smoke runs: it starts in a second and its text is noise)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -57,28 +53,13 @@ def toy_model(seed: int = 0, num_layers: int = 4, conversion_order: list[int] | 
     return convert_llama_to_dsla(teacher, layers="all", conversion_order=order, active=[]).eval()
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, name) for `--model`: `toy`, `smollm2` (default), a DSLA checkpoint, or a Llama."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..configuration_dsla import DSLAConfig
-    from ..convert import convert_llama_to_dsla
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(model, tokenizer, name) for `--model`: `toy`, `smollm2` (default), a DSLA checkpoint, or a Llama (converted
+    in every layer with untrained DSLA weights); every layer starts as softmax attention."""
+    from ..loading import load_dsla
 
     if spec == "toy":
-        return toy_model(), toy_tokenizer(), "toy"
-    if spec in (None, "", "smollm2"):
-        from ..teacher import TEACHER_NAME, load_teacher
-
-        teacher, tokenizer = load_teacher(dtype=dtype)
-        return convert_llama_to_dsla(teacher, layers="all", active=[]).eval(), tokenizer, TEACHER_NAME
-    config = AutoConfig.from_pretrained(spec)
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    if isinstance(config, DSLAConfig):
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        model.set_dsla_layers([])
-    elif config.model_type == "llama":
-        logger.info("Converting the Llama at %s to DSLA in every layer (untrained DSLA weights)", spec)
-        model = convert_llama_to_dsla(AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), layers="all", active=[])
-    else:
-        raise ValueError(f"{spec} is a {config.model_type!r} model; DSLA-Serve serves DSLA or Llama models")
-    return model.eval(), tokenizer, str(spec)
+        return toy_model().to(device=device, dtype=dtype), toy_tokenizer(), "toy"
+    model, tokenizer, name = load_dsla(spec, dtype, device)
+    model.set_dsla_layers([])
+    return model, tokenizer, name

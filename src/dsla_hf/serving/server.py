@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 
+from ..devices import add_device_arguments, device_and_dtype
 from .engine import Engine, EngineConfig, EngineStopped, Output, QueueFull
 from .metrics import Metrics
 from .openai_protocol import (
@@ -300,6 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    add_device_arguments(parser)
     parser.add_argument("--log-level", default="info")
     add_engine_arguments(parser)
     add_policy_arguments(parser)
@@ -314,7 +316,9 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, name = load_model(args.model)
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, name = load_model(args.model, dtype, device)
+    logger.info("Serving %s on %s in %s", args.model, device, str(dtype).removeprefix("torch."))
     name = args.served_model_name or name
     engine = Engine(model, tokenizer, engine_config(args), make_policy(args, model), Metrics(name)).start()
     try:
