@@ -14,6 +14,7 @@ Shapes and semantics are documented in :mod:`dsla_hf.kernels.naive`.
 
 from .chunk import chunk_dsla
 from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
+from .dispatch import backend_summary
 from .features import HedgehogFeatures, feature_tensor, hedgehog
 from .fold import fold_kv
 from .fused_recurrent import fused_recurrent_dsla
@@ -25,6 +26,7 @@ __all__ = [
     "DecodeWeights",
     "HedgehogFeatures",
     "LinearGates",
+    "backend_summary",
     "chunk_dsla",
     "decode_backend",
     "feature_tensor",

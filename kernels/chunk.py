@@ -519,7 +519,9 @@ def chunk_dsla(
     if backend == "naive":
         o, final = naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
     elif backend == "triton":
-        o, final = package_module("triton_chunk").chunk_dsla_triton(
+        from .triton_chunk import chunk_dsla_triton
+
+        o, final = chunk_dsla_triton(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size or 64
         )
     else:

@@ -149,10 +149,16 @@ def check_inputs(q, k, v, state, weights: DecodeWeights, window, positions, mask
         raise ValueError("all inputs of a step must be on one device")
 
 
+def _triton_decode():
+    from .triton_decode import triton_decode_dsla  # a relative import: it ships with remote code
+
+    return triton_decode_dsla
+
+
 BACKENDS = {
     "naive": lambda: naive_decode_dsla,
     "cpp": lambda: package_module("cpp_decode").cpp_decode_dsla,
-    "triton": lambda: package_module("triton_decode").triton_decode_dsla,
+    "triton": _triton_decode,
 }
 
 

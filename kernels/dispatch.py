@@ -2,8 +2,9 @@
 it builds) and the PyTorch path otherwise.
 
 This module is part of the flat, self-contained kernel code that saved models carry as remote code: it imports
-nothing from ``dsla_hf`` at module level. The Triton and C++ kernels are reached by absolute import, only when asked
-for, and stay with the installed package.
+nothing from ``dsla_hf`` at module level. The Triton kernels are imported lazily by relative import, so they ship
+with remote code and run from a saved folder on CUDA wherever Triton is installed. The C++ kernels (their sources
+are not Python files a folder can carry) are reached by absolute import and stay with the installed package.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install
         return False
     try:
-        import dsla_hf.kernels.triton_chunk  # noqa: F401
-    except Exception:  # remote code without the installed package
+        importlib.import_module(".triton_chunk", __package__)  # the installed package's, or a saved folder's
+    except Exception:  # a folder saved without the Triton kernels, or a Triton this code does not run on
         return False
     return True
 
@@ -79,8 +80,8 @@ def cpu_isa() -> str:
 
 
 def package_module(name: str) -> ModuleType:
-    """``dsla_hf.kernels.<name>``, imported by name: a static import statement would make Transformers' remote-code
-    import check demand ``dsla_hf`` from every Hub repository that carries these kernels."""
+    """``dsla_hf.kernels.<name>`` (the C++ kernels), imported by name: a static import statement would make
+    Transformers' remote-code import check demand ``dsla_hf`` from every Hub repository that carries these kernels."""
     return importlib.import_module(f"dsla_hf.kernels.{name}")
 
 
@@ -96,6 +97,27 @@ def resolve_backend(x: torch.Tensor, backend: str | None, cpp: bool = False) -> 
     if cpp and x.device.type == "cpu" and cpp_available():
         return "cpp"
     return "torch"
+
+
+def backend_summary(device: torch.device) -> str:
+    """In words, which kernels DSLA layers run on `device` by default, and why not a faster one."""
+    if device.type == "cuda":
+        if triton_available():
+            return "the Triton kernels (CUDA)"
+        return "the PyTorch path on CUDA: Triton is not importable here (pip install triton) and is much faster"
+    if device.type != "cpu":
+        return f"the PyTorch path ({device.type})"
+    if cpp_available():
+        return f"the C++ CPU kernels ({cpu_isa()})"
+    if os.environ.get("DSLA_HF_CPP_KERNEL") == "0":
+        why = "DSLA_HF_CPP_KERNEL=0"
+    elif not cpu_has_avx2():
+        why = "this CPU has no AVX2/FMA"
+    elif not __package__.startswith("dsla_hf"):
+        why = "the C++ kernels come with the dsla-hf package, not with remote code: pip install dsla-hf"
+    else:
+        why = "the C++ kernel does not build here"
+    return f"the PyTorch path on CPU ({why})"
 
 
 def fp32_compute(fn):

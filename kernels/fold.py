@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .chunk import chunk_states_torch
-from .dispatch import package_module, resolve_backend
+from .dispatch import resolve_backend
 from .gates import LinearGates, gate_tensors
 from .naive import naive_dsla
 
@@ -32,7 +32,7 @@ def fold_kv(
         q = k.new_zeros(k.shape)
         return naive_dsla(q, k, v, g1, g2, None, None, initial_state, True, cu_seqlens)[1]
     if backend == "triton":
-        return package_module("triton_chunk").fold_kv_triton(
-            k, v, g1, g2, initial_state, cu_seqlens, chunk_size=chunk_size
-        )
+        from .triton_chunk import fold_kv_triton
+
+        return fold_kv_triton(k, v, g1, g2, initial_state, cu_seqlens, chunk_size=chunk_size)
     return chunk_states_torch(k, v, g1, g2, initial_state, cu_seqlens, chunk_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import fp32_compute, package_module, resolve_backend
+from .dispatch import fp32_compute, resolve_backend
 from .gates import LinearGates, gate_tensors
 from .naive import naive_dsla
 
@@ -116,7 +116,9 @@ def fused_recurrent_dsla(
             final = initial_state
         return o, final
     if backend == "triton":
-        return package_module("triton_recurrent").fused_recurrent_dsla_triton(
+        from .triton_recurrent import fused_recurrent_dsla_triton
+
+        return fused_recurrent_dsla_triton(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, inplace=inplace
         )
     return fused_recurrent_dsla_torch(

@@ -1,7 +1,7 @@
 """Triton kernels for chunked DSLA on CUDA (forward, both states in one pass) and the KV fold.
 
-Not part of the flat remote code: reached only through ``dsla_hf.kernels`` by absolute import, when Triton is
-importable. Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
+Shipped in saved folders' remote code too (imported lazily, only where Triton is importable).
+Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
 
 One program per (sequence, KV head, block of V columns) walks the sequence chunk by chunk, keeping both states in
 registers; q, k, v and the gates of a chunk are read once for both states. Inside a chunk, query sub-chunk ``p``
@@ -23,8 +23,12 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # Transformers' remote-code check skips try blocks: a saved folder loads where Triton is not installed
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
 
 
 @triton.jit
@@ -259,17 +263,17 @@ def chunk_dsla_triton(
     chunk_size=64,
 ):  # fmt: skip
     """Triton forward; when gradients are needed, the Triton forward (keeping the state before each chunk) and the
-    hand-written Triton backward of :mod:`dsla_hf.kernels.triton_chunk_bwd`. CPU tensors outside the interpreter
+    hand-written Triton backward of :mod:`.triton_chunk_bwd`. CPU tensors outside the interpreter
     take the PyTorch chunked path (Triton cannot run them)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        from dsla_hf.kernels.chunk import chunk_dsla_torch
+        from .chunk import chunk_dsla_torch
 
         return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
     )
     if needs_grad:
-        from dsla_hf.kernels.triton_chunk_bwd import chunk_dsla_triton_autograd
+        from .triton_chunk_bwd import chunk_dsla_triton_autograd
 
         return chunk_dsla_triton_autograd(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size

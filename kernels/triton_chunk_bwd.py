@@ -1,6 +1,6 @@
 """Hand-written Triton backward of the chunked DSLA kernel (both states in one pass) and its autograd Function.
 
-Not part of the flat remote code: reached only through ``dsla_hf.kernels.triton_chunk`` by absolute import.
+Shipped in saved folders' remote code too, beside ``triton_chunk``.
 Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
 
 Within a chunk let ``b`` be a state's cumulative log decay from the chunk start, ``S`` the state before the chunk
@@ -31,9 +31,13 @@ Kernels:
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from dsla_hf.kernels.triton_chunk import _forward, _next_pow2
+
+try:  # Transformers' remote-code check skips try blocks: a saved folder loads where Triton is not installed
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
+from .triton_chunk import _forward, _next_pow2
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Triton fused DSLA decoding step on CUDA (the math: ``decode.py``'s docstring): states and window updated in place.
 
-Not part of the flat remote code: reached only through ``dsla_hf.kernels`` by absolute import, when Triton is
-importable. Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
+Shipped in saved folders' remote code too (imported lazily, only where Triton is importable).
+Interpreter-safe (``TRITON_INTERPRET=1``): no ``.to()`` on loop indices, no autotuning.
 
 Two launches per step, so that the value columns of the states can be spread over many programs while the softmax
 over the window still sees full-width dot products:
@@ -23,8 +23,12 @@ writes it after, so that no thread (tiles may be replicated over warps) reads a 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # Transformers' remote-code check skips try blocks: a saved folder loads where Triton is not installed
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
 
 
 @triton.jit

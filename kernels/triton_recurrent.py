@@ -1,7 +1,7 @@
 """Triton fused recurrent DSLA step for decoding on CUDA: both states of a KV head updated together, in place.
 
-Not part of the flat remote code: reached only through ``dsla_hf.kernels`` by absolute import, when Triton is
-importable. Interpreter-safe (``TRITON_INTERPRET=1``). One program per (sequence, KV head, block of V columns)
+Shipped in saved folders' remote code too (imported lazily, only where Triton is importable).
+Interpreter-safe (``TRITON_INTERPRET=1``). One program per (sequence, KV head, block of V columns)
 loads both states once, applies the few new tokens, writes the outputs of the G query heads of the group, and
 stores the states back (into ``initial_state`` itself when ``inplace``). Forward only: training uses the chunked
 form.
@@ -10,8 +10,12 @@ form.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # Transformers' remote-code check skips try blocks: a saved folder loads where Triton is not installed
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
 
 
 @triton.jit
@@ -77,7 +81,7 @@ def fused_recurrent_dsla_triton(
         and not inplace
         and any(x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state))
     ):  # differentiable steps: the PyTorch path
-        from dsla_hf.kernels.fused_recurrent import fused_recurrent_dsla_torch
+        from .fused_recurrent import fused_recurrent_dsla_torch
 
         return fused_recurrent_dsla_torch(
             q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, inplace

@@ -15,7 +15,7 @@ from dsla_hf import DSLALlamaForCausalLM, convert_llama_to_dsla
 # Runs in a fresh interpreter where `import dsla_hf` fails, as on a machine that never installed it.
 LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import importlib.abc, sys
+    import importlib, importlib.abc, sys
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -38,6 +38,19 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
         teacher_logits = model(ids).logits
     save_file({"logits": logits, "generated": generated, "teacher": teacher_logits}, out)
     print(type(model).__module__)
+
+    # The folder's own Triton kernels (TRITON_INTERPRET=1: on CPU tensors) against its naive recurrence.
+    package = type(model).__module__.rpartition(".")[0]
+    kernels = importlib.import_module(package + ".dsla_kernels")
+    dispatch = importlib.import_module(package + ".dispatch")
+    assert dispatch.triton_available()  # so CUDA tensors would take the Triton kernels
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 21, 2, 8), torch.randn(1, 21, 2, 8), torch.randn(1, 21, 2, 8)
+    g1, g2 = (torch.nn.functional.logsigmoid(torch.randn(1, 21, 2, 8) + 3) for _ in range(2))
+    o, state = kernels.chunk_dsla(q, k, v, g1, g2, output_final_state=True, backend="triton")
+    o_ref, state_ref = kernels.naive_dsla(q, k, v, g1, g2, output_final_state=True)
+    assert torch.allclose(o, o_ref, atol=1e-4) and torch.allclose(state, state_ref, atol=1e-4)
+    print("triton from the folder:", sys.modules[package + ".triton_chunk"].__name__)
     """
 )
 
@@ -48,19 +61,25 @@ def test_saved_folder_loads_as_remote_code_without_dsla_hf(tiny_teacher, tmp_pat
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_dsla.DSLALlamaForCausalLM"
-    for name in ("modeling_dsla.py", "configuration_dsla.py", "cache_dsla.py", "dsla_kernels.py"):
+    for name in ("modeling_dsla.py", "configuration_dsla.py", "cache_dsla.py", "dsla_kernels.py", "triton_chunk.py"):
         assert (folder / name).is_file(), name
     ids = torch.randint(3, 101, (1, 19))
     save_file({"ids": ids}, str(folder / "probe.safetensors"))
     script = tmp_path / "load.py"
     script.write_text(LOAD_WITHOUT_PACKAGE)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    env = dict(
+        os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="", TRITON_INTERPRET="1"
+    )
     out = tmp_path / "out.safetensors"
     run = subprocess.run(
         [sys.executable, str(script), str(folder), str(out)], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().startswith("transformers_modules"), run.stdout
+    assert "triton from the folder: transformers_modules." in run.stdout
+    # It says once which kernels it runs, and why not the C++ ones.
+    assert run.stderr.count("DSLA layers on cpu run the PyTorch path") == 1, run.stderr[-2000:]
+    assert "not with remote code" in run.stderr
     result = load_file(str(out))
     with torch.no_grad():
         expected = model(ids).logits

@@ -11,6 +11,7 @@ Every layer keeps the teacher's softmax attention (`self_attn`). Layers listed i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .kernels import (
     DecodeWeights,
     HedgehogFeatures,
     LinearGates,
+    backend_summary,
     chunk_dsla,
     decode_backend,
     feature_tensor,
@@ -56,6 +58,12 @@ logger = logging.get_logger(__name__)
 
 # Decode steps of at most this many tokens use the recurrent kernel; longer inputs the chunked one.
 RECURRENT_MAX_TOKENS = 4
+
+
+@functools.cache
+def announce_kernels(device: torch.device) -> None:
+    """Say once per device which kernels the DSLA layers run (remote code included)."""
+    logger.warning(f"DSLA layers on {device} run {backend_summary(device)}")
 
 
 def undo_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -325,9 +333,11 @@ class DSLAAttention(nn.Module):
         return state_in, pending, next_window
 
     def fold(self, cache_layer: DSLACacheLayer, cache: DSLACache, rotary_emb: Callable, mask: torch.Tensor | None):
-        """Bring the states up to date with keys and values the layer saw as softmax attention (exact for the
-        default preset). The paper preset cannot rebuild its states (its keys and gates are not those of the KV
-        cache): its states restart from zero at the switch, as in the paper's system."""
+        """Bring the states up to date with keys and values the layer saw as softmax attention: exact for the
+        default preset in fp32, and in bf16 within two units of bf16 rounding (2^-7 relative) of the states and
+        window the layer would hold had it run as DSLA from the first token. The paper preset cannot rebuild its
+        states (its keys and gates are not those of the KV cache): they restart from zero at the switch, as in the
+        paper's system."""
         stale = cache_layer.stale_kv()
         if stale is None:
             return cache_layer.state
@@ -341,8 +351,11 @@ class DSLAAttention(nn.Module):
             state = self.empty_state(batch, keys.device)
         else:
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-            cos, sin = rotary_emb(keys, cache.past_positions(start, start + count))
-            keys = undo_rotary(keys, cos, sin)
+            # RoPE undone in fp32 (its cos and sin too), then back to the dtype the layer's own keys have: in bf16
+            # the folded keys are then the layer's keys up to the one rounding of the rotated keys in the KV cache.
+            raw = keys.float()
+            cos, sin = rotary_emb(raw, cache.past_positions(start, start + count))
+            keys = undo_rotary(raw, cos, sin).to(values.dtype)
             past_mask = mask[:, start : start + count] if mask is not None else None
             (keys, values, past_mask), _, window = self.advance(keys, values, past_mask, cache_layer.window)
             features, values, gates = self.key_side(keys, values, None, past_mask)
@@ -665,6 +678,7 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not attention_mask.all()
         cu_seqlens = None
         if self.config.active_dsla_layers:
+            announce_kernels(inputs_embeds.device)
             cu_seqlens, attention_mask, position_ids = self.packed_documents(
                 inputs_embeds, attention_mask, padded, position_ids, cache, use_cache, kwargs
             )

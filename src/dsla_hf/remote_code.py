@@ -4,7 +4,8 @@ where `dsla_hf` is not installed.
 Transformers' own exporter copies a model file and its flat, same-folder relative imports; our kernels live in a
 sub-package, so we write the flat layout ourselves: the kernels' `__init__` becomes `dsla_kernels.py` beside the
 modeling file and the PyTorch kernel modules it imports. The same code works from that flat layout (a model loaded
-as remote code saves itself again). Triton kernels stay with the installed package.
+as remote code saves itself again). The Triton kernels are among them (imported lazily, where Triton is installed);
+the C++ CPU kernels stay with the installed package.
 """
 
 from __future__ import annotations
