@@ -25,13 +25,22 @@ import torch
 from machine import add_isa_argument, describe, machine, suffix, use_isa
 
 from dsla_hf import DSLACache, convert_llama_to_dsla, load_teacher
+from dsla_hf.devices import add_device_arguments, device_and_dtype
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA work, so wall clocks measure it (nothing to wait for on CPUs)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int = 1) -> float:
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -60,7 +69,7 @@ def module_times(model, ids: torch.Tensor, layers: list[int]) -> dict[int, float
 
 
 def prefill(model, length: int, converted: list[int], repeats: int, bound: bool) -> dict:
-    ids = torch.randint(100, 40000, (1, length))
+    ids = torch.randint(100, 40000, (1, length), device=model.device)
     run = lambda: model(ids, use_cache=False, logits_to_keep=1)
     times = {"teacher": float("inf"), "dsla": float("inf")}
     with torch.no_grad():
@@ -94,20 +103,21 @@ def synthetic_cache(model, batch: int, context: int) -> DSLACache:
     cfg = model.config
     cache = DSLACache(cfg)
     kv_shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
+    device, dtype = model.device, model.dtype
     for i, layer in enumerate(cache.layers):
         block = model.model.layers[i]
         if block.layer_type == "linear_attention":
             attn = block.linear_attn
-            layer.set_state(attn.empty_state(batch, torch.device("cpu")).normal_().mul_(0.01), context)
+            layer.set_state(attn.empty_state(batch, device).normal_().mul_(0.01), context)
             if attn.window:
-                window = attn.empty_window(batch, torch.zeros(1))
+                window = attn.empty_window(batch, torch.zeros(1, device=device, dtype=dtype))
                 layer.window = (window[0].normal_(), window[1].normal_(), window[2].fill_(1))
         else:
-            keys, values = torch.randn(kv_shape), torch.randn(kv_shape)
+            keys, values = (torch.randn(kv_shape, device=device, dtype=dtype) for _ in range(2))
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
             layer.seen_tokens = context
-    cache.position_ids = torch.arange(context).expand(batch, -1)
+    cache.position_ids = torch.arange(context, device=device).expand(batch, -1)
     return cache
 
 
@@ -118,7 +128,7 @@ def decode(model, batch: int, context: int, converted: list[int], steps: int, re
     for label, active in (("teacher", []), ("dsla", converted)):
         model.set_dsla_layers(active)
         setups[label] = (active, synthetic_cache(model, batch, context))
-    token = torch.randint(100, 40000, (batch, 1))
+    token = torch.randint(100, 40000, (batch, 1), device=model.device)
     results = {
         label: {"step_s": float("inf"), "cache_bytes": cache.memory_bytes} for label, (_, cache) in setups.items()
     }
@@ -126,9 +136,11 @@ def decode(model, batch: int, context: int, converted: list[int], steps: int, re
         for r in range(repeats + 1):  # interleaved rounds; the first is a warm-up
             for label, (active, cache) in setups.items():
                 model.set_dsla_layers(active)
+                synchronize()
                 start = time.perf_counter()
                 for _ in range(steps):
                     model(token, cache=cache)
+                synchronize()
                 if r:
                     results[label]["step_s"] = min(results[label]["step_s"], (time.perf_counter() - start) / steps)
     model.set_dsla_layers([])
@@ -185,18 +197,27 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=None, help="dsla_window of the converted layers (preset's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e[_ISA].json)")
     add_isa_argument(parser)
+    add_device_arguments(parser, dtype_default="float32")
     args = parser.parse_args()
     use_isa(args.isa)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    teacher, _ = load_teacher()
+    device, dtype = device_and_dtype(args)
+    teacher, _ = load_teacher(dtype=dtype)
+    teacher = teacher.to(device)
     n = teacher.config.num_hidden_layers
     converted = list(range(n // 2, n))  # half the layers (which half does not change the speed)
     window = {} if args.window is None else {"dsla_window": args.window}
     model = convert_llama_to_dsla(teacher, layers=converted, active=[], **window).eval()
     result = {
-        "meta": machine(args.threads),
-        "setup": vars(args) | {"converted_layers": converted, "window": model.config.dsla_window},
+        "meta": machine(args.threads, device),
+        "setup": vars(args)
+        | {
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "converted_layers": converted,
+            "window": model.config.dsla_window,
+        },
         "decode": [],
         "prefill": [],
     }

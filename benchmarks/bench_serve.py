@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from machine import describe, machine
 
+from dsla_hf.devices import add_device_arguments, device_and_dtype
 from dsla_hf.serving.engine import Engine, EngineConfig
 from dsla_hf.serving.metrics import Metrics
 from dsla_hf.serving.models import load_model
@@ -109,9 +110,11 @@ def main() -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
+    add_device_arguments(parser, dtype_default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_model(args.model)
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, _ = load_model(args.model, dtype, device)
     n = model.config.num_hidden_layers
     requests = load_trace(
         trace_path(args.trace, args.trace_dir),
@@ -148,7 +151,7 @@ def main() -> None:
         summary["latency_per_token_speedup_vs_teacher"] = teacher_lpt / summary["mean_latency_per_token_ms"]
     ratios = sorted({0.0, 0.125, 0.25, 0.375, args.static_ratio})
     report = {
-        "meta": machine(args.threads),
+        "meta": machine(args.threads, device),
         "model": args.model,
         "dsla_weights": "as given by --model (smollm2: untrained DSLA weights, quality is a lower bound)",
         "trace": {

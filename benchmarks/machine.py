@@ -37,8 +37,9 @@ def suffix(isa: str) -> str:
     return "" if isa == "native" else f"_{isa}"
 
 
-def machine(threads: int) -> dict:
-    """CPU model, its widest vector ISA, the code paths in use (ours, PyTorch's), threads and versions."""
+def machine(threads: int, device=None) -> dict:
+    """CPU model, its widest vector ISA, the code paths in use (ours, PyTorch's), threads and versions; the GPU and
+    its software when `device` is a CUDA device."""
     import torch
     import transformers
     from dsla_hf.kernels import cpp_chunk
@@ -58,11 +59,37 @@ def machine(threads: int) -> dict:
         "python": platform.python_version(),
         "env": {k: os.environ[k] for k in KNOBS if k in os.environ},
         "load_average": os.getloadavg(),
+    } | (gpu(device) if device is not None and torch.device(device).type == "cuda" else {})
+
+
+def gpu(device) -> dict:
+    """The GPU, its CUDA and Triton versions, and which kernels the DSLA layers run there."""
+    import torch
+    from dsla_hf.kernels.dispatch import backend_summary
+
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "dsla_backend": backend_summary(device),
     }
 
 
 def describe(meta: dict) -> str:
     """One line for a Markdown result file."""
+    if meta.get("gpu"):
+        return (
+            f"{meta['gpu']} ({meta['device']}), CUDA {meta['cuda']}, Triton {meta['triton']}; DSLA layers run "
+            f"{meta['dsla_backend']}; torch {meta['torch']}, transformers {meta['transformers']}"
+        )
     kernel = f"C++ kernels on the {meta['dsla_kernel_isa']} path" if meta["dsla_kernel_isa"] else "PyTorch path"
     return (
         f"{meta['cpu']} ({meta['cpu_isa']}), {meta['threads']} threads; {kernel}, PyTorch on its "
