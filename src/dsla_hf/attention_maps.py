@@ -31,7 +31,7 @@ def capture_attention_inputs(model, input_ids: torch.Tensor, layers: list[int]) 
         for i in layers
     ]
     try:
-        model(input_ids, use_cache=False, logits_to_keep=1)
+        model(input_ids.to(model.device), use_cache=False, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
@@ -71,13 +71,13 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
     gates = attn.gates(keys if cfg.dsla_gate_source == "key" else x).materialize()[0]  # [T, S, SH, F]
     cumulative = gates.cumsum(0)
     mix = attn.mix_weights()
-    mix = torch.ones(H, S) if mix is None else mix.float().expand(H, S)
+    mix = torch.ones(H, S, device=x.device) if mix is None else mix.float().expand(H, S)
 
-    t = torch.arange(T)
+    t = torch.arange(T, device=x.device)
     tau = t - W  # the last token in the states when query t is read
     reads = (t[None, :] <= tau[:, None]) & (tau[:, None] >= 0)  # [T queries, T keys]
     group = H // SH
-    states = torch.zeros(S, H, T, T)
+    states = torch.zeros(S, H, T, T, device=x.device)
     for h in range(H):
         g = h // group
         for s in range(S):
@@ -109,7 +109,7 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
     names = ["history", "recency"] if S == 2 else ["state"]
     for s, name in enumerate(names):
         out[name] = states[s]
-    return out
+    return {name: m.cpu() for name, m in out.items()}  # summaries and plots run on the CPU
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def attention_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         def hook(module, args, kwargs, i=i):
             x = kwargs.get("hidden_states", args[0] if args else None)
             ent = _last_token_entropy(module, x, kwargs["position_embeddings"], current_mask.get("m"))
-            sums[i] += ent.mean(-1).double().sum()
+            sums[i] += ent.mean(-1).double().sum().cpu()
 
         hooks.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
