@@ -8,9 +8,10 @@
 2. **Speed**: ``chunk_dsla`` (both states, one pass) against one and two ``chunk_gla`` calls of
    flash-linear-attention and against SDPA (FlashAttention) at 4k-64k; a whole DSLA layer's prefill against the
    softmax layer it replaces; the fused decoding step against SDPA decoding at 4k-128k of context.
-3. **The model on CUDA in bf16**: ``generate()`` on a converted SmolLM2 (its real weights where the embedded teacher
-   is installed, else its shapes with random weights) against no-cache argmax; a switch (fold) against DSLA from the
-   first token; the serving engine; a saved folder loaded as remote code without dsla_hf, on the Triton kernels.
+3. **The model on CUDA**: ``generate()`` in bf16 on a converted SmolLM2 (its real weights where the embedded teacher
+   is installed, else its shapes with random weights) against no-cache argmax; a fold against DSLA from the first
+   token; the serving engine in bf16; one chain stage (capture, layer-alone fit, TRL phase) in fp32; a saved folder
+   loaded as remote code without dsla_hf, on the Triton kernels.
 
 Results: ``benchmarks/results/gpu/gpu_check.{json,md}`` (or ``--out``). Every section runs even when another fails,
 and the run stops starting sections past ``--budget-s``. Exit status 1 when a correctness check failed.
@@ -521,6 +522,41 @@ def engine_check(entry: dict, plan: Plan, device: torch.device) -> None:
     print("engine", entry)
 
 
+def chain_stage(device: torch.device) -> dict:
+    """One chain stage of the toy model (fp32) on `device`: the first stage's record."""
+    from datasets import Dataset
+    from dsla_hf.trainers.chain import ChainConfig, run_chain
+
+    from dsla_hf.serving.models import toy_model, toy_tokenizer
+
+    student = toy_model().to(device)
+    gen = torch.Generator().manual_seed(3)
+    rows = lambda n: {"input_ids": torch.randint(3, 101, (n, 256), generator=gen).tolist()}  # noqa: E731
+    with tempfile.TemporaryDirectory() as folder:
+        config = ChainConfig(output_dir=folder, target_ratio=0.25, layer_alone_steps=20, capture_sequences=4,
+                             distill_steps=2, eval_batch=2, progress=False)  # fmt: skip
+        state = run_chain(student, Dataset.from_dict(rows(8)), Dataset.from_dict(rows(2)), config, toy_tokenizer())
+    return dict(state["stages"][0], device=str(student.device))
+
+
+def training_check(entry: dict, plan: Plan, device: torch.device) -> None:
+    """One chain stage on the device (what `dsla demo --device cuda` runs, small): inputs captured with the model
+    there, the layer-alone fit, the TRL phase (KL, alignment, gate divergence) and the held-out perplexity, on the
+    toy model in fp32 with rows of 256 tokens (beyond its 64-token window); against the same stage on the CPU."""
+    here, cpu = chain_stage(device), chain_stage(torch.device("cpu"))
+
+    def numbers(record: dict) -> dict[str, float]:
+        last = record["distill"]["last"]["loss"]
+        return {"rel_error_after": record["layer_alone"]["rel_error_after"], "ppl_ratio": record["ppl_ratio"],
+                "distill_loss": float(last)}  # fmt: skip
+
+    on_device, on_cpu = numbers(here), numbers(cpu)
+    differences = {k: abs(on_device[k] - on_cpu[k]) / max(abs(on_cpu[k]), 1e-12) for k in on_cpu}
+    entry.update(device=here["device"], on_device=on_device, on_cpu=on_cpu, relative_differences=differences)
+    entry["ok"] = here["device"].startswith(device.type) and max(differences.values()) <= 1e-2
+    print("training", entry)
+
+
 REMOTE = textwrap.dedent(
     """
     import importlib.abc, sys, torch
@@ -636,7 +672,7 @@ def markdown(result: dict) -> str:
                   "| context | fused DSLA step | SDPA decode | speedup |", "|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['context']} | {r['dsla_step_us']:.1f} | {r['sdpa_us']:.1f} | {r['speedup']:.2f}x |"
                   for r in s["decode"]["decode"]] + [""]  # fmt: skip
-    for name in ("generate", "engine", "remote code"):
+    for name in ("generate", "engine", "training", "remote code"):
         if name in s:
             lines += [f"## {name}", "", "```", json.dumps(s[name], indent=1, default=str), "```", ""]
     if result["errors"]:
@@ -665,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": lambda e: decode_speed(e, plan, device),
         "generate": lambda e: generate_check(e, plan, device),
         "engine": lambda e: engine_check(e, plan, device),
+        "training": lambda e: training_check(e, plan, device),
         "remote code": lambda e: remote_code_check(e, plan, device),
     }
     for name, step in steps.items():

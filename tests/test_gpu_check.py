@@ -11,7 +11,7 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-SECTIONS = ("kernels", "speed", "layer prefill", "decode", "generate", "engine", "remote code")
+SECTIONS = ("kernels", "speed", "layer prefill", "decode", "generate", "engine", "training", "remote code")
 KERNELS = ("chunk_dsla", "fold_kv", "chunk_dsla varlen", "chunk_dsla backward", "fused_recurrent_dsla",
            "fused_decode_dsla")  # fmt: skip
 
@@ -46,7 +46,8 @@ def test_dry_run_writes_every_section(tmp_path):
     backward = next(c for c in result["checks"] if c["kernel"] == "chunk_dsla backward")
     assert {"dq", "dk", "dv", "dg1", "dg2", "dmix", "dinitial_state"} <= set(backward["errors"])
     sections = result["sections"]
-    assert sections["generate"]["ok"] and sections["engine"]["ok"] and sections["remote code"]["ok"]
+    assert all(sections[name]["ok"] for name in ("generate", "engine", "training", "remote code"))
+    assert sections["generate"]["switch"]["state"] <= 2**-7 and sections["generate"]["switch"]["window"] <= 2**-7
     assert sections["speed"]["chunk"] and sections["decode"]["decode"] and sections["layer prefill"]["layer_prefill"]
     report = (tmp_path / "gpu_check.md").read_text()
     for heading in ("## Targets", "## Kernels against the naive recurrence", "## Decoding step", "## remote code"):
