@@ -442,3 +442,24 @@ def test_lora_merged_at_inference_follows_weight_changes():
     y = lora.beside(proj, x)
     y.sum().backward()
     assert lora.up.grad is not None and lora.down.grad is not None
+
+
+def test_lora_merged_weight_follows_a_fused_optimizer_step():
+    """Transformers' Trainer steps with fused AdamW by default, which changes the weights without bumping their
+    version counters: the merged weight must not outlive a training step (it did, and every evaluation after a TRL
+    phase ran stale LoRA weights)."""
+    from dsla_hf.modeling_dsla import LowRankDelta
+
+    torch.manual_seed(0)
+    proj, lora = torch.nn.Linear(12, 10), LowRankDelta(12, 10, rank=3, alpha=6.0)
+    torch.nn.init.normal_(lora.down), torch.nn.init.normal_(lora.up)
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=0.1, fused=True)
+    x = torch.randn(4, 12)
+    for _ in range(3):
+        with torch.no_grad():
+            assert rel(lora.beside(proj, x), proj(x) + lora(x)) <= 1e-6
+        versions = lora.up._version, lora.down._version
+        lora.beside(proj, x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert (lora.up._version, lora.down._version) == versions  # what made the old cache key blind

@@ -123,22 +123,27 @@ class LowRankDelta(nn.Module):
         self.down = nn.Parameter(torch.empty(rank, in_features))
         self.up = nn.Parameter(torch.empty(out_features, rank))
         self.scaling = alpha / rank
+        self.merged: tuple[tuple, torch.Tensor] | None = None  # (weights' identity and versions, merged weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up) * self.scaling
 
     def beside(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """`proj(x) + self(x)`. At inference, one product with the merged weight `W + up @ down * scaling` (the
-        teacher's `proj` stays untouched; the merged copy is rebuilt whenever a weight changes): two small matmuls
-        and an add fewer per call, which is a fifth of a decoding step."""
+        teacher's `proj` stays untouched): two small matmuls and an add fewer per call, a fifth of a decoding step.
+
+        The merged copy is rebuilt when a weight is replaced or changed in place, and dropped by every forward with
+        gradients: an optimizer step may change the weights without bumping their version counters (the fused AdamW
+        Transformers' Trainer uses by default does not), and a step always follows such a forward."""
         if torch.is_grad_enabled():
+            self.merged = None
             return proj(x) + self(x)
         weight = proj.weight
         key = (weight.data_ptr(), weight._version, self.down._version, self.up._version, weight.dtype)
-        if getattr(self, "_merged", (None,))[0] != key:
+        if self.merged is None or self.merged[0] != key:
             merged = torch.addmm(weight, self.up.to(weight.dtype), self.down.to(weight.dtype), alpha=self.scaling)
-            self._merged = (key, merged)
-        return F.linear(x, self._merged[1], proj.bias)
+            self.merged = (key, merged)
+        return F.linear(x, self.merged[1], proj.bias)
 
 
 class DSLAFeatureMap(nn.Module):
