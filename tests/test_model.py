@@ -200,6 +200,37 @@ def test_switching_folds_kv_exactly(tiny_teacher):
         assert all(cache.layers[i].kv_tokens == 0 for i in new)  # folded layers freed their keys and values
 
 
+def test_set_dsla_layers_folds_the_given_caches_now(tiny_teacher):
+    """The public switch: `set_dsla_layers(layers, caches=...)` folds the new DSLA layers of each cache at once (with
+    its padding mask), as the layers' next forward would; `can_revert` says when a revert is exact."""
+    model = convert(tiny_teacher, layers="all").eval()
+    ids = torch.randint(3, 101, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        model.set_dsla_layers([])
+        eager, lazy = DSLACache(model.config), DSLACache(model.config)
+        model(ids, attention_mask=mask, cache=eager)
+        model(ids, attention_mask=mask, cache=lazy)
+        assert eager.can_revert([2, 3])
+        model.set_dsla_layers([2, 3], caches=[(eager, mask)])
+        assert not eager.can_revert([3]) and eager.can_revert([0, 1])
+        assert eager.layers[3].kv_tokens == 0 and eager.layers[3].state is not None  # folded before any forward
+        assert lazy.layers[3].state is None
+        step = torch.randint(3, 101, (2, 1))
+        full_mask = torch.cat([mask, torch.ones_like(step)], 1)
+        a = model(step, attention_mask=full_mask, cache=eager).logits
+        b = model(step, attention_mask=full_mask, cache=lazy).logits  # folds at this forward instead
+    assert torch.allclose(a, b, atol=1e-6)
+    kept = DSLACache(model.config, keep_kv=True)
+    with torch.no_grad():
+        model.set_dsla_layers([])
+        model(ids, cache=kept)
+        model.set_dsla_layers([3], caches=[kept])
+    assert kept.can_revert([3]) and kept.layers[3].state is not None
+    model.set_dsla_layers([])
+
+
 @pytest.mark.parametrize("layer", [0, 2])
 def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
     model = convert(tiny_teacher, layers="all").eval()

@@ -33,6 +33,11 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         return 0 if self.keys is None or not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
     @property
+    def can_revert(self) -> bool:
+        """Whether the layer holds every key and value it has seen, so it can run as softmax attention again."""
+        return self.kv_tokens == self.seen_tokens
+
+    @property
     def state(self) -> torch.Tensor | None:
         return self.recurrent_states[0] if self.is_recurrent_states_initialized[0] else None
 
@@ -165,6 +170,11 @@ class DSLACache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def can_revert(self, layers: list[int]) -> bool:
+        """Whether each listed layer holds every key and value it has seen: it can run as softmax attention again
+        (always, with `keep_kv=True`; not after a fold freed them)."""
+        return all(self.layers[i].can_revert for i in layers)
 
     def _map_positions(self, fn) -> None:
         if self.position_ids is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_dsla import DSLACache, DSLACacheLayer
-from .configuration_dsla import LINEAR_ATTENTION, DSLAConfig
+from .configuration_dsla import FULL_ATTENTION, LINEAR_ATTENTION, DSLAConfig
 from .kernels import (
     DecodeWeights,
     HedgehogFeatures,
@@ -635,17 +635,44 @@ class DSLAPreTrainedModel(PreTrainedModel):
             write_remote_code(save_directory)
         return result
 
-    def set_dsla_layers(self, layers: list[int] | tuple[int, ...] | float | None) -> list[int]:
+    def set_dsla_layers(
+        self,
+        layers: list[int] | tuple[int, ...] | float | None,
+        caches: Sequence[DSLACache | tuple[DSLACache, torch.Tensor | None]] = (),
+    ) -> list[int]:
         """Run the given layers (indices, or a ratio: a prefix of `config.conversion_order`) as DSLA and every
-        other layer as softmax attention. Changes no weight and loads nothing; returns the DSLA layers."""
+        other layer as softmax attention. Changes no weight and loads nothing; returns the DSLA layers.
+
+        `caches`: caches in flight (each alone, or with its 2-D padding mask) whose newly converted layers are
+        folded now (:meth:`fold_caches`) rather than at their next forward, so that every cache holds the same kind
+        of state per layer (as joining caches needs). Reverting a layer needs its keys and values: ask
+        `cache.can_revert(layers)` first."""
+        before = set(self.config.active_dsla_layers)
         active = self.config.layers_for(layers)
         self.config.layer_types = [
-            LINEAR_ATTENTION if i in active else "full_attention" for i in range(self.config.num_hidden_layers)
+            LINEAR_ATTENTION if i in active else FULL_ATTENTION for i in range(self.config.num_hidden_layers)
         ]
         for module in self.modules():
             if isinstance(module, DSLADecoderLayer):
                 module.layer_type = self.config.layer_types[module.layer_idx]
+        converted = [i for i in active if i not in before]
+        if converted and caches:
+            self.fold_caches(caches, converted)
         return active
+
+    def fold_caches(
+        self, caches: Sequence[DSLACache | tuple[DSLACache, torch.Tensor | None]], layers: list[int]
+    ) -> None:
+        """Fold the keys and values that `layers` of each cache hold into those layers' DSLA states (exact for the
+        default preset) and free them unless the cache keeps them: what those layers' next forward would do."""
+        model = self.base_model
+        for entry in caches:
+            cache, mask = entry if isinstance(entry, tuple) else (entry, None)
+            padding = mask if mask is not None and not bool(mask.all()) else None
+            for i in layers:
+                attention = model.layers[i].linear_attn
+                if attention is not None and cache.get_seq_length(i):
+                    attention.fold(cache.layers[i], cache, model.rotary_emb, padding)
 
     @property
     def dsla_layers(self) -> list[int]:

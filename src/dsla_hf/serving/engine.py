@@ -156,7 +156,6 @@ class Engine:
         self.tokens_by_layers: dict[int, int] = {}  # output tokens produced with this many DSLA layers
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.fatal: str | None = None
         self._set_layers(self.policy.decide(self._snapshot(), time.monotonic()), force=True)
         self.policy.commit(time.monotonic())
 
@@ -174,14 +173,20 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def num_waiting(self) -> int:
+        """Requests submitted and not yet being prefilled (those still in the inbox included)."""
+        with self._lock:
+            return self._waiting_count
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
         """Queue a request; `sink` receives its outputs (from the engine thread). Raises ValueError when the prompt
         does not fit the context, QueueFull when the queue is full, EngineStopped when the engine is not running."""
-        if self._stop.is_set() or self.fatal is not None:
-            raise EngineStopped(self.fatal or "The engine is stopped")
+        if self._stop.is_set():
+            raise EngineStopped("The engine is stopped")
         if not prompt_ids:
             raise ValueError("The prompt is empty")
         total = len(prompt_ids) + params.max_tokens
@@ -310,39 +315,23 @@ class Engine:
         if target == current:
             return True
         reverted = [i for i in current if i not in target]
-        converted = [i for i in target if i not in current]
+        prefill = self.prefilling
         if reverted and not force:
-            if self.cache is not None and any(
-                self.cache.layers[i].kv_tokens != self.cache.layers[i].seen_tokens for i in reverted
-            ):
+            if self.cache is not None and not self.cache.can_revert(reverted):
                 self.deferred_decreases += 1
                 return False  # requests in flight lost these keys and values: wait until they leave
-            prefill = self.prefilling
-            if (
-                prefill is not None
-                and prefill.cache is not None
-                and any(prefill.cache.layers[i].kv_tokens != prefill.cache.layers[i].seen_tokens for i in reverted)
-            ):
+            if prefill is not None and prefill.cache is not None and not prefill.cache.can_revert(reverted):
                 prefill.cache, prefill.prefilled = None, 0  # nothing was sent yet: prefill again
-        self.model.set_dsla_layers(target)
-        # Fold now, so that every cache in flight has the same kind of state per layer (needed to stack them).
-        if converted:
-            if self.cache is not None:
-                self._fold(self.cache, self.mask, converted)
-            if self.prefilling is not None and self.prefilling.cache is not None:
-                self._fold(self.prefilling.cache, None, converted)
+        # Caches in flight are folded now, so that each holds the same kind of state per layer (to stack them).
+        in_flight = [(self.cache, self.mask)] if self.cache is not None else []
+        if prefill is not None and prefill.cache is not None:
+            in_flight.append(prefill.cache)
+        self.model.set_dsla_layers(target, caches=in_flight)
         if not force:
             self.layer_switches += 1
             self.metrics.inc("dsla:layer_switches_total")
         logger.info("DSLA layers: %d of %d (%s)", len(target), self.num_layers, target)
         return True
-
-    def _fold(self, cache: DSLACache, mask: torch.Tensor | None, layers: list[int]) -> None:
-        inner = self.model.model
-        padding = mask if mask is not None and not bool(mask.all()) else None
-        for i in layers:
-            if cache.layers[i].seen_tokens:
-                inner.layers[i].linear_attn.fold(cache.layers[i], cache, inner.rotary_emb, padding)
 
     # --- prefill -------------------------------------------------------------------------------------------------
 
