@@ -215,7 +215,7 @@ def test_disconnect_cancels_and_full_queue_answers_429():
             next(a.iter_lines())
             with client.stream("POST", url + "/v1/completions", json=long) as b:
                 deadline = time.monotonic() + 30
-                while engine._waiting_count < 1:
+                while engine.num_waiting < 1:
                     assert time.monotonic() < deadline, "the second request never queued"
                     threading.Event().wait(0.01)
                 third = client.post(url + "/v1/completions", json={**long, "stream": False})

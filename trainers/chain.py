@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..configuration_dsla import ratio_to_layers
 from ..devices import add_device_arguments, device_and_dtype
+from ..distributed import barrier, is_main_process
 from ..evaluation import perplexity
 from .layer_alone import capture_layer_io, fit_layer_alone
 
@@ -59,30 +60,10 @@ class ChainConfig:
     seed: int = 0
     resume: bool = True
     progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _is_main() -> bool:
-    dist = _dist()
-    return dist is None or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    dist = _dist()
-    if dist:
-        dist.barrier()
 
 
 # Fields that may change between runs of one chain: where and how it runs, and how far it goes.
-RESUMABLE_FIELDS = {"output_dir", "target_ratio", "quality_floor", "eval_batch", "resume", "progress", "extra"}
+RESUMABLE_FIELDS = {"output_dir", "target_ratio", "quality_floor", "eval_batch", "resume", "progress"}
 
 
 def recipe_changes(saved: dict, config: ChainConfig) -> list[str]:
@@ -113,7 +94,7 @@ def load_dsla_weights(student, folder: str | Path) -> int:
 
 def save_stage(student, tokenizer, output_dir: Path, state: dict) -> None:
     """Write the checkpoint (atomically replaced) and the chain metrics, on the main process only."""
-    if _is_main():
+    if is_main_process():
         tmp = output_dir / f"{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
@@ -127,7 +108,7 @@ def save_stage(student, tokenizer, output_dir: Path, state: dict) -> None:
         tmp.replace(final)
         shutil.rmtree(old, ignore_errors=True)
         (output_dir / CHAIN_FILE).write_text(json.dumps(state, indent=2))
-    _barrier()
+    barrier()
 
 
 def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: ChainConfig, stage: int) -> dict:
@@ -174,12 +155,12 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
     `eval_ds` are packed datasets (`input_ids` rows of equal length, disjoint texts). Returns the chain state
     (also in `output_dir/chain.json` and in the checkpoint)."""
     output_dir = Path(config.output_dir)
-    if _is_main():
+    if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     order = list(student.config.conversion_order)
     n = student.config.num_hidden_layers
-    target = min(len(order), math.floor(config.target_ratio * n + 1e-6))
+    target = min(len(order), ratio_to_layers(config.target_ratio, n))
     for p in student.parameters():
         p.requires_grad_(False)
     train_ids = torch.tensor(train_ds["input_ids"])
@@ -224,7 +205,7 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
         todo = order[done:target]
         _, xs, ys = capture_all_layers(
-            student, train_ids[rows], progress=config.progress and _is_main(), layers=todo, residual=False
+            student, train_ids[rows], progress=config.progress and is_main_process(), layers=todo, residual=False
         )
         _, xe, ye = capture_all_layers(student, eval_ids[: max(1, config.eval_batch)], layers=todo, residual=False)
         teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in todo}
@@ -232,7 +213,8 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         student.set_dsla_layers(active)
     elif config.capture not in ("chain", "teacher"):
         raise ValueError(f"capture must be 'chain' or 'teacher', got {config.capture!r}")
-    bar = tqdm(total=target, initial=min(done, target), desc="chain", disable=not config.progress or not _is_main())
+    show = config.progress and is_main_process()
+    bar = tqdm(total=target, initial=min(done, target), desc="chain", disable=not show)
     for stage in range(done, target):
         if state["stopped"]:
             break
@@ -260,7 +242,7 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
                 x_eval,
                 y_eval,
                 seed=config.seed + stage,
-                progress=config.progress and _is_main(),
+                progress=config.progress and is_main_process(),
                 schedule=config.layer_alone_schedule,
             )
             del x, y, x_eval, y_eval
@@ -335,10 +317,10 @@ def run(args: argparse.Namespace) -> int:
         distill_steps=args.distill_steps,
         seed=args.seed,
         resume=not args.no_resume,
-        progress=_is_main(),
+        progress=is_main_process(),
     )
     state = run_chain(student, train_ds, eval_ds, config, tokenizer)
-    if _is_main():
+    if is_main_process():
         print(f"teacher ppl {state['teacher']['ppl']:.3f}; stopped: {state['stopped']}")
         for s in state["stages"]:
             print(

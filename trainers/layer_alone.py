@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..distributed import process_group
+
 
 class _Stop(Exception):
     """Raised once the captured layer has run: nothing above it is needed."""
@@ -103,14 +105,6 @@ def relative_error(linear_attn, teacher_attn, rotary_emb, x: torch.Tensor, y: to
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
 def fit_layer_alone(
     model,
     layer_idx: int,
@@ -141,7 +135,7 @@ def fit_layer_alone(
         p.requires_grad_(True)
     x_eval, y_eval = (x, y) if x_eval is None else (x_eval, y_eval)
     before = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
-    dist = _dist()
+    dist = process_group()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=lr)

@@ -305,10 +305,12 @@ def evaluate_cell(
 ) -> dict:
     """`evaluate_model` at every ratio the chain's `trained` stages cover (later layers of the conversion order hold
     untrained weights): `{"models": {"25%": entry, ...}, "skipped": [...]}`."""
+    from .configuration_dsla import ratio_to_layers
+
     n = model.config.num_hidden_layers
     models, skipped = {}, []
     for ratio in settings.ratios:
-        needed = int(ratio * n + 1e-6)
+        needed = ratio_to_layers(ratio, n)
         if needed > trained:
             skipped.append({"ratio": ratio, "why": f"needs {needed} DSLA layers, {trained} trained"})
             continue

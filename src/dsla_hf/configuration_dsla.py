@@ -49,6 +49,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def ratio_to_layers(ratio: float, num_layers: int) -> int:
+    """Layers converted at a conversion ratio: the floor of `ratio * num_layers` (a hair of slack, so 0.3 of 10 is 3).
+    The one rounding every part of the project uses (the model, the serving policy, the chain, cards, evaluation)."""
+    return math.floor(ratio * num_layers + 1e-6)
+
+
 class DSLAConfig(LlamaConfig):
     r"""
     A [`LlamaConfig`] with DSLA layers.
@@ -181,7 +187,7 @@ class DSLAConfig(LlamaConfig):
         if isinstance(layers, float):
             if not 0.0 <= layers <= 1.0:
                 raise ValueError(f"A conversion ratio must be in [0, 1], got {layers}")
-            count = math.floor(layers * self.num_hidden_layers + 1e-6)
+            count = ratio_to_layers(layers, self.num_hidden_layers)
             if count > len(self.conversion_order):
                 raise ValueError(
                     f"Ratio {layers} needs {count} DSLA layers but only {len(self.conversion_order)} "

@@ -100,4 +100,4 @@ def _replace_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> 
     if isinstance(getattr(module, leaf), torch.nn.Parameter):
         setattr(module, leaf, torch.nn.Parameter(value, requires_grad=getattr(module, leaf).requires_grad))
     else:
-        module._buffers[leaf] = value
+        setattr(module, leaf, value)  # a registered buffer: replaced in place, its persistence kept

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .configuration_dsla import ratio_to_layers
 from .devices import add_device_arguments, device_and_dtype
 from .loading import load_pretrained, trained_layers
 
@@ -105,7 +106,7 @@ def model_variants(
         if not is_dsla(model):
             skipped.append((ratio, "the model has no DSLA weights"))
             continue
-        count = int(ratio * n + 1e-6)
+        count = ratio_to_layers(ratio, n)
         limit = len(model.config.conversion_order) if trained is None else trained
         if count > limit:
             skipped.append((ratio, f"needs {count} DSLA layers, {limit} trained"))

@@ -11,20 +11,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
+from .distributed import process_group
 
 
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, batch_size: int = 2, progress: bool = False, desc: str = "ppl") -> dict:
     """Next-token loss and perplexity of `model` on rows of `input_ids` (no padding). Under `torch.distributed`,
     rows are shared out between processes and the sums reduced, so every process gets the same answer."""
-    dist = _dist()
+    dist = process_group()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)

@@ -215,10 +215,12 @@ def trained_layers(training: dict | None) -> set[int] | None:
 
 def conversion_rows(config, ratios=CARD_RATIOS, trained: set[int] | None = None) -> list[dict]:
     """One row per ratio the checkpoint supports (0 = the teacher): which layers run as DSLA, which remain softmax."""
+    from .configuration_dsla import ratio_to_layers
+
     n = config.num_hidden_layers
     rows, seen = [], set()
     for ratio in sorted({0.0, *ratios}):
-        count = math.floor(ratio * n + 1e-6)
+        count = ratio_to_layers(ratio, n)
         if count > len(config.conversion_order) or count in seen:
             continue  # more layers than have DSLA weights, or the same layers as a smaller ratio
         seen.add(count)
@@ -242,7 +244,7 @@ def training_summary(training: dict | None, seq_len: int | None = None) -> dict 
     if not training:
         return None
     config = training.get("config") or {}
-    seq_len = seq_len or training.get("seq_len") or (config.get("extra") or {}).get("seq_len")
+    seq_len = seq_len or training.get("seq_len")
     stages, total_tokens, total_seqs = [], 0, 0
     for stage in training.get("stages", []):
         seqs = 0

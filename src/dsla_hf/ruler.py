@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+from .evaluation import PASSKEY_FILLER as NOISE  # the noise haystack is the passkey test's filler
+
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NIAH_TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "

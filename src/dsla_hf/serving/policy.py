@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..configuration_dsla import ratio_to_layers
+
 # (prompt tokens below which the cap applies, maximum conversion ratio); the last bound is open.
 POSTER_CAPS: tuple[tuple[float, float], ...] = ((2048, 0.125), (4096, 0.25), (8192, 0.375), (math.inf, 0.5))
 
@@ -29,11 +31,6 @@ class LoadSnapshot:
     @property
     def longest_prompt(self) -> int:
         return max(self.prompt_tokens, default=0)
-
-
-def ratio_to_layers(ratio: float, num_layers: int) -> int:
-    """Number of layers converted at a ratio (the same rounding as `DSLAConfig.layers_for`)."""
-    return math.floor(ratio * num_layers + 1e-6)
 
 
 @dataclass
@@ -70,6 +67,7 @@ class AdaptivePolicy:
     cooldown_s: float = 2.0
     ratio: float = field(default=0.0, init=False)
     last_switch: float = field(default=-math.inf, init=False)
+    pending: float | None = field(default=None, init=False)  # the last decision, until `commit`
 
     def __post_init__(self):
         if self.num_layers <= 0:
@@ -130,12 +128,12 @@ class AdaptivePolicy:
 
     def decide(self, load: LoadSnapshot, now: float) -> int:
         """The number of DSLA layers wanted now. Call `commit(now)` once the engine has switched."""
-        self._pending = self.target_ratio(load, now)
-        return self.layers(self._pending)
+        self.pending = self.target_ratio(load, now)
+        return self.layers(self.pending)
 
     def commit(self, now: float) -> None:
         """Record that the engine applied the last decision (starts the cool-down)."""
-        pending = getattr(self, "_pending", self.ratio)
+        pending = self.ratio if self.pending is None else self.pending
         if self.layers(pending) != self.layers():
             self.last_switch = now
         self.ratio = pending

@@ -72,7 +72,7 @@ def build_app(engine: Engine, tokenizer, model_name: str):
     async def health():
         if engine.alive:
             return PlainTextResponse("")
-        return error(engine.fatal or "The engine is not running", 503)
+        return error("The engine is not running", 503)
 
     @app.get("/v1/models")
     async def models():
