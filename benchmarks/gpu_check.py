@@ -82,7 +82,7 @@ class Plan:
     def make(cls, dry: bool) -> Plan:
         if dry:
             return cls(True, DRY_SHAPES, [48], 24, [0, 20, 21, 48], [32], [64], [64, 128],
-                       dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2), 40, 6, 1)  # fmt: skip
+                       dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2), 160, 6, 1)  # fmt: skip
         return cls(False, SHAPES, [4096, 16384], 2048, [0, 3000, 3001, 9000, 16384],
                    [4096, 16384, 65536], [16384, 65536], [4096, 16384, 65536, 131072],
                    dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8), 512, 32, 20)  # fmt: skip

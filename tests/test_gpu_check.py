@@ -47,7 +47,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {"dq", "dk", "dv", "dg1", "dg2", "dmix", "dinitial_state"} <= set(backward["errors"])
     sections = result["sections"]
     assert all(sections[name]["ok"] for name in ("generate", "engine", "training", "remote code"))
-    assert sections["generate"]["switch"]["state"] <= 2**-7 and sections["generate"]["switch"]["window"] <= 2**-7
+    switch = sections["generate"]["switch"]  # the prompt outgrows the window: the folded states hold something
+    assert 0 < switch["state"] <= 2**-7 and 0 < switch["window"] <= 2**-7
     assert sections["speed"]["chunk"] and sections["decode"]["decode"] and sections["layer prefill"]["layer_prefill"]
     report = (tmp_path / "gpu_check.md").read_text()
     for heading in ("## Targets", "## Kernels against the naive recurrence", "## Decoding step", "## remote code"):
