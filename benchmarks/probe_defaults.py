@@ -1,4 +1,4 @@
-"""Choose the default DSLA formulation by measurement (DESIGN §2.1).
+"""Choose the default DSLA formulation by measurement (docs/design.md §1).
 
 One layer of SmolLM2 (layer 10 by default), converted alone and trained alone to match the teacher's attention
 output on captured inputs (512-token sequences of CPython's docs, Adam, batches of 4), at a fixed token budget; the

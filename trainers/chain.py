@@ -1,4 +1,4 @@
-"""Chained distillation (DESIGN §2.5): convert layers one at a time in ranking order.
+"""Chained distillation (docs/design.md §3): convert layers one at a time in ranking order.
 
 Stage k converts layer `order[k]`: its DSLA weights start from the teacher's attention (as `convert_llama_to_dsla`
 initialises them), train with every earlier conversion in place (a layer-alone stage on captured inputs, then an

@@ -1,4 +1,4 @@
-"""Distillation of DSLA layers on TRL's `SFTTrainer` (DESIGN §2.5).
+"""Distillation of DSLA layers on TRL's `SFTTrainer` (docs/design.md §3).
 
 Losses, each weighted and logged on its own:
 

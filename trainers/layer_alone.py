@@ -1,5 +1,5 @@
-"""The cheap first stage of DESIGN §2.5: one DSLA layer trained alone to reproduce the teacher's attention output on
-inputs captured from the model (teacher-forced, as LoLCATs does).
+"""The cheap first stage of docs/design.md §3: one DSLA layer trained alone to reproduce the teacher's attention
+output on inputs captured from the model (teacher-forced, as LoLCATs does).
 
 Inputs are captured with forwards that stop at the layer, through the model as it stands (earlier conversions in
 place), so the layer learns on the inputs it will see. With `torch.distributed` initialised, every process trains on

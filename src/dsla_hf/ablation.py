@@ -1,5 +1,6 @@
-"""`dsla ablate`: the single-state ablation of DESIGN §5 ("the dual-state layer beats a single-state GLA layer trained
-the same way"), in the paper's setting (no exact window) and in the preset's (a 64-token exact softmax window).
+"""`dsla ablate`: the single-state ablation of docs/design.md §5 ("the dual-state layer beats a single-state GLA
+layer trained the same way"), in the paper's setting (no exact window) and in the preset's (a 64-token exact softmax
+window).
 
 One command trains and evaluates the grid window x variant on the embedded SmolLM2 teacher:
 

@@ -16,7 +16,7 @@ GATE_SOURCES = ("key", "hidden")
 GATE_INITS = ("half_life", "identity_random")
 MIXINGS = ("layer", "head")
 
-# The two presets of DESIGN §2.1. Explicit `dsla_*` arguments override the preset's values.
+# The two presets of docs/design.md §1. Explicit `dsla_*` arguments override the preset's values.
 PRESETS: dict[str, dict] = {
     # The reference formulation of the paper: raw q/k, no normaliser, gates from the hidden state (history gate's
     # weight the identity, recency gate's random), all heads (no GQA), own trained copies of q/k/v/o.
@@ -171,7 +171,7 @@ class DSLAConfig(LlamaConfig):
 
     @property
     def foldable(self) -> bool:
-        """Whether a layer's states can be rebuilt exactly from its KV cache (see DESIGN §2.1)."""
+        """Whether a layer's states can be rebuilt exactly from its KV cache (see docs/design.md §1)."""
         return self.dsla_gate_source == "key" and not self.dsla_train_projections
 
     @property

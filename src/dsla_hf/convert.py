@@ -52,7 +52,7 @@ def convert_llama_to_dsla(
     """Convert a Llama into a DSLA-Llama in which `layers` (default: all) own DSLA weights.
 
     The teacher's tensors are reused, not copied: the returned model shares them (freeze them, or clone the
-    teacher first, before training them). New DSLA parameters are initialised as DESIGN §2.1 says; with the paper
+    teacher first, before training them). New DSLA parameters are initialised as docs/design.md §1 says; with the paper
     preset, converted layers get their own copies of q/k/v/o, initialised from the teacher's.
 
     Args:

@@ -1,4 +1,4 @@
-"""Offline text corpora (DESIGN §4): CPython's pydoc topics (always present) and Debian documentation packages."""
+"""Offline text corpora (docs/design.md §4): CPython's pydoc topics (always present) and Debian's documentation."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def load_text_dataset(
     """A `datasets.Dataset` with one `"text"` column from:
 
     - an offline corpus name (`pydoc`, `pydoc-train`, `pydoc-heldout`, `python-docs`, `linux-docs`,
-      `postgresql-docs`, `shakespeare`; DESIGN §4);
+      `postgresql-docs`, `shakespeare`; docs/design.md §4);
     - a local file or folder (`.txt`/`.md`/`.rst`: one document per file; `.json`/`.jsonl`/`.csv`/`.parquet`:
       rows with a `text_field` column);
     - any other string: a Hugging Face Hub dataset name (`datasets.load_dataset(source, config_name, split=split)`).
@@ -192,8 +192,8 @@ def pack_dataset(dataset, tokenizer, seq_len: int, max_sequences: int | None = N
 
 
 def default_sources() -> dict[str, list[str] | str | None]:
-    """The offline defaults of DESIGN §4: train on the Python and Linux manuals, hold out PostgreSQL's, Shakespeare
-    out of domain; without the Debian packages, disjoint parts of CPython's pydoc topics."""
+    """The offline defaults of docs/design.md §4: train on the Python and Linux manuals, hold out PostgreSQL's,
+    Shakespeare out of domain; without the Debian packages, disjoint parts of CPython's pydoc topics."""
     available = available_offline_sources()
     train = [name for name in ("python-docs", "linux-docs") if name in available] or ["pydoc-train"]
     heldout = "postgresql-docs" if "postgresql-docs" in available else "pydoc-heldout"

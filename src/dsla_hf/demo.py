@@ -1,7 +1,7 @@
 """`dsla demo`: the whole pipeline on the embedded SmolLM2 teacher, in at most 20 minutes on 2 CPU cores.
 
-1. rank the layers (attention entropy of the last token, DESIGN §2.4);
-2. chained distillation in that order up to 50 % of the layers (DESIGN §2.5): each stage captures the new layer's
+1. rank the layers (attention entropy of the last token, docs/design.md §2);
+2. chained distillation in that order up to 50 % of the layers (docs/design.md §3): each stage captures the new layer's
    inputs with every earlier conversion in place, trains it alone on them against the teacher's attention, then
    runs a short `DSLADistillTrainer` phase (TRL; token-normalised KL, per-layer alignment, gate divergence) with
    the whole converted prefix in place, and freezes it; one checkpoint serves every prefix;
@@ -36,7 +36,7 @@ class DemoRecipe:
     options of `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the single-state GLA
     ablation)."""
 
-    # data (DESIGN §4 offline defaults): packed rows of `seq_len` tokens
+    # data (docs/design.md §4 offline defaults): packed rows of `seq_len` tokens
     seq_len: int = 512
     train_sequences: int = 64
     eval_sequences: int = 16  # held-out 512-token rows; flattened, also the stream scored with 2048 tokens of context
@@ -403,7 +403,8 @@ def run(args: argparse.Namespace) -> int:
         per = ", ".join(f"{k}: {v:.2f}" for k, v in m["passkey"]["per_length"].items())
         print(f"| {name} | {len(m['dsla_layers'])} | {m['heldout']['ppl']:.2f} | {m['heldout_long']['ppl']:.2f} | "
               f"{ood_ppl} | {m['passkey']['accuracy']:.2f} | {per} |")  # fmt: skip
-    print("\nDESIGN §5 quality targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
+    met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())
+    print(f"\nQuality targets (docs/design.md §5): {met}")
     print(f"\nspeed: held-out prompts, {args.new_tokens} greedy tokens, best of two interleaved rounds, "
           f"{torch.get_num_threads()} threads\n")  # fmt: skip
     print("| prompt | model | DSLA layers | prefill (s) | decode (ms/token) | cache (MiB) |")
@@ -414,13 +415,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# DESIGN §5: held-out perplexity within these factors of the teacher's, (ratio, context) -> factor; passkey at 50 %.
+# docs/design.md §5: held-out perplexity within these factors of the teacher's ((ratio, context) -> factor); passkey
+# at 50 %.
 PPL_TARGETS = {("25%", "short"): 1.02, ("50%", "short"): 1.04, ("25%", "long"): 1.03, ("50%", "long"): 1.06}
 PASSKEY_TARGET_50 = 0.75
 
 
 def quality_targets(models: dict) -> dict[str, bool]:
-    """Which of DESIGN §5's quality targets the evaluated models meet (only those whose model was evaluated)."""
+    """Which quality targets of docs/design.md §5 the evaluated models meet (those whose model was evaluated)."""
     base, targets = models["teacher"], {}
     for (ratio, context), factor in PPL_TARGETS.items():
         m = models.get(f"DSLA {ratio}")

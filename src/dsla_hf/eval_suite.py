@@ -1,4 +1,4 @@
-"""`dsla eval`: the evaluation suite (DESIGN §4, §5) on any model, written as JSON, a Markdown report and PNG plots.
+"""`dsla eval`: the evaluation suite (docs/design.md §4, §5) on any model, as JSON, a Markdown report and PNG plots.
 
     dsla eval --model smollm2                                    # the teacher alone
     dsla eval --model dsla_demo --ratios 0 0.25 0.5 --out eval/  # a DSLA checkpoint (or chain folder) per ratio

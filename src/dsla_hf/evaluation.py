@@ -1,5 +1,5 @@
-"""Evaluation helpers (DESIGN §4): held-out perplexity (rows, or a long stream with a sliding window) and passkey
-retrieval (per length, or over a length x depth grid), and recency bias (loss by distance inside a window).
+"""Evaluation helpers (docs/design.md §4): held-out perplexity (rows, or a long stream with a sliding window) and
+passkey retrieval (per length, or over a length x depth grid), and recency bias (loss by distance inside a window).
 RULER's tasks are in `dsla_hf.ruler`, the `dsla eval` report in `dsla_hf.eval_suite`."""
 
 from __future__ import annotations

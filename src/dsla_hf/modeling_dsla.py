@@ -237,7 +237,7 @@ class DSLAAttention(nn.Module):
         self.scale = 1.0 if config.dsla_feature_map == "hedgehog" else self.feature_dim**-0.5
 
     def reset_dsla_parameters(self) -> None:
-        """Initial values of the DSLA parameters (DESIGN §2.1). Uses `transformers.initialization`, so weights
+        """Initial values of the DSLA parameters (docs/design.md §1). Uses `transformers.initialization`, so weights
         loaded from a checkpoint are left alone."""
         cfg = self.config
         gate = self.gates

@@ -1,4 +1,4 @@
-"""Sensitivity ranking of layers (DESIGN §2.4): which layers to convert to DSLA first.
+"""Sensitivity ranking of layers (docs/design.md §2): which layers to convert to DSLA first.
 
 - `entropy`: the paper's ranking. The entropy of the last query token's softmax attention distribution, averaged
   over query heads and calibration texts; the lowest entropy is converted first. Computed here from each layer's
