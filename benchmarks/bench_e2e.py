@@ -25,22 +25,16 @@ import torch
 from machine import add_isa_argument, describe, machine, suffix, use_isa
 
 from dsla_hf import DSLACache, convert_llama_to_dsla, load_teacher
-from dsla_hf.devices import add_device_arguments, device_and_dtype
+from dsla_hf.devices import add_device_arguments, device_and_dtype, synchronize
 
 
-def synchronize() -> None:
-    """Wait for queued CUDA work, so wall clocks measure it (nothing to wait for on CPUs)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int = 1) -> float:
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
     best = float("inf")
     for _ in range(repeats):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -76,7 +70,7 @@ def prefill(model, length: int, converted: list[int], repeats: int, bound: bool)
         for _ in range(repeats):  # interleaved: the machine's slow phases fall on both
             for label, active in (("teacher", []), ("dsla", converted)):
                 model.set_dsla_layers(active)
-                times[label] = min(times[label], timed(run))
+                times[label] = min(times[label], timed(run, model.device))
         row = {"tokens": length, "teacher_s": times["teacher"], "dsla_s": times["dsla"],
                "speedup": times["teacher"] / times["dsla"]}  # fmt: skip
         if bound:
@@ -136,11 +130,11 @@ def decode(model, batch: int, context: int, converted: list[int], steps: int, re
         for r in range(repeats + 1):  # interleaved rounds; the first is a warm-up
             for label, (active, cache) in setups.items():
                 model.set_dsla_layers(active)
-                synchronize()
+                synchronize(model.device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     model(token, cache=cache)
-                synchronize()
+                synchronize(model.device)
                 if r:
                     results[label]["step_s"] = min(results[label]["step_s"], (time.perf_counter() - start) / steps)
     model.set_dsla_layers([])

@@ -49,6 +49,8 @@ from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsl
 from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla  # noqa: E402
 from machine import machine  # noqa: E402
 
+from dsla_hf.devices import synchronize  # noqa: E402
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 # Layer shapes (query heads, key/value heads, head dim); features are Hedgehog's 2 x head dim, values get the sum
 # normaliser's column of ones.
@@ -136,11 +138,6 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(actual).all():
         return float("inf")
     return float((actual - expected).pow(2).mean().sqrt() / (expected.pow(2).mean().sqrt() + 1e-30))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, iters: int) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .devices import add_device_arguments, device_and_dtype
+from .devices import add_device_arguments, device_and_dtype, synchronize
 
 
 @dataclass(frozen=True)
@@ -209,19 +209,18 @@ def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
 
     cache = DSLACache(model.config)
     input_ids = input_ids.to(model.device)
-    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     start = time.perf_counter()
     with torch.no_grad():
         out = model(input_ids, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        synchronize()
+        synchronize(model.device)
         prefill = time.perf_counter() - start
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             tokens.append(token)
-        synchronize()
+        synchronize(model.device)
         decode = time.perf_counter() - start
     return {
         "prefill_s": prefill,

@@ -40,6 +40,12 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device, so that wall clocks measure it (nothing to wait for elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
     """`--device`, and `--dtype` unless `dtype_default` is None (commands that train keep fp32 weights)."""
     parser.add_argument(
@@ -67,4 +73,4 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, resolve_dtype(getattr(args, "dtype", "float32"), device)
 
 
-__all__ = ["DTYPES", "add_device_arguments", "device_and_dtype", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "add_device_arguments", "device_and_dtype", "resolve_device", "resolve_dtype", "synchronize"]
