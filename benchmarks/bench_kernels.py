@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla
-from dsla_hf.kernels.dispatch import cpp_available
 from machine import add_isa_argument, describe, machine, suffix, use_isa
 from torch import nn
 
 from dsla_hf import DSLACache, DSLAConfig, convert_llama_to_dsla, load_teacher
-from dsla_hf.modeling_dsla import DSLAGates
+from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla
+from dsla_hf.kernels.dispatch import cpp_available
+from dsla_hf.models.dsla.modeling_dsla import DSLAGates
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 576, 9, 3, 64
 RESULTS = Path(__file__).parent / "results"
@@ -264,7 +264,7 @@ def run_layer(lengths, decode_lengths, repeats: int, decode_steps: int):
 def fused_step_alone(step):
     """The fused decoding kernel's call of one DSLA step (as the layer makes it: same tensors), without the
     projections around it: the layer's step is run once with the call captured."""
-    from dsla_hf import modeling_dsla
+    from dsla_hf.models.dsla import modeling_dsla
 
     captured, kernel = {}, modeling_dsla.fused_decode_dsla
     modeling_dsla.fused_decode_dsla = lambda *args, **kw: captured.update(args=args, kw=kw) or kernel(*args, **kw)

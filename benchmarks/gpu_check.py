@@ -45,11 +45,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsla  # noqa: E402
-from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla  # noqa: E402
 from machine import machine  # noqa: E402
 
 from dsla_hf.devices import synchronize  # noqa: E402
+from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsla  # noqa: E402
+from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 # Layer shapes (query heads, key/value heads, head dim); features are Hedgehog's 2 x head dim, values get the sum
@@ -522,9 +522,9 @@ def engine_check(entry: dict, plan: Plan, device: torch.device) -> None:
 def chain_stage(device: torch.device) -> dict:
     """One chain stage of the toy model (fp32) on `device`: the first stage's record."""
     from datasets import Dataset
-    from dsla_hf.trainers.chain import ChainConfig, run_chain
 
     from dsla_hf.serving.models import toy_model, toy_tokenizer
+    from dsla_hf.trainers.chain import ChainConfig, run_chain
 
     student = toy_model().to(device)
     gen = torch.Generator().manual_seed(3)

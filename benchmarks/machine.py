@@ -42,6 +42,7 @@ def machine(threads: int, device=None) -> dict:
     its software when `device` is a CUDA device."""
     import torch
     import transformers
+
     from dsla_hf.kernels import cpp_chunk
     from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpuinfo
 
@@ -65,6 +66,7 @@ def machine(threads: int, device=None) -> dict:
 def gpu(device) -> dict:
     """The GPU, its CUDA and Triton versions, and which kernels the DSLA layers run there."""
     import torch
+
     from dsla_hf.kernels.dispatch import backend_summary
 
     device = torch.device(device)

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from dsla_hf.kernels import chunk_dsla, naive_dsla
-from dsla_hf.kernels.gates import gate_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dsla_hf import modeling_dsla
 from dsla_hf.data import load_text_dataset
+from dsla_hf.kernels import chunk_dsla, naive_dsla
+from dsla_hf.kernels.gates import gate_tensors
+from dsla_hf.models.dsla import modeling_dsla
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsla_hf import ablation, cli, convert_llama_to_dsla
-from dsla_hf.ablation import (
+from dsla_hf import cli, convert_llama_to_dsla
+from dsla_hf.demo import DEMO_RECIPE
+from dsla_hf.evaluation import ablation
+from dsla_hf.evaluation.ablation import (
     Cell,
     EvalData,
     EvalSettings,
@@ -28,8 +30,7 @@ from dsla_hf.ablation import (
     report_lines,
     write_report,
 )
-from dsla_hf.demo import DEMO_RECIPE
-from dsla_hf.evaluation import distance_buckets, distance_gap, loss_by_distance, perplexity
+from dsla_hf.evaluation.metrics import distance_buckets, distance_gap, loss_by_distance, perplexity
 
 from .conftest import tiny_llama_config
 from .test_eval import VOCAB, byte_tokenizer, tiny_dsla

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dsla_hf import cli, convert_llama_to_dsla
-from dsla_hf.evaluation import passkey_grid, perplexity, sliding_window_perplexity, sliding_windows
-from dsla_hf.ruler import (
+from dsla_hf.evaluation.metrics import passkey_grid, perplexity, sliding_window_perplexity, sliding_windows
+from dsla_hf.evaluation.ruler import (
     NOISE,
     TASKS,
     generate_sample,
@@ -314,7 +314,7 @@ def test_passkey_grid_shape_and_keys(tok):
     "dsla", [{}, {"dsla_num_states": 1}, {"dsla_window": 0}, {"dsla_preset": "paper", "dsla_normalizer": "sum"}]
 )
 def test_effective_attention_reproduces_the_layer_output(dsla):
-    from dsla_hf.attention_maps import capture_attention_inputs, effective_attention, map_summary
+    from dsla_hf.evaluation.attention_maps import capture_attention_inputs, effective_attention, map_summary
 
     if dsla.get("dsla_preset") == "paper":
         dsla = {**dsla, "dsla_feature_map": "elu", "dsla_window": 0}
@@ -359,7 +359,7 @@ def test_effective_attention_reproduces_the_layer_output(dsla):
 def test_gate_half_lives_at_initialisation_are_the_configured_ones():
     from transformers import LlamaForCausalLM
 
-    from dsla_hf.attention_maps import capture_attention_inputs, gate_half_lives
+    from dsla_hf.evaluation.attention_maps import capture_attention_inputs, gate_half_lives
 
     torch.manual_seed(0)
     model = convert_llama_to_dsla(LlamaForCausalLM(tiny_llama_config()).eval(), active=[1]).eval()
@@ -441,7 +441,7 @@ def test_dsla_eval_end_to_end(tok, tmp_path):
 
 
 def test_model_variants_names_and_trained_limit():
-    from dsla_hf.eval_suite import model_variants
+    from dsla_hf.evaluation.suite import model_variants
 
     model = tiny_dsla()
     variants, skipped = model_variants(model, [0.0, 0.25, 0.5, 1.0], trained=2, label="GLA-fast")
@@ -558,8 +558,8 @@ def test_ruler_lengths_and_teacher_on_smollm2(smollm2, tmp_path):
 
 
 def test_ablation_variants_are_the_demo_recipe_with_other_states():
-    from dsla_hf.ablation import ablation_recipe, parse_overrides
     from dsla_hf.demo import DEMO_RECIPE
+    from dsla_hf.evaluation.ablation import ablation_recipe, parse_overrides
 
     dsla, gla, fast = (ablation_recipe(v) for v in ("dsla", "gla", "gla-fast"))
     assert dsla.dsla_options() == {"dsla_num_states": 2}

@@ -42,7 +42,7 @@ def dsla_push(argv: list[str]) -> int:
 
 
 def test_push_is_a_dsla_subcommand():
-    assert cli.COMMANDS["push"][0] == "dsla_hf.hub"
+    assert cli.COMMANDS["push"][0] == "dsla_hf.commands.push"
 
 
 def tiny_tokenizer(folder: Path):
@@ -378,7 +378,7 @@ def _load_in_fresh_process(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Do you wish to run the custom code" not in run.stdout + run.stderr
-    module = "transformers_modules" if block else "dsla_hf.modeling_dsla"
+    module = "transformers_modules" if block else "dsla_hf.models.dsla.modeling_dsla"
     lines = run.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(sources), run.stdout
     assert all(line.split()[1].startswith(module) and line.endswith("DSLALlamaForCausalLM") for line in lines)

@@ -61,7 +61,7 @@ def test_default_preset_init(tiny_teacher):
 def test_gates_are_logsigmoid_over_tau(source):
     """The gates' fused form (negation and bias inside one batched matmul, then softplus) against the plain formula,
     values and gradients."""
-    from dsla_hf.modeling_dsla import DSLAGates
+    from dsla_hf.models.dsla.modeling_dsla import DSLAGates
 
     gates = DSLAGates(DSLAConfig(dsla_gate_tau=8.0), num_heads=3, in_dim=5, feature_dim=4)
     torch.nn.init.normal_(gates.weight)
@@ -89,7 +89,7 @@ def test_inference_output_over_the_queries_changes_nothing(tiny_teacher, preset,
     """Under no_grad the prefill's output overlays the query features where they exist as a tensor (the paper
     preset; the default preset's Hedgehog features are computed inside the kernel): the logits are those of a fresh
     output tensor, and the gradient-enabled forward does not overlay."""
-    from dsla_hf.modeling_dsla import DSLAAttention
+    from dsla_hf.models.dsla.modeling_dsla import DSLAAttention
 
     model = convert(tiny_teacher, layers="all", dsla_preset=preset).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 45))
@@ -457,7 +457,7 @@ def test_conversion_initialises_every_new_parameter(tiny_teacher, options):
 def test_lora_merged_at_inference_follows_weight_changes():
     """At inference the LoRA delta runs merged into one product; the merged weight follows in-place changes of the
     projection and of the delta, the teacher's projection is untouched, and training keeps the two-term form."""
-    from dsla_hf.modeling_dsla import LowRankDelta
+    from dsla_hf.models.dsla.modeling_dsla import LowRankDelta
 
     torch.manual_seed(0)
     proj, lora = torch.nn.Linear(12, 10, bias=True), LowRankDelta(12, 10, rank=3, alpha=6.0)
@@ -479,7 +479,7 @@ def test_lora_merged_weight_follows_a_fused_optimizer_step():
     """Transformers' Trainer steps with fused AdamW by default, which changes the weights without bumping their
     version counters: the merged weight must not outlive a training step (it did, and every evaluation after a TRL
     phase ran stale LoRA weights)."""
-    from dsla_hf.modeling_dsla import LowRankDelta
+    from dsla_hf.models.dsla.modeling_dsla import LowRankDelta
 
     torch.manual_seed(0)
     proj, lora = torch.nn.Linear(12, 10), LowRankDelta(12, 10, rank=3, alpha=6.0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from dsla_hf import DSLACache, convert_llama_to_dsla
 from dsla_hf.kernels import window_attention
 from dsla_hf.kernels.dispatch import cpp_available, package_module
 from dsla_hf.kernels.window import rotate_half
-
-from dsla_hf import DSLACache, convert_llama_to_dsla
 
 LENGTHS = (3, 9, 17)  # shorter than, and longer than, a window of 4 and the kernels' chunks
 
@@ -176,9 +176,9 @@ def test_distill_trainer_padding_free(tiny_teacher, tmp_path):
     TRL 1.16 allows it with SDPA on CPUs): every loss term on the packed batch equals the same term on the padded
     batch of the same documents, and training steps run on packed batches."""
     import datasets
-    from dsla_hf.trainers.distill import DSLADistillConfig, DSLADistillTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from dsla_hf.trainers.distill import DSLADistillConfig, DSLADistillTrainer
     from tests.test_trainer import tiny_tokenizer
 
     student = packed_model(tiny_teacher, 4, active=(0, 2))

@@ -74,9 +74,8 @@ def test_measured_ranking_restores_weights(tiny_teacher):
 
 
 def test_forward_from_a_layer_matches_the_full_model(tiny_teacher):
-    from dsla_hf.trainers.layer_alone import capture_all_layers
-
     from dsla_hf.ranking import _forward_from
+    from dsla_hf.trainers.layer_alone import capture_all_layers
 
     student = convert_llama_to_dsla(tiny_teacher, layers="all", active=[])
     ids = torch.randint(3, 101, (2, 20))

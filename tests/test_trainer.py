@@ -8,12 +8,12 @@ import sys
 import datasets
 import pytest
 import torch
-from dsla_hf.trainers.chain import ChainConfig, run_chain
-from dsla_hf.trainers.distill import DSLADistillConfig, DSLADistillTrainer, token_normalised_kl
-from dsla_hf.trainers.layer_alone import capture_layer_io, fit_layer_alone
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dsla_hf import convert_llama_to_dsla
+from dsla_hf.trainers.chain import ChainConfig, run_chain
+from dsla_hf.trainers.distill import DSLADistillConfig, DSLADistillTrainer, token_normalised_kl
+from dsla_hf.trainers.layer_alone import capture_layer_io, fit_layer_alone
 from tests.conftest import tiny_llama_config
 
 

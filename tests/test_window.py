@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from dsla_hf.kernels import feature_tensor
 
 from dsla_hf import DSLACache, convert_llama_to_dsla
-from dsla_hf.modeling_dsla import rotate_half
+from dsla_hf.kernels import feature_tensor
+from dsla_hf.models.dsla.modeling_dsla import rotate_half
 
 
 def rel(a, b):
@@ -180,8 +180,7 @@ def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypat
     """Decoding by the fused kernel (one call per layer and token) gives the logits, states and windows of the
     unfused step within fp32 rounding: left-padded batch, a padded new token, keep_kv, beam search."""
     from dsla_hf.kernels.dispatch import cpp_available
-
-    from dsla_hf import modeling_dsla
+    from dsla_hf.models.dsla import modeling_dsla
 
     if not cpp_available():
         pytest.skip("no fused CPU backend here")

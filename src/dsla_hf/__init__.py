@@ -2,10 +2,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_dsla import DSLACache, DSLACacheLayer
-from .configuration_dsla import DSLAConfig
-from .convert import convert_llama_to_dsla, dsla_config_from_llama
-from .modeling_dsla import DSLALlamaForCausalLM, DSLALlamaModel
+from .models.dsla.cache_dsla import DSLACache, DSLACacheLayer
+from .models.dsla.configuration_dsla import DSLAConfig
+from .models.dsla.convert import convert_llama_to_dsla, dsla_config_from_llama
+from .models.dsla.modeling_dsla import DSLALlamaForCausalLM, DSLALlamaModel
 from .teacher import load_teacher
 
 AutoConfig.register(DSLAConfig.model_type, DSLAConfig, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The `dsla` command line: one sub-command per module, imported only when used."""
+"""The `dsla` command line: one module per sub-command in `dsla_hf.commands`, imported only when used."""
 
 from __future__ import annotations
 
@@ -8,14 +8,26 @@ import sys
 
 # sub-command -> module defining `add_arguments(parser)` and `run(args) -> int | None`
 COMMANDS = {
-    "demo": ("dsla_hf.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
-    "rank": ("dsla_hf.ranking", "Rank layers by sensitivity (attention entropy or measured loss) for conversion"),
-    "distill": ("dsla_hf.trainers.chain", "Chained layer-by-layer distillation in ranking order (resumable)"),
-    "serve": ("dsla_hf.serving.server", "OpenAI-compatible server that converts layers to DSLA as load grows"),
-    "replay": ("dsla_hf.serving.replay", "Replay the Azure 2023 LLM traces against a server; vLLM benchmark report"),
-    "eval": ("dsla_hf.eval_suite", "Perplexity, passkey, RULER needles, attention maps, speed: JSON, Markdown, plots"),
-    "ablate": ("dsla_hf.ablation", "The dual-state ablation: window {0, 64} x {DSLA, GLA, GLA-fast}, demo recipe"),
-    "push": ("dsla_hf.hub", "Write a DSLA checkpoint's Hub repository (weights, remote code, card) and upload it"),
+    "demo": ("dsla_hf.commands.demo", "Rank, distil, evaluate and save on the embedded SmolLM2 teacher"),
+    "rank": (
+        "dsla_hf.commands.rank",
+        "Rank layers by sensitivity (attention entropy or measured loss) for conversion",
+    ),
+    "distill": ("dsla_hf.commands.distill", "Chained layer-by-layer distillation in ranking order (resumable)"),
+    "serve": ("dsla_hf.commands.serve", "OpenAI-compatible server that converts layers to DSLA as load grows"),
+    "replay": ("dsla_hf.commands.replay", "Replay the Azure 2023 LLM traces against a server; vLLM benchmark report"),
+    "eval": (
+        "dsla_hf.commands.eval",
+        "Perplexity, passkey, RULER needles, attention maps, speed: JSON, Markdown, plots",
+    ),
+    "ablate": (
+        "dsla_hf.commands.ablate",
+        "The dual-state ablation: window {0, 64} x {DSLA, GLA, GLA-fast}, demo recipe",
+    ),
+    "push": (
+        "dsla_hf.commands.push",
+        "Write a DSLA checkpoint's Hub repository (weights, remote code, card) and upload it",
+    ),
 }
 
 

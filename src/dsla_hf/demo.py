@@ -119,7 +119,7 @@ def train_chain(
     `before_chain(student, order)` runs between ranking and chain (the demo measures the untrained model there).
     Returns a dict with `student`, `tokenizer`, `ranking` (None when `order` was given), `order`, `chain` (the chain
     state), `train_ds` and `heldout_ds`."""
-    from .convert import convert_llama_to_dsla
+    from .models.dsla.convert import convert_llama_to_dsla
     from .ranking import rank_layers
     from .teacher import load_teacher
     from .trainers.chain import run_chain
@@ -205,7 +205,7 @@ def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
 
 
 def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
-    from .cache_dsla import DSLACache
+    from .models.dsla.cache_dsla import DSLACache
 
     cache = DSLACache(model.config)
     input_ids = input_ids.to(model.device)
@@ -273,7 +273,7 @@ def plot_results(results: dict, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .data import default_sources, load_text_dataset, pack_dataset
-    from .evaluation import passkey_accuracy, perplexity, sliding_window_perplexity
+    from .evaluation.metrics import passkey_accuracy, perplexity, sliding_window_perplexity
     from .ranking import save_ranking
     from .teacher import load_teacher
     from .trainers.chain import CHECKPOINT

@@ -215,7 +215,7 @@ def trained_layers(training: dict | None) -> set[int] | None:
 
 def conversion_rows(config, ratios=CARD_RATIOS, trained: set[int] | None = None) -> list[dict]:
     """One row per ratio the checkpoint supports (0 = the teacher): which layers run as DSLA, which remain softmax."""
-    from .configuration_dsla import ratio_to_layers
+    from .models.dsla.configuration_dsla import ratio_to_layers
 
     n = config.num_hidden_layers
     rows, seen = [], set()
@@ -414,7 +414,7 @@ def render_model_card(config, inputs: CardInputs | None = None, template: str | 
 
 def _load(model_or_dir):
     """A DSLA model object from a model or a saved folder, and the folder it came from (or None)."""
-    from .modeling_dsla import DSLALlamaForCausalLM
+    from .models.dsla.modeling_dsla import DSLALlamaForCausalLM
 
     if isinstance(model_or_dir, (str, Path)):
         folder = Path(model_or_dir)

@@ -49,8 +49,8 @@ def load_pretrained(
 def as_dsla(model):
     """A DSLA model with DSLA weights in every layer it can convert: a DSLA model as it is, a Llama converted in
     every layer (untrained DSLA weights), none of them active."""
-    from .convert import convert_llama_to_dsla
-    from .modeling_dsla import DSLAPreTrainedModel
+    from .models.dsla.convert import convert_llama_to_dsla
+    from .models.dsla.modeling_dsla import DSLAPreTrainedModel
 
     if isinstance(model, DSLAPreTrainedModel):
         return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dsla_hf.kernels.dispatch import cpu_isa
 
 ISAS = ["native"] + (["avx2"] if cpu_isa() == "avx512" else [])  # AVX2 code runs on AVX-512 CPUs too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dsla_hf.kernels import chunk_dsla, fused_recurrent_dsla, naive_dsla
 from dsla_hf.kernels.chunk import SAFE_EXPONENT, _choose_mode
 

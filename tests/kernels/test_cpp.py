@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+
 from dsla_hf.kernels import chunk_dsla, cpp_chunk, dispatch, naive_dsla
 from dsla_hf.kernels.dispatch import resolve_backend
 from dsla_hf.kernels.gates import gate_tensors

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dsla_hf.kernels import naive_dsla
 from dsla_hf.kernels.decode import DecodeWeights, fused_decode_dsla, hedgehog, rope
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dsla_hf.kernels import LinearGates, chunk_dsla, cpp_chunk, fold_kv, fused_recurrent_dsla, naive_dsla
 from dsla_hf.kernels.chunk import SAFE_EXPONENT
 from dsla_hf.kernels.gates import gate_tensors

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import dsla_hf.kernels as kernels
 import pytest
 import torch
+
+import dsla_hf.kernels as kernels
 from dsla_hf.kernels import chunk_dsla, fold_kv, fused_recurrent_dsla, naive_dsla
 from dsla_hf.kernels.dispatch import cpp_available
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dsla_hf.kernels import window_attention
 from dsla_hf.kernels.window import rotate_half
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache_dsla import DSLACache
+from ..models.dsla.cache_dsla import DSLACache
 from .metrics import Metrics
 from .policy import LoadSnapshot, StaticPolicy
 from .sampling import Detokenizer, SamplingParams, sample

@@ -33,7 +33,7 @@ def toy_model(seed: int = 0, num_layers: int = 4, conversion_order: list[int] | 
     """A tiny random Llama (hidden 64, 4 layers, GQA 4/2) converted to DSLA in every layer, none active."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..convert import convert_llama_to_dsla
+    from ..models.dsla.convert import convert_llama_to_dsla
 
     config = LlamaConfig(
         vocab_size=101,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..configuration_dsla import ratio_to_layers
+from ..models.dsla.configuration_dsla import ratio_to_layers
 
 # (prompt tokens below which the cap applies, maximum conversion ratio); the last bound is open.
 POSTER_CAPS: tuple[tuple[float, float], ...] = ((2048, 0.125), (4096, 0.25), (8192, 0.375), (math.inf, 0.5))

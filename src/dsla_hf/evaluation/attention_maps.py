@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .configuration_dsla import LINEAR_ATTENTION
+from ..models.dsla.configuration_dsla import LINEAR_ATTENTION
 
 
 @torch.no_grad()

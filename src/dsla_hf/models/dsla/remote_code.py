@@ -29,7 +29,7 @@ def _kernel_sources() -> tuple[Path, str]:
     here = Path(__file__).parent
     if (here / f"{KERNELS_MODULE}.py").is_file():  # the flat layout of a saved folder
         return here, f"{KERNELS_MODULE}.py"
-    package = importlib.import_module(f"{__package__}.kernels")
+    package = importlib.import_module("...kernels", __package__)  # dsla_hf.kernels
     return Path(package.__file__).parent, "__init__.py"
 
 
@@ -38,7 +38,7 @@ def remote_code_files() -> dict[str, str]:
     here = Path(__file__).parent
     files = {name: (here / name).read_text() for name in MODEL_FILES}
     files["modeling_dsla.py"] = files["modeling_dsla.py"].replace(
-        "from .kernels import", f"from .{KERNELS_MODULE} import"
+        "from ...kernels import", f"from .{KERNELS_MODULE} import"
     )
     kernel_dir, api_file = _kernel_sources()
     pending = [(f"{KERNELS_MODULE}.py", kernel_dir / api_file)]

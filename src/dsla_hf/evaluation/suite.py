@@ -10,7 +10,7 @@ For every model and ratio (ratio 0 of a DSLA checkpoint is its teacher, exactly)
   the held-out corpus: PostgreSQL's manual, never trained on; pydoc topics disjoint from training without it);
 - passkey retrieval (Landmark / LongLoRA prompt) over lengths x depths, drawn as heatmaps;
 - RULER's `niah_single`, `niah_multikey`, `niah_multivalue` and `vt` in their prompt formats and scoring
-  (`dsla_hf.ruler`), lengths counted by the model's tokenizer;
+  (`dsla_hf.evaluation.ruler`), lengths counted by the model's tokenizer;
 - for DSLA models: effective attention maps of the history, recency and window components on held-out text (the
   DSLA paper's Figure 5), their share of the attention mass per layer, and the learned mixing per layer and head;
 - the speed and memory tables of the benchmarks (`benchmarks/results/kernels*.md`, `e2e*.md`).
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .configuration_dsla import ratio_to_layers
-from .devices import add_device_arguments, device_and_dtype
-from .loading import load_pretrained, trained_layers
+from ..devices import add_device_arguments, device_and_dtype
+from ..loading import load_pretrained, trained_layers
+from ..models.dsla.configuration_dsla import ratio_to_layers
 
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
 
@@ -122,7 +122,7 @@ def model_variants(
 
 def heldout_stream(tokenizer, source: str | None, tokens: int, seed: int = 0) -> tuple[torch.Tensor, str, str]:
     """(token ids, the text they came from, source name): the first documents of the held-out corpus."""
-    from .data import default_sources, load_text_dataset
+    from ..data import default_sources, load_text_dataset
 
     source = source or default_sources()["heldout"]
     ds = load_text_dataset(source, max_chars=tokens * 8, seed=seed + 1)
@@ -137,7 +137,7 @@ def heldout_stream(tokenizer, source: str | None, tokens: int, seed: int = 0) ->
 
 
 def evaluate_variant(model, tokenizer, args, stream: torch.Tensor, essay: str, name: str, progress: bool) -> dict:
-    from .evaluation import passkey_grid, sliding_window_perplexity
+    from .metrics import passkey_grid, sliding_window_perplexity
     from .ruler import ruler_eval
 
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Evaluation helpers (docs/design.md §4): held-out perplexity (rows, or a long stream with a sliding window) and
 passkey retrieval (per length, or over a length x depth grid), and recency bias (loss by distance inside a window).
-RULER's tasks are in `dsla_hf.ruler`, the `dsla eval` report in `dsla_hf.eval_suite`."""
+RULER's tasks are in `dsla_hf.evaluation.ruler`, the `dsla eval` report in `dsla_hf.evaluation.suite`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .distributed import process_group
+from ..distributed import process_group
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import PASSKEY_FILLER as NOISE  # the noise haystack is the passkey test's filler
+from .metrics import PASSKEY_FILLER as NOISE  # the noise haystack is the passkey test's filler
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NIAH_TEMPLATE = (

@@ -36,9 +36,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_dsla import DSLACache, DSLACacheLayer
-from .configuration_dsla import FULL_ATTENTION, LINEAR_ATTENTION, DSLAConfig
-from .kernels import (
+from ...kernels import (
     DecodeWeights,
     HedgehogFeatures,
     LinearGates,
@@ -52,6 +50,8 @@ from .kernels import (
     hedgehog,
     window_attention,
 )
+from .cache_dsla import DSLACache, DSLACacheLayer
+from .configuration_dsla import FULL_ATTENTION, LINEAR_ATTENTION, DSLAConfig
 from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)

@@ -128,7 +128,7 @@ def grid(windows: list[int], variants: list[str]) -> list[Cell]:
 
 def ablation_recipe(variant: str, overrides: dict | None = None, window: int | None = None):
     """The demo recipe with `overrides`, then the variant's changes and `window` (None: the recipe's)."""
-    from .demo import DEMO_RECIPE
+    from ..demo import DEMO_RECIPE
 
     changes = {**(overrides or {}), **VARIANTS[variant]}
     if window is not None:
@@ -172,7 +172,7 @@ def _parse_value(name: str, hint, value: str):
 
 def parse_overrides(items: list[str]) -> dict:
     """`FIELD=VALUE` items as recipe changes, each value of its field's annotated type."""
-    from .demo import DemoRecipe
+    from ..demo import DemoRecipe
 
     hints = typing.get_type_hints(DemoRecipe)
     fields = [f.name for f in dataclasses.fields(DemoRecipe)]
@@ -217,7 +217,7 @@ class EvalSettings:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as they read back
 
     def buckets(self) -> list[tuple[int, int]]:
-        from .evaluation import distance_buckets
+        from .metrics import distance_buckets
 
         return distance_buckets(self.long_context, self.distance_edges)
 
@@ -258,7 +258,7 @@ class EvalData:
 def eval_data(tokenizer, heldout_ds, settings: EvalSettings, seed: int = 0) -> EvalData:
     """The recipe's held-out rows and the first `long_tokens` tokens of the same held-out corpus (never trained on),
     read as `dsla eval` reads it."""
-    from .eval_suite import heldout_stream
+    from .suite import heldout_stream
 
     try:
         stream, _, source = heldout_stream(tokenizer, None, settings.long_tokens, seed)
@@ -271,7 +271,7 @@ def evaluate_model(
     model, tokenizer, data: EvalData, settings: EvalSettings, name: str = "model", progress: bool = True
 ) -> dict:
     """Every measure of the ablation on one model as it runs now (set its DSLA layers first)."""
-    from .evaluation import loss_by_distance, passkey_grid, perplexity, sliding_window_perplexity
+    from .metrics import loss_by_distance, passkey_grid, perplexity, sliding_window_perplexity
 
     start = time.perf_counter()
     rows, long = data.rows.shape[1], settings.long_context
@@ -306,7 +306,7 @@ def evaluate_cell(
 ) -> dict:
     """`evaluate_model` at every ratio the chain's `trained` stages cover (later layers of the conversion order hold
     untrained weights): `{"models": {"25%": entry, ...}, "skipped": [...]}`."""
-    from .configuration_dsla import ratio_to_layers
+    from ..models.dsla.configuration_dsla import ratio_to_layers
 
     n = model.config.num_hidden_layers
     models, skipped = {}, []
@@ -339,7 +339,7 @@ def cached(file: Path, key: dict, compute, resume: bool = True) -> dict:
 
 
 def _stages_done(folder: Path) -> int:
-    from .trainers.chain import CHAIN_FILE, CHECKPOINT
+    from ..trainers.chain import CHAIN_FILE, CHECKPOINT
 
     file = folder / CHECKPOINT / CHAIN_FILE  # what `run_chain` resumes from
     return len(json.loads(file.read_text())["stages"]) if file.is_file() else 0
@@ -348,7 +348,7 @@ def _stages_done(folder: Path) -> int:
 def train_cell(recipe, folder: Path, teacher, tokenizer, datasets, order, resume: bool, progress: bool):
     """Train (or resume) one cell's chain. Returns `train_chain`'s result and the training time: `wall_s`, the wall
     time of the chain (ranking excluded) summed over the runs that trained stages, kept in `TRAIN_TIME_FILE`."""
-    from .demo import train_chain
+    from ..demo import train_chain
 
     before = _stages_done(folder) if resume else 0
     marks = {}
@@ -404,7 +404,7 @@ def report_rows(summary: dict) -> list[tuple[str, dict | None, dict]]:
 def report_lines(summary: dict) -> list[str]:
     """The Markdown report of an ablation summary: one row per model (teacher, then each cell at each ratio) with
     perplexities, passkey per length and the loss gaps; then passkey by depth, loss by distance, training."""
-    from .evaluation import distance_gap
+    from .metrics import distance_gap
 
     s = summary["settings"]
     lines = ["# Ablation: DSLA vs single-state GLA, with and without the exact window", ""]
@@ -507,10 +507,10 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from .demo import demo_datasets
-    from .ranking import save_ranking
-    from .teacher import load_teacher
-    from .trainers.chain import CHECKPOINT
+    from ..demo import demo_datasets
+    from ..ranking import save_ranking
+    from ..teacher import load_teacher
+    from ..trainers.chain import CHECKPOINT
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,1 @@
+"""The `dsla` command line: one module per sub-command, each with `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,3 @@
+"""`dsla distill`."""
+
+from ..trainers.chain import add_arguments, run  # noqa: F401  (moving here)

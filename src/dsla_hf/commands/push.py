@@ -1,0 +1,3 @@
+"""`dsla push`."""
+
+from ..hub import add_arguments, run  # noqa: F401  (moving here)

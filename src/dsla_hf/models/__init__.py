@@ -1,0 +1,1 @@
+"""Transformers models of this package (one folder per model, as in `transformers/models`)."""
