@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dsla_hf import cli, convert_llama_to_dsla
 from dsla_hf.demo import DEMO_RECIPE
+from dsla_hf.commands import ablate
 from dsla_hf.evaluation import ablation
 from dsla_hf.evaluation.ablation import (
     Cell,
@@ -51,7 +52,7 @@ def tok():
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ablation.add_arguments(parser)
+    ablate.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -144,10 +145,10 @@ def test_the_grid_fields_cannot_be_set():
 
 def test_eval_settings_from_flags_and_their_checks():
     args = parse(["--ratios", "0.5", "--long-context", "512", "--long-tokens", "1024", "--passkey-lengths", "256"])
-    s = ablation.settings_from_args(args)
+    s = ablate.settings_from_args(args)
     assert (s.ratios, s.long_context, s.long_tokens, s.passkey_lengths) == ((0.5,), 512, 1024, (256,))
     assert s.buckets() == [(1, 16), (17, 64), (65, 256), (257, 511)]
-    defaults = ablation.settings_from_args(parse([]))
+    defaults = ablate.settings_from_args(parse([]))
     assert defaults == EvalSettings()
     assert defaults.passkey_lengths == (1024, 4096) and len(defaults.passkey_depths) * defaults.passkey_trials >= 4
     assert defaults.buckets() == [(1, 16), (17, 64), (65, 256), (257, 1024), (1025, 2047)]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from dsla_hf import cli, convert_llama_to_dsla, hub
+from dsla_hf.commands import push
 from dsla_hf.hub import (
     CardInputs,
     EvalEntry,
@@ -37,8 +38,8 @@ ORDER = [2, 0, 3, 1]
 def dsla_push(argv: list[str]) -> int:
     """`dsla push ARGV`, parsed by the sub-command's own parser (the other sub-commands are not imported)."""
     parser = argparse.ArgumentParser(prog="dsla push")
-    hub.add_arguments(parser)
-    return hub.run(parser.parse_args(argv))
+    push.add_arguments(parser)
+    return push.run(parser.parse_args(argv))
 
 
 def test_push_is_a_dsla_subcommand():

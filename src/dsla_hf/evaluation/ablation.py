@@ -33,7 +33,6 @@ evaluations are reused). `--set field=value` overrides a field of the recipe for
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -57,49 +56,6 @@ WINDOWS = (0, 64)  # 0: the paper's setting (no exact window); 64: the default p
 GRID_FIELDS = ("window", "num_states")  # recipe fields the grid sets (`--windows`, `--variants`), never `--set`
 TRAIN_TIME_FILE = "ablation_train.json"  # per cell: training wall time, summed over resumed runs
 EVAL_FILE = "ablation_eval.json"  # per cell: its evaluation and the key it was computed for
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="outputs/ablation", help="folder of the cells' folders and the report")
-    parser.add_argument(
-        "--windows",
-        type=int,
-        nargs="+",
-        default=list(WINDOWS),
-        help="exact softmax windows of the DSLA layers: 0 (none, the paper's setting), 64 (the preset's)",
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=list(VARIANTS),
-        choices=list(VARIANTS),
-        help="dsla (two states), gla (one state, history half-life), gla-fast (one state, recency half-life: the "
-        "usual fast-forgetting GLA)",
-    )
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override recipe fields")
-    e = EvalSettings()
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(e.ratios), help="ratios evaluated per chain")
-    parser.add_argument(
-        "--long-context", type=int, default=e.long_context, help="context of the long perplexity and recency bias"
-    )
-    parser.add_argument("--long-tokens", type=int, default=e.long_tokens, help="tokens of the held-out stream")
-    parser.add_argument("--passkey-lengths", type=int, nargs="*", default=list(e.passkey_lengths))
-    parser.add_argument("--passkey-depths", type=float, nargs="*", default=list(e.passkey_depths))
-    parser.add_argument("--passkey-trials", type=int, default=e.passkey_trials, help="keys per length and depth")
-    parser.add_argument(
-        "--distance-edges",
-        type=int,
-        nargs="*",
-        default=list(e.distance_edges),
-        help="upper ends of the loss-by-distance buckets (the last bucket runs to the context)",
-    )
-    parser.add_argument(
-        "--far-from", type=int, default=e.far_from, help="buckets starting past this distance count as far"
-    )
-    parser.add_argument("--no-eval", action="store_true", help="train only")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-resume", action="store_true", help="retrain every chain and redo every evaluation")
 
 
 # --- the grid ---------------------------------------------------------------------------------------------------
@@ -220,19 +176,6 @@ class EvalSettings:
         from .metrics import distance_buckets
 
         return distance_buckets(self.long_context, self.distance_edges)
-
-
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    return EvalSettings(
-        ratios=tuple(args.ratios),
-        long_context=args.long_context,
-        long_tokens=args.long_tokens,
-        passkey_lengths=tuple(args.passkey_lengths),
-        passkey_depths=tuple(args.passkey_depths),
-        passkey_trials=args.passkey_trials,
-        distance_edges=tuple(args.distance_edges),
-        far_from=args.far_from,
-    )
 
 
 @dataclass
@@ -404,73 +347,104 @@ def report_rows(summary: dict) -> list[tuple[str, dict | None, dict]]:
 def report_lines(summary: dict) -> list[str]:
     """The Markdown report of an ablation summary: one row per model (teacher, then each cell at each ratio) with
     perplexities, passkey per length and the loss gaps; then passkey by depth, loss by distance, training."""
-    from .metrics import distance_gap
-
-    s = summary["settings"]
     lines = ["# Ablation: DSLA vs single-state GLA, with and without the exact window", ""]
     lines += [
         f"Grid: windows {summary['windows']} x variants {summary['variants']}; recipe `DEMO_RECIPE` with overrides "
         f"{summary['overrides'] or 'none'}; conversion order {summary.get('order')}.",
         "",
     ]
-    teacher = summary.get("teacher")
-    rows = report_rows(summary)
-    if teacher:
-        h = summary["heldout"]
-        far = s["far_from"]
-        lines += [
-            f"Held-out data: `{h['source']}`, {h['rows'][0]} rows of {h['rows'][1]} tokens (ppl@{h['rows'][1]}) and a "
-            f"{h['stream_tokens']}-token stream (ppl@{s['long_context']}: sliding window, stride half the context; "
-            f"loss by distance: windows of {s['long_context']} tokens). Passkey: {s['passkey_trials']} key(s) per "
-            "length and depth; passkey@n is the mean over depths at n tokens. Δloss: next-token loss minus the "
-            f"teacher's on the same tokens, at distances up to {far} (near) and past {far} (far) from the start of "
-            "the window: a recency-biased model's far gap exceeds its near gap.",
-            "",
-        ]
-        lengths = s["passkey_lengths"] if "passkey" in teacher else []
-        head = ["model", "window", "states", "DSLA layers", f"ppl@{h['rows'][1]} (rows)"]
-        head += [f"ppl@{s['long_context']} (stream)", *[f"passkey@{n}" for n in lengths]]
-        head += [f"Δloss ≤{far}", f"Δloss >{far}"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, cell, m in rows:
-            gap = distance_gap(m["distance"], teacher["distance"], far)
-            if cell is None:
-                row = [name, "-", "-", "0"]
-            else:
-                row = [name, str(cell["window"]), str(cell["num_states"]), str(len(m["dsla_layers"]))]
-            row += [_f(m["ppl"]["ppl"]), _f(m["ppl_long"]["ppl"])]
-            if lengths:
-                acc = m["passkey"]["accuracy"]  # [depth][length]
-                row += [_f(sum(r[j] for r in acc) / len(acc)) for j in range(len(lengths))]
-            row += ["-", "-"] if cell is None else [_f(gap["near"], "+.3f"), _f(gap["far"], "+.3f")]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+    if summary.get("teacher"):
+        lines += quality_table(summary) + passkey_depth_table(summary) + distance_table(summary)
+    lines += training_table(summary)
+    skipped = [
+        f"{name} at {s['ratio']} ({s['why']})" for name, c in summary["cells"].items() for s in c.get("skipped", [])
+    ]
+    if skipped:
+        lines += ["Skipped: " + "; ".join(skipped), ""]
+    lines += ["Command:", "", "```", summary.get("command", "dsla ablate"), "```", ""]
+    return lines
+
+
+def _passkey_lengths(summary: dict) -> list[int]:
+    return summary["settings"]["passkey_lengths"] if "passkey" in summary["teacher"] else []
+
+
+def quality_table(summary: dict) -> list[str]:
+    """What was evaluated, then one row per model: perplexities, passkey per length, loss gaps near and far."""
+    from .metrics import distance_gap
+
+    s, h, teacher = summary["settings"], summary["heldout"], summary["teacher"]
+    far = s["far_from"]
+    lines = [
+        f"Held-out data: `{h['source']}`, {h['rows'][0]} rows of {h['rows'][1]} tokens (ppl@{h['rows'][1]}) and a "
+        f"{h['stream_tokens']}-token stream (ppl@{s['long_context']}: sliding window, stride half the context; "
+        f"loss by distance: windows of {s['long_context']} tokens). Passkey: {s['passkey_trials']} key(s) per "
+        "length and depth; passkey@n is the mean over depths at n tokens. Δloss: next-token loss minus the "
+        f"teacher's on the same tokens, at distances up to {far} (near) and past {far} (far) from the start of "
+        "the window: a recency-biased model's far gap exceeds its near gap.",
+        "",
+    ]
+    lengths = _passkey_lengths(summary)
+    head = ["model", "window", "states", "DSLA layers", f"ppl@{h['rows'][1]} (rows)"]
+    head += [f"ppl@{s['long_context']} (stream)", *[f"passkey@{n}" for n in lengths]]
+    head += [f"Δloss ≤{far}", f"Δloss >{far}"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cell, m in report_rows(summary):
+        gap = distance_gap(m["distance"], teacher["distance"], far)
+        if cell is None:
+            row = [name, "-", "-", "0"]
+        else:
+            row = [name, str(cell["window"]), str(cell["num_states"]), str(len(m["dsla_layers"]))]
+        row += [_f(m["ppl"]["ppl"]), _f(m["ppl_long"]["ppl"])]
         if lengths:
-            depths = s["passkey_depths"]
-            at = " / ".join(map(str, lengths))
-            lines += [f"Passkey accuracy by depth of the key (0: start of the prompt), at {at} tokens:", ""]
-            lines += ["| model | " + " | ".join(f"depth {d:g}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
-            for name, _, m in rows:
-                acc = m["passkey"]["accuracy"]
-                lines.append(f"| {name} | " + " | ".join(" / ".join(_f(v) for v in r) for r in acc) + " |")
-            lines.append("")
-        buckets = list(teacher["distance"]["buckets"])
-        lines += [
-            f"Next-token loss by distance from the start of a {s['long_context']}-token window (teacher: loss; "
-            "others: loss and gap to the teacher):",
-            "",
-            "| model | " + " | ".join(buckets) + " |",
-            "|---|" + "---|" * len(buckets),
+            acc = m["passkey"]["accuracy"]  # [depth][length]
+            row += [_f(sum(r[j] for r in acc) / len(acc)) for j in range(len(lengths))]
+        row += ["-", "-"] if cell is None else [_f(gap["near"], "+.3f"), _f(gap["far"], "+.3f")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def passkey_depth_table(summary: dict) -> list[str]:
+    """Passkey accuracy per depth of the key (each cell: one value per length)."""
+    lengths = _passkey_lengths(summary)
+    if not lengths:
+        return []
+    depths = summary["settings"]["passkey_depths"]
+    at = " / ".join(map(str, lengths))
+    lines = [f"Passkey accuracy by depth of the key (0: start of the prompt), at {at} tokens:", ""]
+    lines += ["| model | " + " | ".join(f"depth {d:g}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+    for name, _, m in report_rows(summary):
+        acc = m["passkey"]["accuracy"]
+        lines.append(f"| {name} | " + " | ".join(" / ".join(_f(v) for v in r) for r in acc) + " |")
+    return lines + [""]
+
+
+def distance_table(summary: dict) -> list[str]:
+    """Next-token loss per distance bucket, with each model's gap to the teacher."""
+    from .metrics import distance_gap
+
+    s, teacher = summary["settings"], summary["teacher"]
+    buckets = list(teacher["distance"]["buckets"])
+    lines = [
+        f"Next-token loss by distance from the start of a {s['long_context']}-token window (teacher: loss; "
+        "others: loss and gap to the teacher):",
+        "",
+        "| model | " + " | ".join(buckets) + " |",
+        "|---|" + "---|" * len(buckets),
+    ]
+    for name, cell, m in report_rows(summary):
+        gap = distance_gap(m["distance"], teacher["distance"], s["far_from"])["per_bucket"]
+        cells = [
+            _f(m["distance"]["buckets"][b]["loss"], ".3f") + ("" if cell is None else f" ({gap[b]:+.3f})")
+            for b in buckets
         ]
-        for name, cell, m in rows:
-            gap = distance_gap(m["distance"], teacher["distance"], far)["per_bucket"]
-            cells = [
-                _f(m["distance"]["buckets"][b]["loss"], ".3f") + ("" if cell is None else f" ({gap[b]:+.3f})")
-                for b in buckets
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def training_table(summary: dict) -> list[str]:
+    """Per cell: its recipe's state layout, stages and training wall time."""
+    lines = [
         "Training (same data and budget per chain; wall time of the chain, ranking excluded, summed over resumed "
         "runs):",
         "",
@@ -484,14 +458,7 @@ def report_lines(summary: dict) -> list[str]:
             f"{cell['stages']} | {cell['train']['wall_s'] / 60:.1f} | {cell['train']['stage_s'] / 60:.1f} | "
             f"{_f(cell['chain_ppl'])} |"
         )
-    lines.append("")
-    skipped = [
-        f"{name} at {s['ratio']} ({s['why']})" for name, c in summary["cells"].items() for s in c.get("skipped", [])
-    ]
-    if skipped:
-        lines += ["Skipped: " + "; ".join(skipped), ""]
-    lines += ["Command:", "", "```", summary.get("command", "dsla ablate"), "```", ""]
-    return lines
+    return lines + [""]
 
 
 def write_report(out: Path, summary: dict) -> None:
@@ -500,44 +467,39 @@ def write_report(out: Path, summary: dict) -> None:
     (out / "ablation.md").write_text("\n".join(report_lines(summary)))
 
 
-# --- the command ------------------------------------------------------------------------------------------------
+# --- the grid ---------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
+def run_ablation(
+    out: Path,
+    cells: list[Cell],
+    overrides: dict,
+    settings: EvalSettings | None,
+    resume: bool = True,
+    progress: bool = True,
+    command: str = "dsla ablate (called from Python)",
+) -> dict:
+    """Train every cell's chain (resuming finished stages), evaluate it and the teacher when `settings` are given,
+    and write `ablation.json` / `ablation.md` in `out` after every cell. Returns the summary."""
     from ..demo import demo_datasets
-    from ..ranking import save_ranking
     from ..teacher import load_teacher
-    from ..trainers.chain import CHECKPOINT
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     wall = time.perf_counter()
-    progress, resume = not args.no_progress, not args.no_resume
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = parse_overrides(args.set)
-    check_grid_overrides(overrides)
-    cells = grid(args.windows, args.variants)
     recipes = {cell.name: cell_recipe(cell, overrides) for cell in cells}
     check_same_budget(list(recipes.values()))
-    settings = None if args.no_eval else settings_from_args(args)
     base = recipes[cells[0].name]
     teacher, tokenizer = load_teacher()
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     datasets = demo_datasets(tokenizer, base)  # one data set for every cell (check_same_budget: same data fields)
-    order = saved_order(out, base) if resume else None
-    command = "dsla " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
     summary: dict = {
-        "command": command or "dsla ablate (called from Python)",
+        "command": command,
         "overrides": overrides,
         "windows": list(dict.fromkeys(c.window for c in cells)),
         "variants": list(dict.fromkeys(c.variant for c in cells)),
-        "order": order,
+        "order": saved_order(out, base) if resume else None,
         "settings": settings.as_json() if settings else None,
         "cells": {},
     }
@@ -547,49 +509,65 @@ def run(args: argparse.Namespace) -> int:
         summary["heldout"] = data.describe()
         # the teacher first: a broken evaluation fails before an hour of training, not after it
         key = {"settings": settings.as_json(), "data": data.describe()}
-        summary["teacher"] = cached(
-            out / "teacher_eval.json",
-            key,
-            lambda: evaluate_model(teacher, tokenizer, data, settings, "teacher", progress),
-            resume,
-        )
+        evaluate = lambda: evaluate_model(teacher, tokenizer, data, settings, "teacher", progress)
+        summary["teacher"] = cached(out / "teacher_eval.json", key, evaluate, resume)
         write_report(out, summary)
     for cell in cells:
-        recipe, folder = recipes[cell.name], out / cell.name
-        result, timing = train_cell(recipe, folder, teacher, tokenizer, datasets, order, resume, progress)
-        if order is None:  # ranked by this first chain (of the teacher's layers): every later chain reuses it
-            order = summary["order"] = result["order"]
-            if result["ranking"] is not None:
-                save_ranking(result["ranking"], out)
-        student, chain = result["student"], result["chain"]
-        entry = {
-            "window": cell.window,
-            "variant": cell.variant,
-            "num_states": recipe.num_states,
-            "recipe": dataclasses.asdict(recipe),
-            "checkpoint": str(folder / CHECKPOINT),
-            "stages": len(chain["stages"]),
-            "train": timing,
-            "chain_teacher_ppl": chain["teacher"]["ppl"],
-            "chain_ppl": chain["stages"][-1]["eval"]["ppl"] if chain["stages"] else None,
-        }
-        if settings:
-            key = {
-                "settings": settings.as_json(),
-                "data": data.describe(),
-                "order": order,
-                "chain": [[s["layer"], s["seconds"]] for s in chain["stages"]],  # a retrained chain is another
-            }
-            compute = functools.partial(
-                evaluate_cell, student, tokenizer, data, settings, len(chain["stages"]), cell.name, progress
-            )
-            entry.update(cached(folder / EVAL_FILE, key, compute, resume))
-        summary["cells"][cell.name] = entry
-        write_report(out, summary)  # after every cell: an interrupted run still leaves its finished cells
-        print(f"{cell.name}: {len(chain['stages'])} stages, {timing['wall_s'] / 60:.1f} min of training")
-        del result, student
+        recipe = recipes[cell.name]
+        run_cell(cell, recipe, out, summary, teacher, tokenizer, datasets, data, settings, resume, progress)
     summary["wall_s"] = time.perf_counter() - wall
     write_report(out, summary)
     print("\n".join(report_lines(summary)))
     print(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}")
-    return 0
+    return summary
+
+
+def run_cell(
+    cell: Cell,
+    recipe,
+    out: Path,
+    summary: dict,
+    teacher,
+    tokenizer,
+    datasets,
+    data: EvalData | None,
+    settings: EvalSettings | None,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """Train (or resume) one cell's chain, evaluate it, and record it in `summary` and the report."""
+    from ..ranking import save_ranking
+    from ..trainers.chain import CHECKPOINT
+
+    folder = out / cell.name
+    result, timing = train_cell(recipe, folder, teacher, tokenizer, datasets, summary["order"], resume, progress)
+    if summary["order"] is None:  # ranked by this first chain (of the teacher's layers): every later chain reuses it
+        summary["order"] = result["order"]
+        if result["ranking"] is not None:
+            save_ranking(result["ranking"], out)
+    student, chain = result["student"], result["chain"]
+    entry = {
+        "window": cell.window,
+        "variant": cell.variant,
+        "num_states": recipe.num_states,
+        "recipe": dataclasses.asdict(recipe),
+        "checkpoint": str(folder / CHECKPOINT),
+        "stages": len(chain["stages"]),
+        "train": timing,
+        "chain_teacher_ppl": chain["teacher"]["ppl"],
+        "chain_ppl": chain["stages"][-1]["eval"]["ppl"] if chain["stages"] else None,
+    }
+    if settings:
+        key = {
+            "settings": settings.as_json(),
+            "data": data.describe(),
+            "order": summary["order"],
+            "chain": [[s["layer"], s["seconds"]] for s in chain["stages"]],  # a retrained chain is another
+        }
+        compute = functools.partial(
+            evaluate_cell, student, tokenizer, data, settings, len(chain["stages"]), cell.name, progress
+        )
+        entry.update(cached(folder / EVAL_FILE, key, compute, resume))
+    summary["cells"][cell.name] = entry
+    write_report(out, summary)  # after every cell: an interrupted run still leaves its finished cells
+    print(f"{cell.name}: {len(chain['stages'])} stages, {timing['wall_s'] / 60:.1f} min of training")

@@ -14,7 +14,7 @@ so a layer can switch kind between two forwards:
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, LinearAttentionAndFullAttentionLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndFullAttentionLayer
 
 
 class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
@@ -70,11 +70,13 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def set_state(self, state: torch.Tensor, new_tokens: int, window=None) -> None:
         """Store the DSLA states (and softmax window) after `new_tokens` more tokens (0 for a fold of tokens seen)."""
         self.window = window
-        if not self.is_recurrent_states_initialized[0] or self.recurrent_states[0].shape != state.shape:
+        if self.state is None or self.state.shape != state.shape:
+            # Kept as given, not copied into a zero tensor as `update_recurrent_state` would: the decode kernels
+            # update this very tensor in place, step after step.
             self.recurrent_states[0] = state
             self.is_recurrent_states_initialized[0] = True
-        elif self.recurrent_states[0] is not state:
-            self.recurrent_states[0].copy_(state)
+        elif self.state is not state:
+            self.update_recurrent_state(state)
         # Set here: Transformers only marks a recurrent state as present after a conv-state update.
         self.has_previous_state[0] = True
         self.seen_tokens += new_tokens
@@ -124,7 +126,7 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
             return
         if self.state is not None:
             raise RuntimeError("A layer with DSLA states cannot be cropped: recurrent states cannot be rolled back")
-        super(LinearAttentionAndFullAttentionLayer, self).crop(tokens_to_remove)  # the DynamicLayer part
+        DynamicLayer.crop(self, tokens_to_remove)  # the key/value part (there is no state to roll back)
         self.seen_tokens = self.kv_tokens
 
     @property
