@@ -1,5 +1,6 @@
 """Distillation trainer (TRL SFTTrainer subclass), layer-alone stage and the chain, on tiny random Llamas."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -42,6 +43,19 @@ def packed(rows: int, length: int, seed: int):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * rows})
 
 
+def chain_config(tmp_path, **changes) -> ChainConfig:
+    """A quiet chain in `tmp_path`, without the TRL phase unless `changes` ask for it."""
+    return ChainConfig(**{"output_dir": str(tmp_path), "distill_steps": 0, "progress": False, **changes})
+
+
+def distill_trainer(student, tmp_path, train_dataset, teacher=None, **settings) -> DSLADistillTrainer:
+    """A `DSLADistillTrainer` on the CPU with `settings` (DSLADistillConfig fields)."""
+    args = DSLADistillConfig(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=True, **settings)
+    return DSLADistillTrainer(
+        model=student, args=args, teacher=teacher, train_dataset=train_dataset, processing_class=tiny_tokenizer()
+    )
+
+
 @pytest.fixture
 def student(tiny_teacher):
     # A window shorter than the test sequences: with the preset's 64 tokens a layer would be its teacher exactly
@@ -81,24 +95,10 @@ def test_layer_alone_fit_lowers_the_error_and_trains_only_that_layer(student, sc
 def test_distill_trainer_logs_every_loss_and_trains_only_dsla(student, tiny_teacher, tmp_path, target):
     student.set_dsla_layers([2])
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    args = DSLADistillConfig(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        ce_weight=0.5,
-        alignment_target=target,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = DSLADistillTrainer(
-        model=student,
-        args=args,
-        teacher=tiny_teacher,
-        train_dataset=packed(8, 24, 0),
-        processing_class=tiny_tokenizer(),
-    )
+    trainer = distill_trainer(
+        student, tmp_path, packed(8, 24, 0), tiny_teacher, max_steps=3, per_device_train_batch_size=2,
+        learning_rate=1e-2, logging_steps=1, ce_weight=0.5, alignment_target=target,
+    )  # fmt: skip
     trainer.train()
     logs = [h for h in trainer.state.log_history if "kl_loss" in h]
     assert len(logs) == 3
@@ -112,10 +112,7 @@ def test_distill_trainer_logs_every_loss_and_trains_only_dsla(student, tiny_teac
 
 def test_teacher_defaults_to_the_student_with_dsla_off(student, tmp_path):
     student.set_dsla_layers([0])
-    args = DSLADistillConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, disable_tqdm=True, logging_steps=1)
-    trainer = DSLADistillTrainer(
-        model=student, args=args, train_dataset=packed(2, 16, 1), processing_class=tiny_tokenizer()
-    )
+    trainer = distill_trainer(student, tmp_path, packed(2, 16, 1), max_steps=1, logging_steps=1)
     trainer.train()
     assert student.dsla_layers == [0]
     assert [h for h in trainer.state.log_history if "kl_loss" in h][0]["kl_loss"] > 0
@@ -123,14 +120,7 @@ def test_teacher_defaults_to_the_student_with_dsla_off(student, tmp_path):
 
 def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_path):
     train, held = packed(8, 32, 0), packed(2, 32, 1)
-    config = ChainConfig(
-        output_dir=str(tmp_path),
-        target_ratio=0.5,
-        layer_alone_steps=5,
-        capture_sequences=4,
-        distill_steps=0,
-        progress=False,
-    )
+    config = chain_config(tmp_path, target_ratio=0.5, layer_alone_steps=5, capture_sequences=4)
     state = run_chain(student, train, held, config)
     assert [s["layer"] for s in state["stages"]] == [2, 0]
     assert state["stopped"].startswith("target ratio")
@@ -153,8 +143,7 @@ def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_pat
     teacher = LlamaForCausalLM(tiny_llama_config())
     teacher.load_state_dict({k: v for k, v in student.state_dict().items() if "linear_attn" not in k}, strict=False)
     fresh = convert_llama_to_dsla(teacher, layers="all", conversion_order=[2, 0, 3, 1], active=[])
-    config.target_ratio = 0.75
-    state2 = run_chain(fresh, train, held, config)
+    state2 = run_chain(fresh, train, held, config.replace(target_ratio=0.75))
     assert [s["layer"] for s in state2["stages"]] == [2, 0, 3]
     assert state2["stages"][:2] == saved["stages"]
     for name, value in student.state_dict().items():
@@ -163,14 +152,7 @@ def test_chain_converts_in_order_saves_every_prefix_and_resumes(student, tmp_pat
 
 
 def test_chain_stops_at_the_quality_floor(student, tmp_path):
-    config = ChainConfig(
-        output_dir=str(tmp_path),
-        target_ratio=1.0,
-        quality_floor=0.5,
-        layer_alone_steps=0,
-        distill_steps=0,
-        progress=False,
-    )
+    config = chain_config(tmp_path, target_ratio=1.0, quality_floor=0.5, layer_alone_steps=0)
     # On random tokens an untrained layer may move the tiny model's perplexity either way (and within the default
     # preset's 64-token exact window not at all), so the floor sits below any reachable ratio: stage 1 passes it.
     state = run_chain(student, packed(4, 96, 0), packed(2, 96, 1), config)
@@ -179,9 +161,7 @@ def test_chain_stops_at_the_quality_floor(student, tmp_path):
 
 
 def test_chain_with_distill_phase(student, tiny_teacher, tmp_path):
-    config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=0.25, layer_alone_steps=2, distill_steps=2, progress=False
-    )
+    config = chain_config(tmp_path, target_ratio=0.25, layer_alone_steps=2, distill_steps=2)
     state = run_chain(
         student, packed(4, 16, 0), packed(2, 16, 1), config, tokenizer=tiny_tokenizer(), teacher=tiny_teacher
     )
@@ -202,7 +182,7 @@ def test_two_process_chain_with_accelerate(tmp_path):
     out = tmp_path / "chain"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsla_hf.trainers.chain"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsla_hf.commands.distill"]
     cmd += ["--model", str(model_dir), "--train", str(data), "--heldout", str(tmp_path / "held.txt")]
     cmd += ["--seq-len", "32", "--train-sequences", "16", "--eval-sequences", "4", "--ratio", "0.5"]
     cmd += ["--layer-alone-steps", "4", "--distill-steps", "2", "--ranking", "index", "--output", str(out)]
@@ -218,14 +198,7 @@ def test_two_process_chain_with_accelerate(tmp_path):
 
 
 def test_chain_with_teacher_captured_inputs(student, tmp_path):
-    config = ChainConfig(
-        output_dir=str(tmp_path),
-        target_ratio=0.5,
-        layer_alone_steps=3,
-        capture="teacher",
-        distill_steps=0,
-        progress=False,
-    )
+    config = chain_config(tmp_path, target_ratio=0.5, layer_alone_steps=3, capture="teacher")
     state = run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
     assert [s["layer"] for s in state["stages"]] == [2, 0]
     assert all(s["layer_alone"]["steps"] == 3 for s in state["stages"])
@@ -234,13 +207,10 @@ def test_chain_with_teacher_captured_inputs(student, tmp_path):
 def test_gate_divergence_reaches_the_gates_gradients(student, tmp_path):
     # Only the gate term: its gradient must reach the gate weights of the trained layer (and nothing else).
     student.set_dsla_layers([2, 0])
-    args = DSLADistillConfig(
-        output_dir=str(tmp_path), max_steps=1, use_cpu=True, disable_tqdm=True, alignment_weight=0.0,
-        kl_weight=0.0, gate_divergence_weight=1.0, trained_layers=[2],
+    trainer = distill_trainer(
+        student, tmp_path, packed(2, 16, 2), max_steps=1, alignment_weight=0.0, kl_weight=0.0,
+        gate_divergence_weight=1.0, trained_layers=[2],
     )  # fmt: skip
-    trainer = DSLADistillTrainer(
-        model=student, args=args, train_dataset=packed(2, 16, 2), processing_class=tiny_tokenizer()
-    )
     batch = {"input_ids": torch.randint(3, 101, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     loss = trainer.compute_loss(student, batch)
     loss.backward()
@@ -253,12 +223,8 @@ def test_gate_divergence_reaches_the_gates_gradients(student, tmp_path):
 
 def test_attention_alignment_term_is_the_normalised_error_to_the_teacher_attention(student, tmp_path):
     student.set_dsla_layers([2])
-    args = DSLADistillConfig(
-        output_dir=str(tmp_path), max_steps=1, use_cpu=True, disable_tqdm=True, kl_weight=0.0,
-        gate_divergence_weight=0.0,
-    )  # fmt: skip
-    trainer = DSLADistillTrainer(
-        model=student, args=args, train_dataset=packed(2, 16, 2), processing_class=tiny_tokenizer()
+    trainer = distill_trainer(
+        student, tmp_path, packed(2, 16, 2), max_steps=1, kl_weight=0.0, gate_divergence_weight=0.0
     )
     ids = torch.randint(3, 101, (2, 16))
     with torch.no_grad():
@@ -285,21 +251,32 @@ def test_chain_captures_each_stage_with_the_earlier_conversions_in_place(student
         return capture_layer_io(model, layer, ids, *args, **kwargs)
 
     monkeypatch.setattr(chain, "capture_layer_io", spy)
-    config = ChainConfig(
-        output_dir=str(tmp_path), target_ratio=0.75, layer_alone_steps=2, capture_sequences=2, distill_steps=0,
-        progress=False,
-    )  # fmt: skip
+    config = chain_config(tmp_path, target_ratio=0.75, layer_alone_steps=2, capture_sequences=2)
     run_chain(student, packed(4, 16, 0), packed(2, 16, 1), config)
     # order [2, 0, 3, 1]: train and eval captures of stage k see order[:k] as DSLA, the captured layer as softmax
     expected = [(2, [], "full_attention"), (0, [2], "full_attention"), (3, [0, 2], "full_attention")]
     assert seen == [e for e in expected for _ in range(2)]
 
 
+def test_settings_pass_on_by_name():
+    # `dsla distill`'s flags reach the ChainConfig fields of the same name, the chain's loss settings the trainer's
+    from dsla_hf.commands.distill import add_arguments
+    from dsla_hf.commands.distill import chain_config as config_from_flags
+    from dsla_hf.trainers.distill import distill_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_flags(parser.parse_args(["--ratio", "0.25", "--layer-alone-steps", "3", "--no-resume"]))
+    assert config == ChainConfig(target_ratio=0.25, layer_alone_steps=3, resume=False)
+    losses = {"alignment_weight": 1.0, "kl_weight": 0.5, "ce_weight": 0.0, "gate_divergence_weight": 0.01}
+    assert distill_settings(config.replace(kl_weight=0.5)) == {**losses, "alignment_target": "attention"}
+
+
 def test_chain_refuses_to_resume_with_another_recipe(student, tmp_path):
     def config(**changes):
-        fields = dict(output_dir=str(tmp_path), target_ratio=0.25, layer_alone_steps=1, capture_sequences=2,
-                      distill_steps=0, progress=False)  # fmt: skip
-        return ChainConfig(**{**fields, **changes})
+        return chain_config(
+            tmp_path, **{"target_ratio": 0.25, "layer_alone_steps": 1, "capture_sequences": 2, **changes}
+        )
 
     run_chain(student, packed(2, 16, 0), packed(2, 16, 1), config())
     with pytest.raises(ValueError, match="another recipe.*layer_alone_steps: 1 -> 2"):

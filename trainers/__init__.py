@@ -9,6 +9,7 @@ _EXPORTS = {
     "DSLADistillConfig": "distill",
     "DSLADistillTrainer": "distill",
     "ChainConfig": "chain",
+    "ChainRecipe": "chain",
     "run_chain": "chain",
     "fit_layer_alone": "layer_alone",
     "capture_layer_io": "layer_alone",

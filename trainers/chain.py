@@ -8,11 +8,14 @@ is saved (safetensors, `save_pretrained`) with `chain.json` (every stage's metri
 from the last finished stage, and the one checkpoint serves every prefix: `model.set_dsla_layers(ratio)`.
 
     dsla distill --ratio 0.5 --output dsla_chain/        # or: accelerate launch --num_processes 2 --cpu -m ...
+
+The settings are `ChainRecipe` (how every stage trains; a chain resumes only with the same) and `ChainConfig` (the
+recipe plus where the chain runs and how far it goes).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -23,21 +26,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..configuration_dsla import ratio_to_layers
-from ..devices import add_device_arguments, device_and_dtype
 from ..distributed import barrier, is_main_process
-from ..evaluation import perplexity
-from .layer_alone import capture_layer_io, fit_layer_alone
+from ..evaluation.metrics import perplexity
+from ..models.dsla.configuration_dsla import ratio_to_layers
+from .layer_alone import capture_all_layers, capture_layer_io, fit_layer_alone
 
 CHAIN_FILE = "chain.json"
 CHECKPOINT = "checkpoint"
 
 
-@dataclass
-class ChainConfig:
-    output_dir: str = "dsla_chain"
-    target_ratio: float = 0.5
-    quality_floor: float | None = None  # stop once held-out ppl exceeds the teacher's by this factor (e.g. 1.5)
+@dataclass(frozen=True)
+class ChainRecipe:
+    """How every stage of a chain trains. Recorded in `chain.json`; a chain resumes only with the same recipe.
+    `DemoRecipe` (dsla_hf.demo) extends it with the demo's data, ranking and layer options."""
+
     # layer-alone stage (teacher-forced on captured inputs)
     layer_alone_steps: int = 40
     layer_alone_lr: float = 3e-3
@@ -47,7 +49,8 @@ class ChainConfig:
     # "chain": capture each layer's inputs with the earlier conversions in place (a forward up to the layer per stage);
     # "teacher": one teacher pass captures every layer's inputs up front (LoLCATs-style, much cheaper)
     capture: str = "chain"
-    # the TRL phase (DSLADistillTrainer: KL, alignment, gate divergence) after the layer-alone stage (0: skipped)
+    # the TRL phase (DSLADistillTrainer: KL, alignment, gate divergence) after the layer-alone stage (0: skipped);
+    # the loss settings pass on to `DSLADistillConfig` by name (`distill_settings`)
     distill_steps: int = 8
     distill_lr: float = 1e-3
     distill_batch: int = 1
@@ -56,14 +59,29 @@ class ChainConfig:
     ce_weight: float = 0.0
     gate_divergence_weight: float = 0.01
     alignment_target: str = "attention"
-    eval_batch: int = 2
     seed: int = 0
+
+    def replace(self, **changes) -> ChainRecipe:  # (a subclass's replace returns the subclass)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ChainConfig(ChainRecipe):
+    """A `ChainRecipe` plus the settings that may change between runs of one chain: where and how it runs, and how
+    far it goes."""
+
+    output_dir: str = "dsla_chain"
+    target_ratio: float = 0.5
+    quality_floor: float | None = None  # stop once held-out ppl exceeds the teacher's by this factor (e.g. 1.5)
+    eval_batch: int = 2
     resume: bool = True
     progress: bool = True
 
 
-# Fields that may change between runs of one chain: where and how it runs, and how far it goes.
-RESUMABLE_FIELDS = {"output_dir", "target_ratio", "quality_floor", "eval_batch", "resume", "progress"}
+# Fields that may change between runs of one chain: ChainConfig's own.
+RESUMABLE_FIELDS = {f.name for f in dataclasses.fields(ChainConfig)} - {
+    f.name for f in dataclasses.fields(ChainRecipe)
+}
 
 
 def recipe_changes(saved: dict, config: ChainConfig) -> list[str]:
@@ -75,6 +93,12 @@ def recipe_changes(saved: dict, config: ChainConfig) -> list[str]:
         for name in now
         if name not in RESUMABLE_FIELDS and name in saved and saved[name] != now[name]
     ]
+
+
+def freeze(model) -> None:
+    """Stop every parameter of `model` from training (the chain trains one layer's DSLA weights at a time)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
 
 
 def load_dsla_weights(student, folder: str | Path) -> int:
@@ -111,8 +135,110 @@ def save_stage(student, tokenizer, output_dir: Path, state: dict) -> None:
     barrier()
 
 
+def _recorded_config(config: ChainConfig) -> dict:
+    """The config as `chain.json` records it (without `progress`, which says nothing about the training)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("progress",)}
+
+
+def _resumed_state(student, config: ChainConfig, order: list[int], output_dir: Path) -> dict | None:
+    """The saved chain state to continue, with its DSLA weights loaded into `student`; None when there is none (or
+    `config.resume` is off). Refuses a saved chain of another conversion order or recipe."""
+    state_file = output_dir / CHECKPOINT / CHAIN_FILE
+    if not (config.resume and state_file.is_file()):
+        return None
+    state = json.loads(state_file.read_text())
+    if state["conversion_order"] != order:
+        raise ValueError(f"{state_file} was made with another conversion order: {state['conversion_order']}")
+    changed = recipe_changes(state.get("config", {}), config)
+    if changed:
+        raise ValueError(
+            f"{state_file} was trained with another recipe ({', '.join(changed)}): resuming would mix the two. "
+            "Start afresh (--no-resume / ChainConfig(resume=False)) or use another output folder."
+        )
+    load_dsla_weights(student, output_dir / CHECKPOINT)
+    if (state["stopped"] or "").startswith("target ratio"):
+        state["stopped"] = None  # a resumed chain may aim further
+    state["config"] = _recorded_config(config)
+    return state
+
+
+def _fresh_state(student, config: ChainConfig, order: list[int], eval_ids: torch.Tensor) -> dict:
+    """The state of a chain with no stage yet: the teacher's held-out perplexity (the student with DSLA off)."""
+    student.set_dsla_layers([])
+    teacher_eval = perplexity(student, eval_ids, config.eval_batch, config.progress, "teacher ppl")
+    return {
+        "conversion_order": order,
+        "num_layers": student.config.num_hidden_layers,
+        "teacher": teacher_eval,
+        "config": _recorded_config(config),
+        "stages": [],
+        "stopped": None,
+    }
+
+
+def _capture_rows(train_ids: torch.Tensor, config: ChainConfig, seed: int) -> torch.Tensor:
+    """The training rows a layer-alone stage captures: `capture_sequences` of them, drawn with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return train_ids[torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]]
+
+
+def _eval_rows(eval_ids: torch.Tensor, config: ChainConfig) -> torch.Tensor:
+    """The held-out rows a layer-alone stage is measured on."""
+    return eval_ids[: max(1, config.eval_batch)]
+
+
+def _teacher_captures(
+    student, config: ChainConfig, todo: list[int], train_ids: torch.Tensor, eval_ids: torch.Tensor
+) -> dict[int, tuple]:
+    """With `capture="teacher"`: every layer of `todo`'s (train inputs, train outputs, eval inputs, eval outputs) from
+    one pass of the student with DSLA off; else (or with nothing to do) an empty dict."""
+    if not (config.layer_alone_steps > 0 and config.capture == "teacher" and todo):
+        if config.capture not in ("chain", "teacher"):
+            raise ValueError(f"capture must be 'chain' or 'teacher', got {config.capture!r}")
+        return {}
+    active = student.dsla_layers
+    student.set_dsla_layers([])
+    rows = _capture_rows(train_ids, config, config.seed)
+    _, xs, ys = capture_all_layers(
+        student, rows, progress=config.progress and is_main_process(), layers=todo, residual=False
+    )
+    _, xe, ye = capture_all_layers(student, _eval_rows(eval_ids, config), layers=todo, residual=False)
+    teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in todo}
+    del xs, ys, xe, ye
+    student.set_dsla_layers(active)
+    return teacher_io
+
+
+def _layer_alone_stage(
+    student, layer: int, stage: int, config: ChainConfig, train_ids, eval_ids, teacher_io: dict
+) -> dict:
+    """Train `layer` alone, teacher-forced on its inputs (captured up front, or now with the earlier conversions in
+    place) against its softmax attention's outputs."""
+    if layer in teacher_io:
+        x, y, x_eval, y_eval = teacher_io.pop(layer)
+    else:
+        x, y = capture_layer_io(student, layer, _capture_rows(train_ids, config, config.seed + stage))
+        x_eval, y_eval = capture_layer_io(student, layer, _eval_rows(eval_ids, config))
+    return fit_layer_alone(
+        student,
+        layer,
+        x,
+        y,
+        config.layer_alone_steps,
+        config.layer_alone_lr,
+        config.layer_alone_batch,
+        x_eval,
+        y_eval,
+        seed=config.seed + stage,
+        progress=config.progress and is_main_process(),
+        schedule=config.layer_alone_schedule,
+    )
+
+
 def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: ChainConfig, stage: int) -> dict:
-    from .distill import DSLADistillConfig, DSLADistillTrainer
+    """The short `DSLADistillTrainer` phase of a stage (logits and alignment, everything converted so far in place),
+    training `layer` only. Returns its steps, first and last logged losses and runtime."""
+    from .distill import DSLADistillConfig, DSLADistillTrainer, distill_settings
 
     args = DSLADistillConfig(
         output_dir=os.path.join(config.output_dir, "trainer"),
@@ -121,11 +247,7 @@ def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: Ch
         learning_rate=config.distill_lr,
         lr_scheduler_type="constant",
         logging_steps=1,
-        alignment_weight=config.alignment_weight,
-        kl_weight=config.kl_weight,
-        ce_weight=config.ce_weight,
-        gate_divergence_weight=config.gate_divergence_weight,
-        alignment_target=config.alignment_target,
+        **distill_settings(config),
         trained_layers=[layer],
         seed=config.seed + stage,
         use_cpu=student.device.type == "cpu",  # train where the student is
@@ -139,8 +261,7 @@ def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: Ch
     )
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "align_loss" in h]
-    for p in student.parameters():
-        p.requires_grad_(False)
+    freeze(student)
     keys = ("loss", "align_loss", "kl_loss", "ce_loss", "gate_cosine")
     return {
         "steps": config.distill_steps,
@@ -148,6 +269,15 @@ def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: Ch
         "last": {k: logs[-1].get(k) for k in keys} if logs else {},
         "train_runtime": result.metrics.get("train_runtime"),
     }
+
+
+def _stop_reason(record: dict, config: ChainConfig, stage: int, target: int) -> str | None:
+    """Why the chain stops after this stage's `record` (quality floor passed, target reached), or None."""
+    if config.quality_floor is not None and record["ppl_ratio"] > config.quality_floor:
+        return f"quality floor: ppl {record['ppl_ratio']:.3f}x the teacher's > {config.quality_floor}"
+    if stage + 1 == target:
+        return f"target ratio {config.target_ratio} reached"
+    return None
 
 
 def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, teacher=None) -> dict:
@@ -161,58 +291,13 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
     order = list(student.config.conversion_order)
     n = student.config.num_hidden_layers
     target = min(len(order), ratio_to_layers(config.target_ratio, n))
-    for p in student.parameters():
-        p.requires_grad_(False)
+    freeze(student)
     train_ids = torch.tensor(train_ds["input_ids"])
     eval_ids = torch.tensor(eval_ds["input_ids"])
-
-    state_file = output_dir / CHECKPOINT / CHAIN_FILE
-    state = None
-    if config.resume and state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state["conversion_order"] != order:
-            raise ValueError(f"{state_file} was made with another conversion order: {state['conversion_order']}")
-        changed = recipe_changes(state.get("config", {}), config)
-        if changed:
-            raise ValueError(
-                f"{state_file} was trained with another recipe ({', '.join(changed)}): resuming would mix the two. "
-                "Start afresh (--no-resume / ChainConfig(resume=False)) or use another output folder."
-            )
-        load_dsla_weights(student, output_dir / CHECKPOINT)
-        if (state["stopped"] or "").startswith("target ratio"):
-            state["stopped"] = None  # a resumed chain may aim further
-        state["config"] = {k: v for k, v in asdict(config).items() if k not in ("progress",)}
-    if state is None:
-        student.set_dsla_layers([])
-        teacher_eval = perplexity(student, eval_ids, config.eval_batch, config.progress, "teacher ppl")
-        state = {
-            "conversion_order": order,
-            "num_layers": n,
-            "teacher": teacher_eval,
-            "config": {k: v for k, v in asdict(config).items() if k not in ("progress",)},
-            "stages": [],
-            "stopped": None,
-        }
+    state = _resumed_state(student, config, order, output_dir) or _fresh_state(student, config, order, eval_ids)
     done = len(state["stages"])
     teacher_ppl = state["teacher"]["ppl"]
-    teacher_io = {}
-    if config.layer_alone_steps > 0 and config.capture == "teacher" and done < target:
-        from .layer_alone import capture_all_layers
-
-        active = student.dsla_layers
-        student.set_dsla_layers([])
-        g = torch.Generator().manual_seed(config.seed)
-        rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
-        todo = order[done:target]
-        _, xs, ys = capture_all_layers(
-            student, train_ids[rows], progress=config.progress and is_main_process(), layers=todo, residual=False
-        )
-        _, xe, ye = capture_all_layers(student, eval_ids[: max(1, config.eval_batch)], layers=todo, residual=False)
-        teacher_io = {i: (xs[i], ys[i], xe[i], ye[i]) for i in todo}
-        del xs, ys, xe, ye
-        student.set_dsla_layers(active)
-    elif config.capture not in ("chain", "teacher"):
-        raise ValueError(f"capture must be 'chain' or 'teacher', got {config.capture!r}")
+    teacher_io = _teacher_captures(student, config, order[done:target], train_ids, eval_ids)
     show = config.progress and is_main_process()
     bar = tqdm(total=target, initial=min(done, target), desc="chain", disable=not show)
     for stage in range(done, target):
@@ -224,44 +309,19 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         # 1. layer alone, teacher-forced on inputs captured with the earlier conversions in place
         student.set_dsla_layers(order[:stage])
         if config.layer_alone_steps > 0:
-            if layer in teacher_io:
-                x, y, x_eval, y_eval = teacher_io.pop(layer)
-            else:
-                g = torch.Generator().manual_seed(config.seed + stage)
-                rows = torch.randperm(len(train_ids), generator=g)[: config.capture_sequences]
-                x, y = capture_layer_io(student, layer, train_ids[rows])
-                x_eval, y_eval = capture_layer_io(student, layer, eval_ids[: max(1, config.eval_batch)])
-            record["layer_alone"] = fit_layer_alone(
-                student,
-                layer,
-                x,
-                y,
-                config.layer_alone_steps,
-                config.layer_alone_lr,
-                config.layer_alone_batch,
-                x_eval,
-                y_eval,
-                seed=config.seed + stage,
-                progress=config.progress and is_main_process(),
-                schedule=config.layer_alone_schedule,
-            )
-            del x, y, x_eval, y_eval
+            record["layer_alone"] = _layer_alone_stage(student, layer, stage, config, train_ids, eval_ids, teacher_io)
         # 2. logits (and alignment) with everything converted so far
         student.set_dsla_layers(order[: stage + 1])
         if config.distill_steps > 0:
             record["distill"] = _distill_phase(student, teacher, tokenizer, train_ds, layer, config, stage)
         # 3. frozen; held-out evaluation
-        for p in student.parameters():
-            p.requires_grad_(False)
+        freeze(student)
         student.eval()
         record["eval"] = perplexity(student, eval_ids, config.eval_batch, config.progress, f"eval {stage + 1}")
         record["ppl_ratio"] = record["eval"]["ppl"] / teacher_ppl
         record["seconds"] = time.perf_counter() - start
         state["stages"].append(record)
-        if config.quality_floor is not None and record["ppl_ratio"] > config.quality_floor:
-            state["stopped"] = f"quality floor: ppl {record['ppl_ratio']:.3f}x the teacher's > {config.quality_floor}"
-        elif stage + 1 == target:
-            state["stopped"] = f"target ratio {config.target_ratio} reached"
+        state["stopped"] = _stop_reason(record, config, stage, target) or state["stopped"]
         student.config.conversion_order = order
         save_stage(student, tokenizer, output_dir, state)
         bar.update(1)
@@ -269,78 +329,3 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
     bar.close()
     student.set_dsla_layers(order[: len(state["stages"])])
     return state
-
-
-# --- CLI: dsla distill -----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded teacher) or a Llama / DSLA folder")
-    parser.add_argument("--ranking", default="entropy", help="'entropy', 'measured', 'index' or a ranking JSON")
-    parser.add_argument("--train", nargs="*", default=None, help="training text: corpus names, files or hub names")
-    parser.add_argument("--heldout", default=None, help="held-out text (never one of the training manuals)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--train-sequences", type=int, default=64)
-    parser.add_argument("--eval-sequences", type=int, default=4)
-    parser.add_argument("--ratio", type=float, default=0.5, help="target conversion ratio")
-    parser.add_argument("--quality-floor", type=float, default=None, help="stop past this ppl ratio to the teacher")
-    parser.add_argument("--layer-alone-steps", type=int, default=40)
-    parser.add_argument("--distill-steps", type=int, default=8, help="TRL phase steps per stage (0: none)")
-    parser.add_argument("--output", default="dsla_chain")
-    parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    add_device_arguments(parser, dtype_default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..data import build_datasets
-    from ..ranking import load_student, rank_layers
-
-    torch.manual_seed(args.seed)
-    student, tokenizer = load_student(args.model, device=device_and_dtype(args)[0])
-    train_ds, eval_ds = build_datasets(
-        tokenizer, args.seq_len, args.train, args.heldout, args.train_sequences, args.eval_sequences, args.seed
-    )
-    if args.ranking == "index":
-        order = list(range(student.config.num_hidden_layers))
-    elif args.ranking in ("entropy", "measured"):
-        calib = torch.tensor(train_ds["input_ids"][:8])
-        order = rank_layers(student, calib, args.ranking, torch.tensor(eval_ds["input_ids"]), progress=False)["order"]
-    else:
-        order = json.loads(Path(args.ranking).read_text())["order"]
-    student.config.conversion_order = order
-    config = ChainConfig(
-        output_dir=args.output,
-        target_ratio=args.ratio,
-        quality_floor=args.quality_floor,
-        layer_alone_steps=args.layer_alone_steps,
-        distill_steps=args.distill_steps,
-        seed=args.seed,
-        resume=not args.no_resume,
-        progress=is_main_process(),
-    )
-    state = run_chain(student, train_ds, eval_ds, config, tokenizer)
-    if is_main_process():
-        print(f"teacher ppl {state['teacher']['ppl']:.3f}; stopped: {state['stopped']}")
-        for s in state["stages"]:
-            print(
-                f"  stage {s['stage'] + 1}: layer {s['layer']:2d}  ppl {s['eval']['ppl']:.3f}  x{s['ppl_ratio']:.3f}"
-            )
-        print(f"checkpoint: {Path(args.output) / CHECKPOINT}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for `accelerate launch -m dsla_hf.trainers.chain ...` (sets up torch.distributed first)."""
-    parser = argparse.ArgumentParser(prog="dsla-distill", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState()  # initialises torch.distributed (gloo on CPU)
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

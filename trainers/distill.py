@@ -13,7 +13,7 @@ Losses, each weighted and logged on its own:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,37 @@ def gate_cosine(log_gates: torch.Tensor, mask: torch.Tensor | None = None) -> to
     return (cosine * weight).sum() / weight.sum().clamp(min=1)
 
 
+def normalised_error(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error of `out` to `target` over the tokens where `valid` [B, T] is true, divided by the target's
+    squared norm there (the alignment term of one layer)."""
+    m = valid[..., None].to(out.dtype)
+    err = ((out.float() - target.float()).pow(2) * m).sum()
+    scale = (target.float().pow(2) * m).sum().clamp(min=1e-12)
+    return err / scale
+
+
+def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each token's logits against the next label, over the next tokens where `valid` is true."""
+    shift_labels = labels[:, 1:].masked_fill(~valid[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+
+
+def distill_settings(source) -> dict:
+    """The settings `DSLADistillConfig` adds to `SFTConfig` (loss weights, alignment target, ...) that the dataclass
+    `source` also has, by name: a chain recipe passes its loss settings on without listing them."""
+    own = {f.name for f in fields(DSLADistillConfig)} - {f.name for f in fields(SFTConfig)}
+    return {f.name: getattr(source, f.name) for f in fields(source) if f.name in own}
+
+
+def _model_inputs(inputs: dict) -> dict:
+    """The batch's model inputs. Without padding the attention mask is dropped: then Transformers' softmax layers
+    (the teacher's, the alignment target's) find packed documents in the position ids, as the DSLA layers do."""
+    model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    if "attention_mask" in model_inputs and bool(model_inputs["attention_mask"].all()):
+        del model_inputs["attention_mask"]
+    return model_inputs
+
+
 class DSLADistillTrainer(SFTTrainer):
     """`SFTTrainer` that distils the teacher into the student's trainable DSLA layers.
 
@@ -119,11 +150,7 @@ class DSLADistillTrainer(SFTTrainer):
         args = self.args
         mode = "train" if model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
-        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        if "attention_mask" in model_inputs and bool(model_inputs["attention_mask"].all()):
-            # Nothing padded: without the mask, Transformers' softmax layers (the teacher's, the alignment target's)
-            # find packed documents in the position ids, as the DSLA layers do.
-            del model_inputs["attention_mask"]
+        model_inputs = _model_inputs(inputs)
         input_ids, attention_mask = inputs["input_ids"], model_inputs.get("attention_mask")
         labels = inputs.get("labels")
         align_attention = args.alignment_weight > 0 and args.alignment_target == "attention"
@@ -150,21 +177,10 @@ class DSLADistillTrainer(SFTTrainer):
 
         align = zero
         if args.alignment_weight > 0 and trained:
-            terms = []
-            for i in trained:
-                if align_attention:
-                    out = outputs.dsla_attentions[ran.index(i)]
-                    with torch.no_grad():  # the teacher's softmax attention on the same input
-                        target = unwrapped.model.softmax_attention(
-                            i, outputs.attention_inputs[i].detach(), attention_mask, inputs.get("position_ids")
-                        )
-                else:
-                    out, target = outputs.hidden_states[i + 1], teacher_hidden[i + 1]
-                m = valid[..., None].to(out.dtype)
-                err = ((out.float() - target.float()).pow(2) * m).sum()
-                scale = (target.float().pow(2) * m).sum().clamp(min=1e-12)
-                terms.append(err / scale)
-            align = torch.stack(terms).mean()
+            position_ids = inputs.get("position_ids")
+            align = self._alignment_loss(
+                unwrapped, outputs, trained, teacher_hidden, valid, attention_mask, position_ids
+            )
 
         kl = zero
         if args.kl_weight > 0:
@@ -172,8 +188,7 @@ class DSLADistillTrainer(SFTTrainer):
 
         ce = zero
         if args.ce_weight > 0 and labels is not None:
-            shift_labels = labels[:, 1:].masked_fill(~valid[:, 1:], -100)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+            ce = next_token_cross_entropy(logits, labels, valid)
 
         gate = zero
         if args.gate_divergence_weight > 0:
@@ -190,3 +205,23 @@ class DSLADistillTrainer(SFTTrainer):
         for name, value in (("align_loss", align), ("kl_loss", kl), ("ce_loss", ce), ("gate_cosine", gate)):
             self._log_metric(mode, name, value)
         return (loss, outputs) if return_outputs else loss
+
+    def _alignment_loss(
+        self, unwrapped, outputs, trained: list[int], teacher_hidden, valid, attention_mask, position_ids
+    ):
+        """Mean over the `trained` layers of the normalised error of each layer's output to its target: the
+        teacher's softmax attention on the same input (`alignment_target="attention"`), or the teacher's hidden
+        state after that layer (`"hidden"`)."""
+        ran = unwrapped.dsla_layers
+        terms = []
+        for i in trained:
+            if self.args.alignment_target == "attention":
+                out = outputs.dsla_attentions[ran.index(i)]
+                with torch.no_grad():  # the teacher's softmax attention on the same input
+                    target = unwrapped.model.softmax_attention(
+                        i, outputs.attention_inputs[i].detach(), attention_mask, position_ids
+                    )
+            else:
+                out, target = outputs.hidden_states[i + 1], teacher_hidden[i + 1]
+            terms.append(normalised_error(out, target, valid))
+        return torch.stack(terms).mean()

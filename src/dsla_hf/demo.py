@@ -1,41 +1,37 @@
-"""`dsla demo`: the whole pipeline on the embedded SmolLM2 teacher, in at most 20 minutes on 2 CPU cores.
+"""The demo's recipe and its training, which `dsla demo` (dsla_hf.commands.demo) and `dsla ablate` share.
 
-1. rank the layers (attention entropy of the last token, docs/design.md §2);
-2. chained distillation in that order up to 50 % of the layers (docs/design.md §3): each stage captures the new layer's
-   inputs with every earlier conversion in place, trains it alone on them against the teacher's attention, then
-   runs a short `DSLADistillTrainer` phase (TRL; token-normalised KL, per-layer alignment, gate divergence) with
-   the whole converted prefix in place, and freezes it; one checkpoint serves every prefix;
-3. evaluate the teacher, 25 % and 50 %: held-out perplexity on 512-token rows and with 2048 tokens of context
-   (PostgreSQL docs, or pydoc topics disjoint from training), out-of-domain perplexity (Shakespeare, when
-   installed), passkey retrieval at 1k and 4k tokens;
-4. save the checkpoint, `results.json` and plots; then generation speed and cache size against the teacher.
-
-The distillation recipe is one object, `DEMO_RECIPE` (a `DemoRecipe`), and `train_chain(recipe, folder)` runs it
-(data, ranking, chain): the GLA ablation (`dsla ablate`) trains with `DEMO_RECIPE.replace(num_states=1)`, exactly the
-demo's recipe with one state.
+The distillation recipe is one object, `DEMO_RECIPE` (a `DemoRecipe`: the chain's `ChainRecipe` plus the demo's
+data, ranking and DSLA layer options), and `train_chain(recipe, folder)` runs it (data, ranking, chain, as
+docs/design.md §2-§3 describe): the GLA ablation (`dsla ablate`) trains with `DEMO_RECIPE.replace(num_states=1)`,
+exactly the demo's recipe with one state.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .devices import add_device_arguments, device_and_dtype, synchronize
+from .trainers.chain import ChainConfig, ChainRecipe, freeze, run_chain
 
 
 @dataclass(frozen=True)
-class DemoRecipe:
+class DemoRecipe(ChainRecipe):
     """The demo's distillation recipe (how it was chosen: the README's "Demo results"; measured run in
-    benchmarks/results/demo/). `chain_config` turns it into the chain's `ChainConfig`, `dsla_options` into the DSLA
-    options of `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the single-state GLA
-    ablation)."""
+    benchmarks/results/demo/): how each stage trains (`ChainRecipe`, with the demo's layer-alone stage below) plus the
+    data, ranking and DSLA layer options. `chain_config` turns it into the chain's `ChainConfig`, `dsla_options` into
+    the DSLA options of `convert_llama_to_dsla`; `replace(...)` gives a variant (e.g. `num_states=1`, the
+    single-state GLA ablation)."""
 
+    # the layer-alone stage: more steps, rows and batch, a higher decaying rate than the chain's defaults (the TRL
+    # phase keeps the chain's)
+    layer_alone_steps: int = 100
+    layer_alone_lr: float = 1e-2
+    layer_alone_batch: int = 4
+    layer_alone_schedule: str = "cosine"
+    capture_sequences: int = 32
     # data (docs/design.md §4 offline defaults): packed rows of `seq_len` tokens
     seq_len: int = 512
     train_sequences: int = 64
@@ -44,29 +40,11 @@ class DemoRecipe:
     ranking: str = "entropy"
     ranking_first: str = "high"  # highest attention entropy converted first (measured: better ppl, passkey kept)
     ratio: float = 0.5
-    capture: str = "chain"  # each stage's inputs with the earlier conversions in place ("teacher": one teacher pass)
-    capture_sequences: int = 32
-    layer_alone_steps: int = 100
-    layer_alone_lr: float = 1e-2
-    layer_alone_batch: int = 4
-    layer_alone_schedule: str = "cosine"
-    # the TRL phase of each stage (DSLADistillTrainer), after the layer-alone stage
-    distill_steps: int = 8
-    distill_lr: float = 1e-3
-    distill_batch: int = 1
-    alignment_weight: float = 1.0
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    gate_divergence_weight: float = 0.01
     chain_eval_sequences: int = 2  # the chain's per-stage held-out evaluation (the final one uses all)
     # DSLA layer: the default preset (two states, 64-token exact window, Hedgehog features, ...) except for these
     num_states: int = 2
     history_half_life: float | None = None  # initial half-life of the first state (None: the preset's)
     window: int | None = None  # exact softmax window of the DSLA layers (None: the preset's 64; 0: none)
-    seed: int = 0
-
-    def replace(self, **changes) -> DemoRecipe:
-        return dataclasses.replace(self, **changes)
 
     def dsla_options(self) -> dict:
         """Options of `convert_llama_to_dsla` / `DSLAConfig` that differ from the default preset."""
@@ -77,13 +55,12 @@ class DemoRecipe:
             options["dsla_window"] = self.window
         return options
 
-    def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True):
-        from .trainers.chain import ChainConfig
-
-        # the chain's fields the recipe sets under the same name; the others under their own
-        shared = {f.name for f in dataclasses.fields(ChainConfig)} & {f.name for f in dataclasses.fields(self)}
+    def chain_config(self, output_dir: str | Path, resume: bool = True, progress: bool = True) -> ChainConfig:
+        """The chain's config: this recipe's `ChainRecipe` fields, `ratio` as the target and `chain_eval_sequences`
+        as the per-stage evaluation."""
+        recipe = {f.name: getattr(self, f.name) for f in dataclasses.fields(ChainRecipe)}
         return ChainConfig(
-            **{name: getattr(self, name) for name in shared},
+            **recipe,
             output_dir=str(output_dir),
             target_ratio=self.ratio,
             eval_batch=self.chain_eval_sequences,
@@ -122,14 +99,12 @@ def train_chain(
     from .models.dsla.convert import convert_llama_to_dsla
     from .ranking import rank_layers
     from .teacher import load_teacher
-    from .trainers.chain import run_chain
 
     torch.manual_seed(recipe.seed)
     if teacher is None:
         teacher, tokenizer = load_teacher()
     student = convert_llama_to_dsla(teacher, layers="all", active=[], **recipe.dsla_options())
-    for p in student.parameters():
-        p.requires_grad_(False)
+    freeze(student)
     train_ds, heldout_ds = datasets if datasets is not None else demo_datasets(tokenizer, recipe)
     ranking = None
     if order is None:
@@ -154,284 +129,6 @@ def train_chain(
         "train_ds": train_ds,
         "heldout_ds": heldout_ds,
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    r = DEMO_RECIPE
-    parser.add_argument("--output", default="dsla_demo", help="folder for checkpoint, results.json and plots")
-    parser.add_argument("--ratio", type=float, default=r.ratio, help="conversion ratio the chain reaches")
-    parser.add_argument("--ranking", choices=["entropy", "measured"], default=r.ranking)
-    parser.add_argument(
-        "--ranking-first", choices=["low", "high"], default=r.ranking_first, help="which end of the scores goes first"
-    )
-    parser.add_argument("--seq-len", type=int, default=r.seq_len)
-    parser.add_argument(
-        "--capture-sequences", type=int, default=r.capture_sequences, help="captured sequences (layer-alone stage)"
-    )
-    parser.add_argument("--layer-alone-steps", type=int, default=r.layer_alone_steps)
-    parser.add_argument("--layer-alone-lr", type=float, default=r.layer_alone_lr)
-    parser.add_argument("--layer-alone-batch", type=int, default=r.layer_alone_batch)
-    parser.add_argument("--layer-alone-schedule", choices=["constant", "cosine"], default=r.layer_alone_schedule)
-    parser.add_argument(
-        "--capture",
-        choices=["teacher", "chain"],
-        default=r.capture,
-        help="capture layer inputs once from the teacher, or per stage with earlier conversions",
-    )
-    parser.add_argument("--distill-steps", type=int, default=r.distill_steps, help="TRL phase steps per stage")
-    parser.add_argument("--distill-lr", type=float, default=r.distill_lr)
-    parser.add_argument("--kl-weight", type=float, default=r.kl_weight)
-    parser.add_argument("--alignment-weight", type=float, default=r.alignment_weight)
-    parser.add_argument("--gate-divergence-weight", type=float, default=r.gate_divergence_weight)
-    parser.add_argument(
-        "--num-states", type=int, choices=[1, 2], default=r.num_states, help="2: DSLA; 1: single-state GLA ablation"
-    )
-    parser.add_argument("--eval-sequences", type=int, default=r.eval_sequences, help="held-out sequences (ppl)")
-    parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 4096])
-    parser.add_argument("--long-context", type=int, default=2048, help="context of the second perplexity")
-    parser.add_argument("--passkey-trials", type=int, default=4, help="keys per length (depths spread evenly)")
-    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024, 4096],
-                        help="prompt lengths of the speed table")  # fmt: skip
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    add_device_arguments(parser, dtype_default=None)
-    parser.add_argument("--no-resume", action="store_true", help="start the chain afresh")
-
-
-def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
-    """The recipe with every field that has a flag of the same name taken from the flags."""
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoRecipe) if hasattr(args, f.name)}
-    return DEMO_RECIPE.replace(**flags)
-
-
-def generation_stats(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
-    from .models.dsla.cache_dsla import DSLACache
-
-    cache = DSLACache(model.config)
-    input_ids = input_ids.to(model.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model(input_ids, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        synchronize(model.device)
-        prefill = time.perf_counter() - start
-        tokens = [token]
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            tokens.append(token)
-        synchronize(model.device)
-        decode = time.perf_counter() - start
-    return {
-        "prefill_s": prefill,
-        "decode_ms_per_token": 1000 * decode / max(1, new_tokens - 1),
-        "cache_mib": cache.memory_bytes / 2**20,
-        "tokens": torch.cat(tokens, 1),
-    }
-
-
-def plot_results(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = results["chain"]["stages"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax = axes[0]
-    ratios = [0.0] + [s["ratio"] for s in stages]
-    ppl = [results["chain"]["teacher"]["ppl"]] + [s["eval"]["ppl"] for s in stages]
-    ax.plot([100 * r for r in ratios], ppl, marker="o")
-    for ratio, color in (("25%", "tab:orange"), ("50%", "tab:red")):
-        factor = PPL_TARGETS[(ratio, "short")]
-        label = f"teacher +{round(100 * (factor - 1))} % (target at {ratio[:-1]} %, 512 tokens)"
-        ax.axhline(factor * ppl[0], color=color, ls="--", lw=1, label=label)
-    for s in stages:
-        ax.annotate(str(s["layer"]), (100 * s["ratio"], s["eval"]["ppl"]), fontsize=6, xytext=(2, 2),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("layers converted (%)  [label: layer converted at that stage]")
-    ax.set_ylabel("held-out perplexity (chain eval)")
-    ax.set_title("Chained distillation")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    models = list(results["models"])
-    lengths = [str(n) for n in results["passkey_lengths"]]
-    width = 0.8 / len(models)
-    for j, name in enumerate(models):
-        acc = [results["models"][name]["passkey"]["per_length"][n] for n in lengths]
-        ax.bar([i + j * width for i in range(len(lengths))], acc, width, label=name)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(lengths))], lengths)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("passkey accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Passkey retrieval")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import default_sources, load_text_dataset, pack_dataset
-    from .evaluation.metrics import passkey_accuracy, perplexity, sliding_window_perplexity
-    from .ranking import save_ranking
-    from .teacher import load_teacher
-    from .trainers.chain import CHECKPOINT
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    recipe = recipe_from_args(args)
-    wall = time.perf_counter()
-    timings = {}
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    device, _ = device_and_dtype(args)
-    teacher, tokenizer = load_teacher()
-    teacher = teacher.to(device)
-    n = teacher.config.num_hidden_layers
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    sources = default_sources()
-    train_ds, heldout_ds = demo_datasets(tokenizer, recipe)
-    heldout_ids = torch.tensor(heldout_ds["input_ids"])
-    ood_ids = None
-    if sources["ood"]:
-        ood = load_text_dataset(sources["ood"], max_chars=args.seq_len * 4 * 12)
-        ood_ids = torch.tensor(pack_dataset(ood, tokenizer, args.seq_len, 2)["input_ids"])
-    print(f"data: train {sources['train']} ({len(train_ds)} x {args.seq_len} tokens), held out {sources['heldout']}")
-    timings["data_s"] = time.perf_counter() - t
-
-    # -- 1. ranking, and the first quarter at initialisation (does the training help?); 2. the chain --------------
-    untrained = {}
-    t = time.perf_counter()
-
-    def before_chain(student, order):
-        timings["rank_s"] = time.perf_counter() - t
-        print(f"ranking ({args.ranking}, {args.ranking_first}est first): {order}")
-        start = time.perf_counter()
-        student.set_dsla_layers(order[: int(0.25 * n)])
-        untrained.update(perplexity(student, heldout_ids, 2, True, "ppl 25% untrained"))
-        student.set_dsla_layers([])
-        timings["untrained_eval_s"] = time.perf_counter() - start
-        timings["chain_start"] = time.perf_counter()
-
-    done = train_chain(
-        recipe,
-        out,
-        teacher,
-        tokenizer,
-        (train_ds, heldout_ds),
-        resume=not args.no_resume,
-        before_chain=before_chain,
-    )
-    timings["chain_s"] = time.perf_counter() - timings.pop("chain_start")
-    student, chain, order = done["student"], done["chain"], done["order"]
-    save_ranking(done["ranking"], out)
-
-    # -- 3. evaluation ---------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    results = {
-        "teacher": "SmolLM2-135M-Instruct",
-        "sources": sources,
-        "seq_len": args.seq_len,
-        "ranking": {"method": args.ranking, "first": args.ranking_first, "order": order},
-        "recipe": dataclasses.asdict(recipe),
-        "passkey_lengths": args.passkey_lengths,
-        "untrained_25": untrained,
-        "models": {},
-    }
-    student.eval()
-    for name, ratio in (("teacher", 0.0), ("DSLA 25%", 0.25), ("DSLA 50%", 0.5)):
-        if ratio > len(chain["stages"]) / n + 1e-9:
-            continue
-        layers = student.set_dsla_layers(ratio)
-        entry = {"dsla_layers": layers, "heldout": perplexity(student, heldout_ids, 2, True, f"ppl {name}")}
-        # the same held-out text as one stream, each token scored with up to `long_context` tokens before it
-        entry["heldout_long"] = sliding_window_perplexity(
-            student, heldout_ids, args.long_context, progress=True, desc=f"ppl@{args.long_context} {name}"
-        )
-        if ood_ids is not None:
-            entry["ood"] = perplexity(student, ood_ids, 2, True, f"ood ppl {name}")
-        entry["passkey"] = passkey_accuracy(
-            student, tokenizer, args.passkey_lengths, args.passkey_trials, progress=True, desc=f"passkey {name}"
-        )
-        entry["passkey"]["per_length"] = {str(k): v for k, v in entry["passkey"]["per_length"].items()}
-        results["models"][name] = entry
-    timings["eval_s"] = time.perf_counter() - t
-    results["chain"] = chain
-    results["targets"] = quality_targets(results["models"])
-    targets = results["targets"]
-
-    # -- 4. speed and cache size against the teacher, at each prompt length ---------------------------------------
-    t = time.perf_counter()
-    models = [(label, ratio) for label, ratio in (("teacher", 0.0), ("DSLA 25%", 0.25), ("DSLA 50%", 0.5))
-              if ratio <= len(chain["stages"]) / n + 1e-9]  # fmt: skip
-    rows = []
-    for length in args.prompt_tokens:
-        # Held-out tokens, repeated where the held-out set is shorter than the prompt.
-        flat = heldout_ids.flatten()
-        ids = flat.repeat(-(-length // flat.numel()))[None, :length]
-        best: dict[str, dict] = {}
-        for _ in range(2):  # two interleaved rounds, the faster of each: the machine's slow phases fall on all
-            for label, ratio in models:
-                layers = student.set_dsla_layers(ratio)
-                stats = generation_stats(student, ids, args.new_tokens)
-                stats["text"] = tokenizer.decode(stats.pop("tokens")[0])
-                stats["dsla_layers"] = len(layers)
-                old = best.get(label)
-                best[label] = stats if old is None else {
-                    **stats, "prefill_s": min(old["prefill_s"], stats["prefill_s"]),
-                    "decode_ms_per_token": min(old["decode_ms_per_token"], stats["decode_ms_per_token"]),
-                }  # fmt: skip
-        rows += [(length, label, s) for label, s in best.items()]
-    results["speed"] = {f"{label} @ {length}": {"prompt_tokens": length, **s} for length, label, s in rows}
-    timings["speed_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - wall
-    results["timings"] = timings
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_results(results, out / "results.png")
-
-    print(f"\n## Results ({timings['total_s'] / 60:.1f} min; checkpoint {out / CHECKPOINT}, {out / 'results.json'})\n")
-    print(f"25 % at initialisation (no training): held-out ppl {untrained['ppl']:.2f}\n")
-    print(f"| model | DSLA layers | held-out ppl @{args.seq_len} | held-out ppl @{args.long_context} | "
-          "out-of-domain ppl | passkey | passkey per length |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, m in results["models"].items():
-        ood_ppl = f"{m['ood']['ppl']:.2f}" if "ood" in m else "-"
-        per = ", ".join(f"{k}: {v:.2f}" for k, v in m["passkey"]["per_length"].items())
-        print(f"| {name} | {len(m['dsla_layers'])} | {m['heldout']['ppl']:.2f} | {m['heldout_long']['ppl']:.2f} | "
-              f"{ood_ppl} | {m['passkey']['accuracy']:.2f} | {per} |")  # fmt: skip
-    met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())
-    print(f"\nQuality targets (docs/design.md §5): {met}")
-    print(f"\nspeed: held-out prompts, {args.new_tokens} greedy tokens, best of two interleaved rounds, "
-          f"{torch.get_num_threads()} threads\n")  # fmt: skip
-    print("| prompt | model | DSLA layers | prefill (s) | decode (ms/token) | cache (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for length, label, s in rows:
-        print(f"| {length} | {label} | {s['dsla_layers']} | {s['prefill_s']:.2f} | {s['decode_ms_per_token']:.1f} | "
-              f"{s['cache_mib']:.1f} |")  # fmt: skip
-    return 0
-
-
-# docs/design.md §5: held-out perplexity within these factors of the teacher's ((ratio, context) -> factor); passkey
-# at 50 %.
-PPL_TARGETS = {("25%", "short"): 1.02, ("50%", "short"): 1.04, ("25%", "long"): 1.03, ("50%", "long"): 1.06}
-PASSKEY_TARGET_50 = 0.75
-
-
-def quality_targets(models: dict) -> dict[str, bool]:
-    """Which quality targets of docs/design.md §5 the evaluated models meet (those whose model was evaluated)."""
-    base, targets = models["teacher"], {}
-    for (ratio, context), factor in PPL_TARGETS.items():
-        m = models.get(f"DSLA {ratio}")
-        if m is not None:
-            key = "heldout" if context == "short" else "heldout_long"
-            name = f"ppl_{ratio[:-1]}_{context}_within_{round(100 * (factor - 1))}pct"
-            targets[name] = m[key]["ppl"] <= factor * base[key]["ppl"]
-    if "DSLA 50%" in models:
-        targets["passkey_50_at_least_0.75"] = models["DSLA 50%"]["passkey"]["accuracy"] >= PASSKEY_TARGET_50
-    return targets
 
 
 def heldout_ids_dataset(heldout_ds, rows: int):

@@ -83,4 +83,15 @@ def trained_layers(spec: str) -> int | None:
     return len(json.loads(chain_file.read_text()).get("stages", []))
 
 
-__all__ = ["as_dsla", "load_dsla", "load_pretrained", "resolve_model_path", "trained_layers"]
+def load_student(model_name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(student with every layer owning DSLA weights, tokenizer) from 'smollm2', a folder or a hub id: a Llama is
+    converted (none active, every weight frozen), a DSLA checkpoint returned as saved."""
+    teacher, tokenizer, _ = load_pretrained(model_name, dtype, device)
+    student = as_dsla(teacher)
+    if student is not teacher:
+        for p in student.parameters():
+            p.requires_grad_(False)
+    return student, tokenizer
+
+
+__all__ = ["as_dsla", "load_dsla", "load_pretrained", "load_student", "resolve_model_path", "trained_layers"]

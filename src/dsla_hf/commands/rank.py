@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..devices import add_device_arguments, device_and_dtype
+from ..loading import load_student
 from ..ranking import rank_layers, save_ranking
 
 
@@ -24,19 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="dsla_ranking", help="folder for ranking_<method>.json/.png")
     parser.add_argument("--save-config", default=None, help="save the converted model with this order here")
     add_device_arguments(parser, dtype_default=None)
-
-
-def load_student(model_name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """(student with every layer owning DSLA weights, tokenizer) from 'smollm2', a folder or a hub id: a Llama is
-    converted (none active, every weight frozen), a DSLA checkpoint returned as saved."""
-    from ..loading import as_dsla, load_pretrained
-
-    teacher, tokenizer, _ = load_pretrained(model_name, dtype, device)
-    student = as_dsla(teacher)
-    if student is not teacher:
-        for p in student.parameters():
-            p.requires_grad_(False)
-    return student, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
