@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from machine import describe, machine
 
+from dsla_hf.commands.replay import add_trace_arguments, trace_info, trace_requests
 from dsla_hf.devices import add_device_arguments, device_and_dtype
 from dsla_hf.serving.engine import Engine, EngineConfig
 from dsla_hf.serving.metrics import Metrics
 from dsla_hf.serving.models import load_model
 from dsla_hf.serving.policy import AdaptivePolicy, StaticPolicy, ratio_to_layers
-from dsla_hf.serving.replay import PromptMaker, load_trace, plot, replay, summarize, trace_path
+from dsla_hf.serving.replay import PromptMaker, plot, plot_gauges, replay, summarize
 from dsla_hf.serving.server import ServerThread, build_app
 
 
@@ -84,17 +85,10 @@ def run_config(name, model, tokenizer, policy, requests, maker, args):
     return summary, results, samples
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--trace", default="conv")
-    parser.add_argument("--trace-dir", default=os.environ.get("DSLA_TRACE_DIR"))
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--num-requests", type=int, default=30)
-    parser.add_argument("--time-scale", type=float, default=1.0)
-    parser.add_argument("--length-scale", type=float, default=1.0)
-    parser.add_argument("--output-scale", type=float, default=0.25)
-    parser.add_argument("--max-input", type=int, default=4096)
+    add_trace_arguments(parser, num_requests=30, output_scale=0.25, max_input=4096)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--static-ratio", type=float, default=0.5)
@@ -111,20 +105,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
     add_device_arguments(parser, dtype_default="float32")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device, dtype = device_and_dtype(args)
-    model, tokenizer, _ = load_model(args.model, dtype, device)
+    return parser.parse_args()
+
+
+def policies(model, args) -> dict:
+    """The three configurations: the teacher, a static ratio, and the adaptive policy (named as in the report)."""
     n = model.config.num_hidden_layers
-    requests = load_trace(
-        trace_path(args.trace, args.trace_dir),
-        start=args.start,
-        num_requests=args.num_requests,
-        time_scale=args.time_scale,
-        length_scale=args.length_scale,
-        output_scale=args.output_scale,
-        max_input=args.max_input,
-    )
     adaptive = AdaptivePolicy(
         num_layers=n,
         max_layers=len(model.config.conversion_order),
@@ -133,12 +119,15 @@ def main() -> None:
         queue_high=2,
         queue_low=0,
     )
-    configs = {
+    return {
         "teacher": StaticPolicy(0),
         f"static {args.static_ratio:.0%}": StaticPolicy(ratio_to_layers(args.static_ratio, n)),
         "adaptive": adaptive,
     }
-    started = time.time()
+
+
+def run_all(model, tokenizer, configs, requests, args):
+    """Every configuration on the same prompts: (summaries, (results, gauge samples)) by configuration name."""
     # Warm up (thread pools, allocator) on a few requests, so the first configuration is not measured cold.
     run_config("warm-up", model, tokenizer, StaticPolicy(0), requests[:3], PromptMaker(tokenizer, seed=1), args)
     runs, details = {}, {}
@@ -149,25 +138,37 @@ def main() -> None:
     teacher_lpt = runs["teacher"]["mean_latency_per_token_ms"]
     for summary in runs.values():
         summary["latency_per_token_speedup_vs_teacher"] = teacher_lpt / summary["mean_latency_per_token_ms"]
+    return runs, details
+
+
+def trace_report(args, requests) -> dict:
+    return {
+        **trace_info(args, requests),
+        "output_scale": args.output_scale,
+        "max_input": args.max_input,
+        "mean_input": sum(r.input_length for r in requests) / len(requests),
+        "mean_output": sum(r.output_length for r in requests) / len(requests),
+        "span_s": requests[-1].timestamp,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, _ = load_model(args.model, dtype, device)
+    requests = trace_requests(args)
+    configs = policies(model, args)
+    started = time.time()
+    runs, details = run_all(model, tokenizer, configs, requests, args)
     ratios = sorted({0.0, 0.125, 0.25, 0.375, args.static_ratio})
     report = {
         "meta": machine(args.threads, device),
         "model": args.model,
         "dsla_weights": "as given by --model (smollm2: untrained DSLA weights, quality is a lower bound)",
-        "trace": {
-            "file": trace_path(args.trace, args.trace_dir).name,
-            "start": args.start,
-            "num_requests": len(requests),
-            "time_scale": args.time_scale,
-            "length_scale": args.length_scale,
-            "output_scale": args.output_scale,
-            "max_input": args.max_input,
-            "mean_input": sum(r.input_length for r in requests) / len(requests),
-            "mean_output": sum(r.output_length for r in requests) / len(requests),
-            "span_s": requests[-1].timestamp,
-        },
+        "trace": trace_report(args, requests),
         "engine": {"max_num_seqs": args.max_num_seqs, "prefill_chunk": args.prefill_chunk, "threads": args.threads},
-        "adaptive_policy": {k: v for k, v in vars(adaptive).items() if not k.startswith("_")},
+        "adaptive_policy": {k: v for k, v in vars(configs["adaptive"]).items() if not k.startswith("_")},
         "runs": runs,
         "quality": quality(model, tokenizer, ratios),
         "load_average": os.getloadavg(),
@@ -197,17 +198,7 @@ def write_plot(details, runs, path):
         axes[1].plot(ok, [i / max(1, len(ok) - 1) for i in range(len(ok))], label=name)
     axes[1].set(xscale="log", xlabel="latency per output token (ms)", ylabel="CDF", title="per request")
     axes[1].legend()
-    samples = details["adaptive"][1]
-    if samples:
-        t = [s["t"] for s in samples]
-        for key, label in (
-            ("dsla:num_dsla_layers", "DSLA layers (adaptive)"),
-            ("vllm:num_requests_waiting", "waiting"),
-            ("vllm:num_requests_running", "running"),
-        ):
-            axes[2].step(t, [s.get(key, 0) for s in samples], where="post", label=label)
-        axes[2].set(xlabel="time (s)", title="adaptive run: server gauges")
-        axes[2].legend()
+    plot_gauges(axes[2], details["adaptive"][1], title="adaptive run: server gauges")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

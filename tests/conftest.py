@@ -8,22 +8,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
+    """The tiny random Llama of the unit tests: `dsla serve --model toy`'s config (the toy tokenizer's 101 ids)."""
+    from dsla_hf.serving.models import toy_config
 
-    values = dict(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return toy_config(**overrides)
 
 
 @pytest.fixture

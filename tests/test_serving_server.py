@@ -1,5 +1,6 @@
 """DSLA-Serve over HTTP on loopback (uvicorn in a thread, httpx client), with the tiny toy model."""
 
+import argparse
 import asyncio
 import json
 import threading
@@ -9,6 +10,8 @@ import httpx
 import pytest
 import torch
 
+from dsla_hf.commands import replay as replay_command
+from dsla_hf.commands import serve as serve_command
 from dsla_hf.serving.engine import Engine, EngineConfig
 from dsla_hf.serving.metrics import Metrics
 from dsla_hf.serving.models import toy_model, toy_tokenizer
@@ -298,3 +301,29 @@ def test_short_replay(tmp_path):
     for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "mean_e2el_ms", "request_goodput"):
         assert key in summary
     assert samples and "dsla:num_dsla_layers" in samples[0]
+
+
+def test_serve_and_replay_commands(tmp_path, capsys):
+    """The command lines: `dsla serve`'s policy and engine options, `dsla replay --dry-run` on a trace file."""
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    args = parser.parse_args(["--queue-high", "3", "--prompt-high", "0", "--kv-cache-gb", "0.5"])
+    policy = serve_command.make_policy(args, toy_model())
+    assert isinstance(policy, AdaptivePolicy) and policy.queue_high == 3 and policy.prompt_high is None
+    assert serve_command.engine_config(args).kv_cache_bytes == 2**29
+    static = serve_command.make_policy(parser.parse_args(["--policy", "static", "--dsla-ratio", "0.5"]), toy_model())
+    assert static == StaticPolicy(2)
+    trace = tmp_path / "trace.csv"
+    trace.write_text(TRACE_CSV)
+    parser = argparse.ArgumentParser()
+    replay_command.add_arguments(parser)
+    timed = tmp_path / "timed.jsonl"
+    args = parser.parse_args(
+        ["--trace", str(trace), "--time-scale", "0.5", "--dry-run", "--save-timed-trace", str(timed)]
+    )
+    assert replay_command.run(args) == 0
+    assert json.loads(capsys.readouterr().out) == {"requests": 5, "span_s": 0.609705}
+    assert len(timed.read_text().splitlines()) == 5
+    assert replay_command.parse_slo(["ttft:100", "e2el:2e3"]) == {"ttft": 100.0, "e2el": 2000.0}
+    with pytest.raises(ValueError, match="--goodput"):
+        replay_command.parse_slo(["p50:3"])

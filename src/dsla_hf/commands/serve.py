@@ -1,3 +1,119 @@
-"""`dsla serve`."""
+"""`dsla serve`: the OpenAI-compatible server (`dsla_hf.serving.server`) on a model the engine converts to DSLA
+layer by layer as load and prompt length grow.
 
-from ..serving.server import add_arguments, run  # noqa: F401  (moving here)
+    dsla serve --model smollm2 --port 8000 --policy adaptive
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..devices import add_device_arguments, device_and_dtype
+from ..serving.engine import Engine, EngineConfig
+from ..serving.metrics import Metrics
+from ..serving.policy import AdaptivePolicy, StaticPolicy, ratio_to_layers
+
+logger = logging.getLogger(__name__)
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("conversion policy")
+    group.add_argument("--policy", choices=["adaptive", "static"], default="adaptive")
+    group.add_argument("--dsla-ratio", type=float, default=0.0, help="static policy: fraction of layers as DSLA")
+    group.add_argument("--max-ratio", type=float, default=0.75)
+    group.add_argument("--ratio-step", type=float, default=0.125)
+    group.add_argument("--cooldown", type=float, default=2.0, help="seconds between two switches")
+    group.add_argument("--queue-high", type=int, default=4)
+    group.add_argument("--queue-low", type=int, default=0)
+    group.add_argument("--kv-high", type=float, default=0.75)
+    group.add_argument("--kv-low", type=float, default=0.4)
+    group.add_argument("--prompt-high", type=int, default=4096, help="a prompt this long raises the ratio (0: off)")
+    group.add_argument("--prompt-low", type=int, default=2048)
+    group.add_argument(
+        "--length-scale", type=float, default=1.0, help="multiplies the prompt-length bounds (scaled-down traces)"
+    )
+
+
+# Options that set the AdaptivePolicy field of the same name.
+POLICY_OPTIONS = ("max_ratio", "queue_high", "queue_low", "kv_high", "kv_low", "length_scale")
+
+
+def make_policy(args: argparse.Namespace, model) -> AdaptivePolicy | StaticPolicy:
+    n = model.config.num_hidden_layers
+    if args.policy == "static":
+        return StaticPolicy(ratio_to_layers(args.dsla_ratio, n))
+    off = not args.prompt_high  # --prompt-high 0: the prompt length is no trigger
+    return AdaptivePolicy(
+        num_layers=n,
+        max_layers=len(model.config.conversion_order),
+        step=args.ratio_step,
+        cooldown_s=args.cooldown,
+        prompt_high=None if off else args.prompt_high,
+        prompt_low=None if off else args.prompt_low,
+        **{name: getattr(args, name) for name in POLICY_OPTIONS},
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together at most")
+    group.add_argument("--max-queue", type=int, default=128, help="waiting requests at most (then 429)")
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--prefill-chunk", type=int, default=512)
+    group.add_argument("--request-timeout", type=float, default=600.0)
+    group.add_argument(
+        "--kv-cache-gb", type=float, default=None, help="KV budget (default: max-num-seqs full contexts)"
+    )
+    group.add_argument("--keep-kv", action="store_true", help="keep KV of DSLA layers: reverts are never deferred")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        prefill_chunk=args.prefill_chunk,
+        request_timeout_s=args.request_timeout,
+        kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
+        keep_kv=args.keep_kv,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="a DSLA checkpoint or Llama (folder or hub id), 'smollm2' (the embedded teacher, converted) or 'toy'",
+    )
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    add_device_arguments(parser)
+    parser.add_argument("--log-level", default="info")
+    add_engine_arguments(parser)
+    add_policy_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    # FastAPI and uvicorn are the `serve` extra: imported only when serving, so `dsla --help` works without them.
+    from ..serving.models import load_model
+    from ..serving.server import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, name = load_model(args.model, dtype, device)
+    logger.info("Serving %s on %s in %s", args.model, device, str(dtype).removeprefix("torch."))
+    name = args.served_model_name or name
+    engine = Engine(model, tokenizer, engine_config(args), make_policy(args, model), Metrics(name)).start()
+    try:
+        uvicorn.run(build_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0

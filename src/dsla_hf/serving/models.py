@@ -29,17 +29,15 @@ def toy_tokenizer():
     return tok
 
 
-def toy_model(seed: int = 0, num_layers: int = 4, conversion_order: list[int] | None = None):
-    """A tiny random Llama (hidden 64, 4 layers, GQA 4/2) converted to DSLA in every layer, none active."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def toy_config(**overrides):
+    """The toy model's Llama config: hidden 64, 4 layers, GQA 4/2, the toy tokenizer's 101 ids (`overrides` win)."""
+    from transformers import LlamaConfig
 
-    from ..models.dsla.convert import convert_llama_to_dsla
-
-    config = LlamaConfig(
+    values = dict(
         vocab_size=101,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=num_layers,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -47,8 +45,18 @@ def toy_model(seed: int = 0, num_layers: int = 4, conversion_order: list[int] | 
         eos_token_id=1,
         bos_token_id=2,
     )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def toy_model(seed: int = 0, num_layers: int = 4, conversion_order: list[int] | None = None):
+    """A tiny random Llama (`toy_config`) converted to DSLA in every layer, none active."""
+    from transformers import LlamaForCausalLM
+
+    from ..models.dsla.convert import convert_llama_to_dsla
+
     torch.manual_seed(seed)
-    teacher = LlamaForCausalLM(config).eval()
+    teacher = LlamaForCausalLM(toy_config(num_hidden_layers=num_layers)).eval()
     order = conversion_order if conversion_order is not None else list(range(num_layers - 1, -1, -1))
     return convert_llama_to_dsla(teacher, layers="all", conversion_order=order, active=[]).eval()
 

@@ -42,26 +42,54 @@ class ParsedRequest:
     max_tokens_given: bool = False
 
 
-def _number(body: dict, name: str, default, kind=float, low=None, high=None, strict_low=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ProtocolError(f"'{name}' must be {'a number' if kind is float else 'an integer'}", param=name)
-    if low is not None and (value <= low if strict_low else value < low):
-        raise ProtocolError(f"'{name}' must be {'>' if strict_low else '>='} {low}, got {value}", param=name)
-    if high is not None and value > high:
-        raise ProtocolError(f"'{name}' must be <= {high}, got {value}", param=name)
-    return kind(value)
+# --- requests ------------------------------------------------------------------------------------------------------
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
+@dataclass(frozen=True)
+class Field:
+    """A scalar field of a request body: its type (bool, int or float), default and bounds."""
+
+    kind: type
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    strict_low: bool = False  # `low` itself is out of range
+
+
+# JSON types each kind accepts (a JSON boolean is never a number here) and how errors name them.
+ACCEPTED = {bool: (bool,), int: (int,), float: (int, float)}
+TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
+
+# Scalar fields that go to SamplingParams as they are, and the request's own ones.
+SAMPLING_FIELDS = {
+    "temperature": Field(float, 1.0, low=0.0, high=2.0),
+    "top_p": Field(float, 1.0, low=0.0, high=1.0, strict_low=True),
+    "seed": Field(int),
+    "min_tokens": Field(int, 0, low=0),
+    "ignore_eos": Field(bool, False),
+}
+REQUEST_FIELDS = {"n": Field(int, 1), "stream": Field(bool, False)}
+MAX_TOKENS = Field(int, low=1)
+INCLUDE_USAGE = Field(bool, False)
+MAX_STOP_STRINGS = 16
+
+
+def checked(body: dict, name: str, spec: Field):
+    """`body[name]` checked against `spec` (absent or null: the default)."""
+    value = body.get(name)
     if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ProtocolError(f"'{name}' must be a boolean", param=name)
-    return value
+        return spec.default
+    if not isinstance(value, ACCEPTED[spec.kind]) or (isinstance(value, bool) and spec.kind is not bool):
+        raise ProtocolError(f"'{name}' must be {TYPE_NAMES[spec.kind]}", param=name)
+    if spec.low is not None and (value <= spec.low if spec.strict_low else value < spec.low):
+        raise ProtocolError(f"'{name}' must be {'>' if spec.strict_low else '>='} {spec.low}, got {value}", param=name)
+    if spec.high is not None and value > spec.high:
+        raise ProtocolError(f"'{name}' must be <= {spec.high}, got {value}", param=name)
+    return spec.kind(value)
+
+
+def checked_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
+    return {name: checked(body, name, spec) for name, spec in fields.items()}
 
 
 def parse_body(raw: bytes) -> dict:
@@ -80,86 +108,89 @@ def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int)
         raise ProtocolError("'model' must be a string", param="model")
     if model != served_model:
         raise ProtocolError(f"The model `{model}` does not exist.", status=404, param="model")
-    n = _number(body, "n", 1, int)
-    if n != 1:
+    own = checked_fields(body, REQUEST_FIELDS)
+    sampling = checked_fields(body, SAMPLING_FIELDS)
+    if own["n"] != 1:
         raise ProtocolError("Only n=1 is supported", param="n")
     if body.get("best_of") not in (None, 1):
         raise ProtocolError("Only best_of=1 is supported", param="best_of")
+    limit_name, max_tokens = parse_max_tokens(body, chat, max_model_len)
+    stop = parse_stop(body.get("stop"))
+    include_usage = parse_include_usage(body.get("stream_options"), own["stream"])
+    cap = max_tokens if max_tokens is not None else max_model_len
+    if sampling["min_tokens"] > cap:
+        message = f"'min_tokens' ({sampling['min_tokens']}) must not exceed '{limit_name}' ({cap})"
+        raise ProtocolError(message, param="min_tokens")
+    # The server sets the default of max_tokens once the prompt length is known.
+    params = SamplingParams(max_tokens=max_tokens or 1, stop=stop, **sampling)
+    parsed = ParsedRequest(chat, model, params, own["stream"], include_usage, max_tokens_given=max_tokens is not None)
     if chat:
-        limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        parsed.messages = parse_messages(body.get("messages"))
     else:
-        limit_name = "max_tokens"
-    given = body.get(limit_name) is not None
-    max_tokens = _number(body, limit_name, None, int, low=1)
-    if max_tokens is not None and max_tokens > max_model_len:
+        parsed.prompt = parse_prompt(body.get("prompt"))
+    return parsed
+
+
+def parse_max_tokens(body: dict, chat: bool, max_model_len: int) -> tuple[str, int | None]:
+    """(the name the limit was given under, the limit or None); chat prefers `max_completion_tokens`."""
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    value = checked(body, name, MAX_TOKENS)
+    if value is not None and value > max_model_len:
         raise ProtocolError(
-            f"'{limit_name}' is {max_tokens}, more than the model's maximum context length of {max_model_len} tokens",
-            param=limit_name,
+            f"'{name}' is {value}, more than the model's maximum context length of {max_model_len} tokens", param=name
         )
-    stop = body.get("stop")
+    return name, value
+
+
+def parse_stop(stop) -> list[str]:
     if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
-        raise ProtocolError("'stop' must be a string or a list of at most 16 strings", param="stop")
-    temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
-    top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, strict_low=True)
-    seed = _number(body, "seed", None, int)
-    min_tokens = _number(body, "min_tokens", 0, int, low=0)
-    ignore_eos = _bool(body, "ignore_eos")
-    stream = _bool(body, "stream")
-    options = body.get("stream_options")
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > MAX_STOP_STRINGS:
+        raise ProtocolError(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
+    return stop
+
+
+def parse_include_usage(options, stream: bool) -> bool:
     if options is not None and not isinstance(options, dict):
         raise ProtocolError("'stream_options' must be an object", param="stream_options")
-    include_usage = _bool(options or {}, "include_usage")
+    include_usage = checked(options or {}, "include_usage", INCLUDE_USAGE)
     if include_usage and not stream:
         raise ProtocolError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    cap = max_tokens if max_tokens is not None else max_model_len
-    if min_tokens > cap:
-        raise ProtocolError(f"'min_tokens' ({min_tokens}) must not exceed '{limit_name}' ({cap})", param="min_tokens")
-    params = SamplingParams(
-        max_tokens=max_tokens or 1,  # the server sets the default once the prompt length is known
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop,
-        ignore_eos=ignore_eos,
-        min_tokens=min_tokens,
-    )
-    parsed = ParsedRequest(chat, model, params, stream, include_usage, max_tokens_given=given)
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ProtocolError("'messages' must be a non-empty list", param="messages")
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ProtocolError("Each message must be an object with a string 'role'", param="messages")
-            content = message.get("content")
-            if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ProtocolError("Only text content parts are supported", param="messages")
-                message = {**message, "content": "".join(str(p.get("text", "")) for p in content)}
-            elif not isinstance(content, str):
-                raise ProtocolError("Each message's 'content' must be a string", param="messages")
-            parsed.messages.append({"role": message["role"], "content": message["content"]})
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ProtocolError("'prompt' must not be empty", param="prompt")
-        elif (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            pass
-        else:
-            raise ProtocolError(
-                "'prompt' must be a non-empty string or list of token ids (one prompt)", param="prompt"
-            )
-        parsed.prompt = prompt
+    return include_usage
+
+
+def parse_messages(messages) -> list[dict]:
+    """Chat messages as {"role", "content"} with text content (OpenAI's text content parts are joined)."""
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("'messages' must be a non-empty list", param="messages")
+    parsed = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ProtocolError("Each message must be an object with a string 'role'", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ProtocolError("Only text content parts are supported", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        elif not isinstance(content, str):
+            raise ProtocolError("Each message's 'content' must be a string", param="messages")
+        parsed.append({"role": message["role"], "content": content})
     return parsed
+
+
+def parse_prompt(prompt) -> str | list[int]:
+    """One prompt: non-empty text or token ids (a batch of one is taken as its prompt)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, str):
+        raise ProtocolError("'prompt' must not be empty", param="prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise ProtocolError("'prompt' must be a non-empty string or list of token ids (one prompt)", param="prompt")
 
 
 # --- responses -----------------------------------------------------------------------------------------------------
@@ -177,24 +208,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def _choice(key: str, value: Any, finish_reason: str | None) -> dict:
+    return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _envelope(request_id: str, kind: str, model: str, choices: list[dict], **extra) -> dict:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
+
+
+def _chunk_kind(chat: bool) -> str:
+    return "chat.completion.chunk" if chat else "text_completion"
+
+
 def response(request_id: str, chat: bool, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
     if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+        choice = _choice("message", {"role": "assistant", "content": text}, finish_reason)
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage_,
-    }
+        choice = _choice("text", text, finish_reason)
+    kind = "chat.completion" if chat else "text_completion"
+    return _envelope(request_id, kind, model, [choice], usage=usage_)
 
 
 def chunk(request_id: str, chat: bool, model: str, text: str | None, finish_reason: str | None, role=False) -> dict:
@@ -202,27 +234,14 @@ def chunk(request_id: str, chat: bool, model: str, text: str | None, finish_reas
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text is not None and not role:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = _choice("delta", delta, finish_reason)
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+        choice = _choice("text", text or "", finish_reason)
+    return _envelope(request_id, _chunk_kind(chat), model, [choice])
 
 
 def usage_chunk(request_id: str, chat: bool, model: str, usage_: dict) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage_,
-    }
+    return _envelope(request_id, _chunk_kind(chat), model, [], usage=usage_)
 
 
 def sse(data: dict | str) -> bytes:

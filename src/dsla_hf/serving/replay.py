@@ -1,4 +1,4 @@
-"""`dsla replay`: replay the Azure LLM inference traces (2023, conversation and code) against a running server.
+"""Replay the Azure LLM inference traces (2023, conversation and code) against a running server (`dsla replay`).
 
 Each trace row gives an arrival time, a prompt length (`ContextTokens`) and an output length (`GeneratedTokens`).
 Send times are the offsets from the first row, multiplied by `--time-scale` (below 1: more load); lengths are
@@ -18,7 +18,6 @@ generative LLM inference using phase splitting", ISCA 2024. The trace files are 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import json
@@ -36,6 +35,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TRACE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
+# The server's gauges sampled during a replay (name in /metrics -> label in plots).
+GAUGES = {
+    "dsla:num_dsla_layers": "DSLA layers",
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+}
 
 
 @dataclass
@@ -189,7 +194,7 @@ async def send_one(client, url: str, model: str, prompt: list[int], request: Tra
 
 
 async def sample_gauges(client, url: str, t0: float, samples: list, stop: asyncio.Event, every: float = 0.25):
-    pattern = re.compile(r"^(dsla:num_dsla_layers|vllm:num_requests_running|vllm:num_requests_waiting)\{.*\} (\S+)$")
+    pattern = re.compile("^(" + "|".join(map(re.escape, GAUGES)) + r")\{.*\} (\S+)$")
     while not stop.is_set():
         try:
             text = (await client.get(url + "/metrics")).text
@@ -293,97 +298,19 @@ def plot(results: list[RequestResult], samples: list[dict], path: str | Path, ti
             axes[1].plot(xs, np.linspace(0, 1, len(xs)), label=label)
     axes[1].set(xscale="log", xlabel="ms", ylabel="CDF", title="TTFT and ITL")
     axes[1].legend()
-    if samples:
-        t = [s["t"] for s in samples]
-        for key, label in (
-            ("dsla:num_dsla_layers", "DSLA layers"),
-            ("vllm:num_requests_running", "running"),
-            ("vllm:num_requests_waiting", "waiting"),
-        ):
-            axes[2].step(t, [s.get(key, 0) for s in samples], where="post", label=label)
-        axes[2].set(xlabel="time (s)", title="server gauges")
-        axes[2].legend()
+    plot_gauges(axes[2], samples)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def parse_slo(values: list[str] | None) -> dict[str, float]:
-    slo = {}
-    for item in values or []:
-        key, _, value = item.partition(":")
-        if key not in ("ttft", "tpot", "e2el") or not value:
-            raise ValueError(f"--goodput takes ttft:MS, tpot:MS or e2el:MS, got {item!r}")
-        slo[key] = float(value)
-    return slo
-
-
-def load_tokenizer(spec: str):
-    if spec == "toy":
-        from .models import toy_tokenizer
-
-        return toy_tokenizer()
-    from transformers import AutoTokenizer
-
-    if spec in ("smollm2", ""):
-        from ..teacher import teacher_folder
-
-        spec = str(teacher_folder())
-    return AutoTokenizer.from_pretrained(spec)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model-name", default=None, help="the served model name (default: ask /v1/models)")
-    parser.add_argument("--tokenizer", default="smollm2", help="tokenizer for exact prompt lengths (as --model)")
-    parser.add_argument("--trace", default="conv", help="'conv', 'code' or a CSV path")
-    parser.add_argument("--trace-dir", default=None, help="folder of the Azure 2023 CSVs (or $DSLA_TRACE_DIR)")
-    parser.add_argument("--start", type=int, default=0, help="first trace row")
-    parser.add_argument("--num-requests", type=int, default=100)
-    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies send times (< 1: more load)")
-    parser.add_argument("--length-scale", type=float, default=1.0, help="multiplies prompt and output lengths")
-    parser.add_argument("--output-scale", type=float, default=None, help="multiplies output lengths instead")
-    parser.add_argument("--max-input", type=int, default=None)
-    parser.add_argument("--max-output", type=int, default=None)
-    parser.add_argument("--goodput", nargs="*", default=None, help="SLOs, e.g. ttft:2000 tpot:200 e2el:20000 (ms)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--result", default=None, help="write the summary JSON here")
-    parser.add_argument("--plot", default=None, help="write a PNG here")
-    parser.add_argument("--save-timed-trace", default=None, help="write vLLM's timed_trace JSONL here")
-    parser.add_argument("--dry-run", action="store_true", help="only load (and save) the trace")
-
-
-def run(args) -> int:
-    requests = load_trace(
-        trace_path(args.trace, args.trace_dir),
-        start=args.start,
-        num_requests=args.num_requests,
-        time_scale=args.time_scale,
-        length_scale=args.length_scale,
-        output_scale=args.output_scale,
-        max_input=args.max_input,
-        max_output=args.max_output,
-    )
-    if args.save_timed_trace:
-        write_timed_trace(requests, args.save_timed_trace)
-    if args.dry_run:
-        print(json.dumps({"requests": len(requests), "span_s": requests[-1].timestamp if requests else 0}))
-        return 0
-    maker = PromptMaker(load_tokenizer(args.tokenizer), seed=args.seed)
-    results, samples, duration = asyncio.run(replay(args.url.rstrip("/"), requests, maker, args.model_name))
-    summary = summarize(results, duration, parse_slo(args.goodput))
-    summary["trace"] = {
-        "file": Path(trace_path(args.trace, args.trace_dir)).name,
-        "start": args.start,
-        "num_requests": len(requests),
-        "time_scale": args.time_scale,
-        "length_scale": args.length_scale,
-    }
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    if args.plot:
-        plot(results, samples, args.plot, title=f"replay of {summary['trace']['file']}")
-    return 0 if summary["failed"] == 0 else 1
+def plot_gauges(ax, samples: list[dict], title: str = "server gauges") -> None:
+    """The gauges sampled during a replay, as steps over time (nothing when none were sampled)."""
+    if not samples:
+        return
+    t = [s["t"] for s in samples]
+    for key, label in GAUGES.items():
+        ax.step(t, [s.get(key, 0) for s in samples], where="post", label=label)
+    ax.set(xlabel="time (s)", title=title)
+    ax.legend()
