@@ -134,6 +134,9 @@ def test_routes_completion_and_chat(server):
         ("/v1/completions", {"model": "toy", "prompt": "x", "stop": 5}, 400, "stop"),
         ("/v1/completions", {"model": "toy", "prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"model": "toy", "prompt": "x", "max_tokens": 3, "min_tokens": 5}, 400, "min_tokens"),
+        # without max_tokens, min_tokens is checked against the room the prompt leaves (512 tokens of context)
+        ("/v1/completions", {"model": "toy", "prompt": "x", "min_tokens": 4, "temperature": 0}, 200, None),
+        ("/v1/completions", {"model": "toy", "prompt": "x" * 300, "min_tokens": 400}, 400, "min_tokens"),
         (
             "/v1/completions",
             {"model": "toy", "prompt": "x", "stream_options": {"include_usage": True}},

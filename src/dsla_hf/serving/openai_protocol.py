@@ -121,8 +121,8 @@ def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int)
     if sampling["min_tokens"] > cap:
         message = f"'min_tokens' ({sampling['min_tokens']}) must not exceed '{limit_name}' ({cap})"
         raise ProtocolError(message, param="min_tokens")
-    # The server sets the default of max_tokens once the prompt length is known.
-    params = SamplingParams(max_tokens=max_tokens or 1, stop=stop, **sampling)
+    # Until the prompt length is known (the server then sets the default of max_tokens), the context's length.
+    params = SamplingParams(max_tokens=cap, stop=stop, **sampling)
     parsed = ParsedRequest(chat, model, params, own["stream"], include_usage, max_tokens_given=max_tokens is not None)
     if chat:
         parsed.messages = parse_messages(body.get("messages"))

@@ -142,6 +142,9 @@ class OpenAIRoutes:
         prompt_ids = self.encode(parsed)
         if not parsed.max_tokens_given:
             parsed.params.max_tokens = max(1, self.engine.max_model_len - len(prompt_ids))
+            if parsed.params.min_tokens > parsed.params.max_tokens:
+                message = f"'min_tokens' ({parsed.params.min_tokens}) exceeds the {parsed.params.max_tokens} tokens "
+                raise ProtocolError(message + "the context leaves after the prompt", param="min_tokens")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 
