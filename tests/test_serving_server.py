@@ -29,10 +29,10 @@ TRACE_CSV = (
 )
 
 
-def serve(policy=None, **config):
+def serve(policy=None, limits=None, **config):
     model, tok = toy_model(), toy_tokenizer()
     engine = Engine(model, tok, EngineConfig(**config), policy or StaticPolicy(0), Metrics("toy")).start()
-    return engine, ServerThread(build_app(engine, tok, "toy"))
+    return engine, ServerThread(build_app(engine, tok, "toy", limits))
 
 
 @pytest.fixture(scope="module")

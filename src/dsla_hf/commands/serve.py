@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from ..devices import add_device_arguments, device_and_dtype
 from ..serving.engine import Engine, EngineConfig
 from ..serving.metrics import Metrics
 from ..serving.policy import AdaptivePolicy, StaticPolicy, ratio_to_layers
+
+if TYPE_CHECKING:
+    from ..serving.server import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,29 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HTTP limits (hostile or broken clients)")
+    # The defaults are those of `serving.server.Limits` (not imported here: FastAPI is the `serve` extra).
+    group.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="a larger body gets 413 (default 4 MiB)")
+    group.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive, else 408 and close"
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request head to arrive (from the connection's start or the head's first byte), else 408 "
+        "and close",
+    )
+
+
+def http_limits(args: argparse.Namespace) -> Limits:
+    """The server's `Limits` from the HTTP options."""
+    from ..serving.server import Limits
+
+    return Limits(args.max_body_bytes, args.body_timeout, args.header_timeout)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -93,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     parser.add_argument("--log-level", default="info")
     add_engine_arguments(parser)
+    add_http_arguments(parser)
     add_policy_arguments(parser)
 
 
@@ -102,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     # FastAPI and uvicorn are the `serve` extra: imported only when serving, so `dsla --help` works without them.
     from ..serving.models import load_model
-    from ..serving.server import build_app
+    from ..serving.server import build_app, uvicorn_options
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -112,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("Serving %s on %s in %s", args.model, device, str(dtype).removeprefix("torch."))
     name = args.served_model_name or name
     engine = Engine(model, tokenizer, engine_config(args), make_policy(args, model), Metrics(name)).start()
+    app = build_app(engine, tokenizer, name, http_limits(args))
     try:
-        uvicorn.run(build_app(engine, tokenizer, name), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options(app))
     finally:
         engine.stop()
     return 0

@@ -3,7 +3,11 @@ error body, never a 5xx) and the shapes of responses, stream chunks and errors."
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,7 +68,7 @@ TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
 SAMPLING_FIELDS = {
     "temperature": Field(float, 1.0, low=0.0, high=2.0),
     "top_p": Field(float, 1.0, low=0.0, high=1.0, strict_low=True),
-    "seed": Field(int),
+    "seed": Field(int, low=-(2**63), high=2**64 - 1),  # what torch.Generator.manual_seed takes
     "min_tokens": Field(int, 0, low=0),
     "ignore_eos": Field(bool, False),
 }
@@ -81,6 +85,8 @@ def checked(body: dict, name: str, spec: Field):
         return spec.default
     if not isinstance(value, ACCEPTED[spec.kind]) or (isinstance(value, bool) and spec.kind is not bool):
         raise ProtocolError(f"'{name}' must be {TYPE_NAMES[spec.kind]}", param=name)
+    if spec.kind is float and not finite(value):  # NaN passes every bound check, and sampling with it fails
+        raise ProtocolError(f"'{name}' must be a finite number", param=name)
     if spec.low is not None and (value <= spec.low if spec.strict_low else value < spec.low):
         raise ProtocolError(f"'{name}' must be {'>' if spec.strict_low else '>='} {spec.low}, got {value}", param=name)
     if spec.high is not None and value > spec.high:
@@ -88,18 +94,86 @@ def checked(body: dict, name: str, spec: Field):
     return spec.kind(value)
 
 
+def finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def checked_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
     return {name: checked(body, name, spec) for name, spec in fields.items()}
 
 
+# --- the body: JSON, not too deep, with valid text -------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # arrays and objects in arrays and objects; a request needs about 5
+# A JSON string; an unterminated one runs to the end, so that the match never fails (and never backtracks).
+JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
+NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+# A lone surrogate in the text (from an invalid byte) or maybe in a string (a \uD800-\uDFFF escape).
+SURROGATE_HINT = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in JSON text (an upper bound for invalid text), found without parsing: the
+    parser recurses, and deep enough text makes it fail with RecursionError or worse. Brackets in strings don't
+    count."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # too few brackets to matter
+    brackets = JSON_STRING.sub(b"", raw).translate(None, NOT_BRACKETS)
+    return max(itertools.accumulate(map(BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def reject_constant(name: str) -> None:  # NaN and the infinities, which json.loads takes by default
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, with arrays and objects nested at most MAX_JSON_DEPTH deep and every
+    string valid UTF-8 text."""
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"The request body nests arrays and objects {depth} deep, more than {MAX_JSON_DEPTH}")
+    # Invalid bytes become lone surrogates, which check_text then reports with the field that holds them.
+    text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+        body = json.loads(text, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as error:  # RecursionError: should json_depth ever miss
         raise ProtocolError(f"The request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ProtocolError("The request body must be a JSON object")
+    if SURROGATE_HINT.search(text):
+        check_text(body)
     return body
+
+
+def is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(body: dict) -> None:
+    """Every string, keys included, must be UTF-8 text: a lone surrogate survives json.loads, then fails in the
+    tokenizer or when a response echoes it. The error names the field (as `messages[0].content`)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else key
+                if not is_text(key):
+                    name = name.encode("utf-8", "backslashreplace").decode()
+                    raise ProtocolError(f"The key '{name}' is not valid UTF-8 text", param=name)
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
+        elif isinstance(value, str) and not is_text(value):
+            raise ProtocolError(f"'{path}' is not valid UTF-8 text (an invalid byte or a lone surrogate)", param=path)
 
 
 def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int) -> ParsedRequest:
@@ -173,7 +247,9 @@ def parse_messages(messages) -> list[dict]:
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ProtocolError("Only text content parts are supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            if not all(isinstance(p.get("text"), str) for p in content):
+                raise ProtocolError("Each text content part needs a string 'text'", param="messages")
+            content = "".join(p["text"] for p in content)
         elif not isinstance(content, str):
             raise ProtocolError("Each message's 'content' must be a string", param="messages")
         parsed.append({"role": message["role"], "content": content})

@@ -3,6 +3,8 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming with `stream`, a usage chunk with
 `stream_options.include_usage`, then `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus). Requests reach
 the engine through thread-safe queues; a client that disconnects cancels its request. Prompts are never logged.
+Hostile clients get a 4xx (`Limits`): a body too large (413), a head or body too slow (408, then the connection is
+closed), malformed JSON or text (400).
 
     dsla serve --model smollm2 --port 8000 --policy adaptive
     curl localhost:8000/v1/completions -d '{"model": "SmolLM2-135M-Instruct", "prompt": "def f(x):", "max_tokens": 16}'
@@ -13,18 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
+import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
 
 # FastAPI reads the handlers' annotations (strings here) from this module's globals: import its names at the top.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .engine import Engine, EngineStopped, Output, QueueFull
 from .engine import Request as EngineRequest
@@ -47,6 +56,16 @@ logger = logging.getLogger(__name__)
 FAILURE_STATUS = {"timeout": 408, "abort": 503, "error": 500}
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+CLOSE_AFTER = (408, 413)  # the rest of the body may still come (or never): end the connection
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may take: the size of its body, and the time its head and its body may take to arrive."""
+
+    max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
 
 
 def error_response(message: str, status: int, param: str | None = None, kind: str | None = None) -> JSONResponse:
@@ -89,10 +108,11 @@ class Submission:
 class OpenAIRoutes:
     """The route handlers for one engine serving one model under `model_name`."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, limits: Limits | None = None):
         self.engine = engine
         self.tokenizer = copy.deepcopy(tokenizer)  # the engine thread decodes with its own copy
         self.model_name = model_name
+        self.limits = limits or Limits()
         self.created = int(time.time())
 
     async def health(self) -> Response:
@@ -125,7 +145,8 @@ class OpenAIRoutes:
         try:
             sub = await self.submit(raw, chat)
         except ProtocolError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
+            headers = {"Connection": "close"} if exc.status in CLOSE_AFTER else None
+            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
         except ValueError as exc:  # the prompt does not fit the context, or token ids out of the vocabulary
             return error_response(str(exc), 400)
         except QueueFull as exc:
@@ -137,8 +158,34 @@ class OpenAIRoutes:
             return StreamingResponse(self.stream(sub), media_type="text/event-stream", headers=headers)
         return await self.whole(raw, sub)
 
+    async def read_body(self, raw: Request) -> bytes:
+        """The body, refused with 413 beyond `max_body_bytes` (by its Content-Length before reading a byte) and with
+        408 when it does not arrive whole within `body_timeout_s`."""
+        limit, timeout = self.limits.max_body_bytes, self.limits.body_timeout_s
+        too_large = ProtocolError(f"The request body is larger than {limit} bytes", 413)
+        declared = raw.headers.get("content-length", "")
+        # (h11 has checked the digits; 20 of them are beyond any limit, and int() refuses more than 4300)
+        if declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
+            raise too_large
+
+        async def receive() -> bytes:
+            body = bytearray()
+            async for part in raw.stream():
+                body += part
+                if len(body) > limit:
+                    raise too_large
+            return bytes(body)
+
+        try:
+            return await asyncio.wait_for(receive(), timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"The request body did not arrive within {timeout:g} s", 408) from None
+        except ClientDisconnect:  # nobody to answer; no error to log either
+            raise ProtocolError("The client disconnected", 499) from None
+
     async def submit(self, raw: Request, chat: bool) -> Submission:
-        parsed = parse_request(parse_body(await raw.body()), chat, self.model_name, self.engine.max_model_len)
+        body = parse_body(await self.read_body(raw))
+        parsed = parse_request(body, chat, self.model_name, self.engine.max_model_len)
         prompt_ids = self.encode(parsed)
         if not parsed.max_tokens_given:
             parsed.params.max_tokens = max(1, self.engine.max_model_len - len(prompt_ids))
@@ -168,14 +215,18 @@ class OpenAIRoutes:
 
     async def whole(self, raw: Request, sub: Submission) -> Response:
         """The completion as one JSON body; a client that disconnects meanwhile cancels the request."""
-        parts = []
+        parts, checked = [], time.monotonic()
         while True:
             try:
                 out = await asyncio.wait_for(sub.outputs.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                out = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens flow, not only in pauses
+                checked = time.monotonic()
                 if await raw.is_disconnected():
                     sub.request.cancel()
                     return error_response("The client disconnected", 499)
+            if out is None:
                 continue
             parts.append(out.text)
             if out.finished:
@@ -210,10 +261,11 @@ class OpenAIRoutes:
                 sub.request.cancel()
 
 
-def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`."""
-    routes = OpenAIRoutes(engine, tokenizer, model_name)
+def build_app(engine: Engine, tokenizer, model_name: str, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`; run it with `uvicorn_options(app)`."""
+    routes = OpenAIRoutes(engine, tokenizer, model_name, limits)
     app = FastAPI(title="DSLA-Serve")
+    app.state.limits = routes.limits
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
@@ -223,6 +275,70 @@ def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     return app
+
+
+def raw_error(status: int, message: str) -> bytes:
+    """A whole HTTP response with an OpenAI-style error body that closes the connection."""
+    body = json.dumps(error_body(message, status)).encode()
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+    return f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head, from the connection's start or the head's
+    first byte: uvicorn has none, so a client that trickles its headers, or sends nothing, holds its connection
+    forever (its keep-alive timeout only covers idle time between requests, and any byte cancels it). Its own 400s
+    (malformed HTTP) get an OpenAI-style body."""
+
+    def __init__(self, *args, header_timeout_s: float = Limits.header_timeout_s, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_timer is None and self.awaiting_head():
+            self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_timed_out)
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self.cancel_head_timer()  # the next head's first byte starts the next deadline
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def awaiting_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.awaiting_head() or self.transport.is_closing():
+            return  # the head arrived: the app's body timeout takes over
+        if self.conn.our_state is h11.IDLE:  # else a response was sent already (the app did not read the body)
+            self.transport.write(raw_error(408, f"The request head did not arrive within {self.header_timeout_s:g} s"))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(raw_error(400, msg))
+        self.transport.close()
+
+
+def uvicorn_options(app: FastAPI) -> dict:
+    """uvicorn's options for an app of `build_app`: the guarded protocol, with the app's header timeout. The other
+    bounds are uvicorn's defaults: `timeout_keep_alive` (5 s idle between requests) and
+    `h11_max_incomplete_event_size` (16 KiB of request head)."""
+    limits = getattr(app.state, "limits", Limits())
+    return {"http": functools.partial(GuardedH11Protocol, header_timeout_s=limits.header_timeout_s)}
 
 
 class ServerThread:
@@ -236,7 +352,7 @@ class ServerThread:
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **uvicorn_options(app))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
