@@ -169,3 +169,43 @@ def test_engine_thread_serves_concurrent_submissions(toy):
         assert engine.metrics.get("vllm:generation_tokens_total") >= 36
     finally:
         engine.stop()
+
+
+def test_a_failing_first_token_ends_its_request_and_the_engine_serves_on(toy, monkeypatch):
+    """Sampling that raises at a request's first token (after its prefill) ends that request with an error: it is
+    never left waiting for a token that will not come, and the next request is served."""
+    import dsla_hf.serving.engine as engine_module
+
+    model, tok = toy
+    model.set_dsla_layers([])
+    calls = {"n": 0}
+    real_sample = engine_module.sample
+
+    def flaky_sample(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected sampling failure")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample", flaky_sample)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2), policy=StaticPolicy(0)).start()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        done = [threading.Event(), threading.Event()]
+        outputs = [[], []]
+
+        def sink(i):
+            def put(out):
+                outputs[i].append(out)
+                if out.finish_reason is not None:
+                    done[i].set()
+
+            return put
+
+        failed = engine.submit(prompts_of([6])[0], params, sink(0))
+        assert done[0].wait(30), "the request whose first token failed never finished"
+        assert failed.finish_reason == "error" and "RuntimeError" in outputs[0][-1].error
+        served = engine.submit(prompts_of([6], seed=1)[0], params, sink(1))
+        assert done[1].wait(30) and served.finish_reason == "length" and len(served.output_ids) == 3
+    finally:
+        engine.stop()

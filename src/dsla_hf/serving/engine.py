@@ -360,9 +360,10 @@ class Engine:
         self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
         if request.prefilled < len(request.prompt_ids):
             return
-        self.prefilling = None
         request.cached = len(request.prompt_ids)
+        # Still `prefilling` while its first token is sampled: if that fails, the step's failure handler ends it.
         self._accept(request, logits[0, -1].float().cpu())
+        self.prefilling = None
         if request.finish_reason is not None:
             request.cache = None
             return
