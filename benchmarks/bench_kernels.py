@@ -96,8 +96,8 @@ class DSLAAttention(SoftmaxAttention):
         gates = self.gates(k)
         mix = self.mix.softmax(-1)
         if state is None:
-            return chunk_dsla(q, k, v, gates, None, mix, backend=self.backend, out=q if overlay else None)[0]
-        return fused_recurrent_dsla(q, k, v, gates, None, mix, initial_state=state, inplace=True)[0]
+            return chunk_dsla(q, k, v, gates, mix, backend=self.backend, out=q if overlay else None)[0]
+        return fused_recurrent_dsla(q, k, v, gates, mix, initial_state=state, inplace=True)[0]
 
     def forward(self, x, *state):
         o = self.attend(*self.project(x), *state, overlay=not state)

@@ -171,7 +171,7 @@ def dsla_inputs(T: int, shape: tuple, dtype, device, seed: int = 0, batch: int =
     values = torch.cat([rnd(batch, T, HK, D), torch.ones(batch, T, HK, 1, device=device)], -1)
     x = dict(
         q=features(H).to(dtype), k=features(HK).to(dtype), v=values.to(dtype),
-        g1=F.logsigmoid(rnd(batch, T, HK, 2 * D) + 6.0), g2=F.logsigmoid(rnd(batch, T, HK, 2 * D) + 1.0),
+        g=torch.stack([F.logsigmoid(rnd(batch, T, HK, 2 * D) + 6.0), F.logsigmoid(rnd(batch, T, HK, 2 * D) + 1.0)], 2),
         mix=torch.rand(H, 2, generator=gen, device=device),
         initial_state=rnd(batch, 2, HK, 2 * D, D + 1) * 0.1,
     )  # fmt: skip
@@ -194,7 +194,7 @@ def kernel_checks(report: Report, plan: Plan, device: torch.device) -> None:
                     o_ref, final_ref = naive_dsla(**as_fp32(x), output_final_state=True)
                     report.check("chunk_dsla", f"{name} T={T} {tag}", {"o": rel_rms(o, o_ref),
                                  "final_state": rel_rms(final, final_ref)}, tol)  # fmt: skip
-                    state = fold_kv(x["k"], x["v"], x["g1"], x["g2"], x["initial_state"], backend="triton")
+                    state = fold_kv(x["k"], x["v"], x["g"], x["initial_state"], backend="triton")
                     report.check("fold_kv", f"{name} T={T} {tag}", {"state": rel_rms(state, final_ref)}, tol)
                 del x, o, o_ref
             # packed sequences, one of a single token, each from its own initial state
@@ -312,7 +312,7 @@ def speed(entry: dict, plan: Plan, device: torch.device) -> None:
             )  # fmt: skip  (8 query heads, 128 value columns: GLA's layout)
             row["dsla_8_heads_ms"] = 1e3 * timed(partial(chunk_dsla, **same, backend="triton"), device, plan.iters)
             if gla is not None:
-                run = partial(gla, same["q"], same["k"], same["v"], same["g1"], scale=1.0)
+                run = partial(gla, same["q"], same["k"], same["v"], same["g"][:, :, 0].contiguous(), scale=1.0)
                 row["chunk_gla_ms"] = 1e3 * timed(run, device, plan.iters)
                 row["dsla_over_gla"] = row["dsla_8_heads_ms"] / row["chunk_gla_ms"]
             del x, same

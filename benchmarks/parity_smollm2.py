@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -23,7 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsla_hf.data import load_text_dataset
 from dsla_hf.kernels import chunk_dsla, naive_dsla
-from dsla_hf.kernels.gates import gate_tensors
 from dsla_hf.models.dsla import modeling_dsla
 
 
@@ -59,7 +59,9 @@ def kernel_inputs(model, ids, layer_rank: int) -> tuple[int, dict]:
     original = modeling_dsla.chunk_dsla
 
     def spy(*args, **kwargs):
-        calls.append(dict(q=args[0].clone(), k=args[1], v=args[2], gates=args[3], mix=args[5], scale=args[6]))
+        call = inspect.signature(original).bind(*args, **kwargs).arguments
+        q = call["q"].clone() if isinstance(call["q"], torch.Tensor) else call["q"]  # (features: not overwritten)
+        calls.append(dict(q=q, k=call["k"], v=call["v"], g=call["g"], mix=call.get("mix"), scale=call.get("scale")))
         return original(*args, **kwargs)
 
     modeling_dsla.chunk_dsla = spy
@@ -104,12 +106,11 @@ def main(argv=None):
         )
 
     layer, c = kernel_inputs(model, ids[:, : args.layer_tokens], layer_rank=len(active) // 2)
-    g1, g2 = gate_tensors(c["gates"], None)
     with torch.no_grad():
-        o_ref, s_ref = naive_dsla(c["q"], c["k"], c["v"], g1, g2, c["mix"], c["scale"], output_final_state=True)
+        o_ref, s_ref = naive_dsla(c["q"], c["k"], c["v"], c["g"], c["mix"], c["scale"], output_final_state=True)
         for backend in ("cpp", "torch"):
-            o, s = chunk_dsla(c["q"], c["k"], c["v"], c["gates"], None, c["mix"], c["scale"],
-                              output_final_state=True, backend=backend)  # fmt: skip
+            o, s = chunk_dsla(c["q"], c["k"], c["v"], c["g"], c["mix"], c["scale"], output_final_state=True,
+                              backend=backend)  # fmt: skip
             row = dict(o_rel_rms=rel_rms(o, o_ref), state_rel_rms=rel_rms(s, s_ref))
             result[f"layer_{layer}_{backend}_vs_naive"] = row
             print(

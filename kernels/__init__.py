@@ -9,7 +9,11 @@
 - ``LinearGates``, ``HedgehogFeatures``: gates, and query and key features, given by their inputs and weights in
   place of tensors (the C++ kernel computes them chunk by chunk; the other backends materialise them).
 
-Shapes and semantics are documented in :mod:`dsla_hf.kernels.naive`.
+Each entry point checks its inputs once (:func:`.inputs.check_inputs`: shapes, grouped heads, one gate tensor
+``g`` [B, T, S, HK, K] for S = 1 or 2 states, the mixing weights as fp32 [H, S], the default scale, packing),
+picks a backend with :func:`.dispatch.resolve_backend` ("torch", "triton", "cpp" or "naive") and calls it from
+the registry :data:`.dispatch.REGISTRY`, which imports the Triton and C++ kernels only when they run. Shapes and
+the recurrence: :mod:`.inputs`; each entry point's arguments: its docstring.
 """
 
 from .chunk import chunk_dsla

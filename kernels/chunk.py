@@ -33,17 +33,13 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import fp32_compute, package_module, resolve_backend
-from .features import HedgehogFeatures, feature_tensor, parts
-from .gates import LinearGates, gate_inputs, gate_tensors
-from .naive import _mix_weights, naive_dsla
+from .dispatch import fp32_compute, implementation, resolve_backend
+from .features import HedgehogFeatures
+from .gates import LinearGates
+from .inputs import BLOCK_TOKENS, CHUNK, INFERENCE_CHUNK, DSLAInputs, check_inputs
 
 SAFE_EXPONENT = 60.0  # e^60 ~ 1e26: leaves ~12 orders of magnitude of fp32 range for q.k and sums
 SUB_CHUNK = 16
-BLOCK_TOKENS = 1024  # long inference inputs are processed this many tokens at a time: intermediates stay in cache
-# Chunk sizes when none is given: inference on the PyTorch path is ~10 % faster with 32-token chunks (cheaper
-# intra-chunk products, the scan over chunks is cheap); the backward's per-chunk work favours 64, as Triton does.
-INFERENCE_CHUNK, TRAINING_CHUNK = 32, 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,8 +64,6 @@ class _Layout:
             self.spans = [(slice(None), 0, self.n)]
             self.num_seqs = B
             return
-        if B != 1:
-            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
         bounds = [int(x) for x in cu_seqlens.tolist()]
         self.num_seqs = len(bounds) - 1
         self.Bs = 1
@@ -323,9 +317,13 @@ def _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward: bool, out_buff
 
 
 class ChunkDSLAFunction(torch.autograd.Function):
+    """q, k, v on the chunk layout; the gates ``g`` [B, T, S, HK, K] as the caller has them, their gradient returned
+    contiguous: the gates' own backward (``exp`` in ``LinearGates``) gives bits that depend on the memory order,
+    which stays the one it has always been."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, w, h0, layout):
-        o, finals, saved = _chunk_forward(q, k, v, g, w, h0, layout, store_for_backward=True)
+        o, finals, saved = _chunk_forward(q, k, v, _gate_chunks(g, layout), w, h0, layout, store_for_backward=True)
         ctx.save_for_backward(q, k, v, w)
         ctx.saved = saved
         ctx.layout = layout
@@ -377,7 +375,7 @@ class ChunkDSLAFunction(torch.autograd.Function):
         db = qdq - kdk
         Sout = torch.addcmul(sv["U"], sv["decay"].unsqueeze(-1), Sin)
         db[:, :, :, -1] += (dSout * Sout).sum(-1)
-        dg = db.flip(3).cumsum(3).flip(3)
+        dg = layout.from_chunks(db.flip(3).cumsum(3).flip(3).permute(0, 2, 3, 4, 1, 5)).contiguous()  # [B,T,S,HK,K]
         ctx.saved = None
         return dq, dk, dv, dg, dw, (dh0 if ctx.has_h0 else None), None
 
@@ -396,48 +394,42 @@ def _dk_full(dkf, b, full):
 # public API
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+def _chunked_keys(x: DSLAInputs, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [Bs,HK,n,C,K] and values [Bs,HK,n,C,V] on the chunk layout: views where the length is a multiple of the
+    chunk."""
+    kc = layout.to_chunks(x.k.float()).permute(0, 3, 1, 2, 4)
+    vc = layout.to_chunks(x.v.float()).permute(0, 3, 1, 2, 4)
+    return kc, vc
 
 
-def _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size):
-    """Chunk-layout views (no copies where the length is a multiple of the chunk) and the scaled mixing weights."""
-    B, T, H, K = q.shape
-    HK = k.shape[2]
-    if H % HK:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    G = H // HK
-    S = 1 if g2 is None else 2
-    scale = K**-0.5 if scale is None else scale
-    layout = _Layout(B, T, chunk_size, cu_seqlens, q.device)
-    g = g1.float().unsqueeze(-2) if g2 is None else torch.stack([g1.float(), g2.float()], dim=-2)
-    qc = layout.to_chunks(q.float().view(B, T, HK, G, K)).permute(0, 3, 1, 4, 2, 5)
-    kc = layout.to_chunks(k.float()).permute(0, 3, 1, 2, 4)
-    vc = layout.to_chunks(v.float()).permute(0, 3, 1, 2, 4).contiguous()
-    gc = layout.to_chunks(g).permute(0, 3, 1, 2, 4, 5)
-    w = _mix_weights(mix, H, S, q.device).reshape(HK, G, S) * scale
-    return layout, qc, kc, vc, gc, w
+def _gate_chunks(g: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """Gates [B, T, S, HK, K] on the chunk layout, [Bs, HK, n, C, S, K], read in place whatever their strides (only
+    their cumulative sum reads them)."""
+    return layout.to_chunks(g).permute(0, 4, 1, 2, 3, 5)
 
 
 @fp32_compute
-def chunk_dsla_torch(
-    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size=None,
-):  # fmt: skip
-    B, T, H, K = q.shape
-    training = _needs_grad(q, k, v, g1, g2, mix, initial_state)
-    chunk_size = chunk_size or (TRAINING_CHUNK if training else INFERENCE_CHUNK)
-    layout, qc, kc, vc, gc, w = _prepare(q, k, v, g1, g2, mix, scale, cu_seqlens, chunk_size)
-    h0 = None if initial_state is None else initial_state.float()
+def chunk_dsla_torch(x: DSLAInputs, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch path of ``chunk_dsla``: autograd through the hand-written backward when a gradient is needed;
+    else the forward alone, in blocks of chunks for long inputs."""
+    B, T, H, HK, G, K = x.B, x.T, x.H, x.HK, x.G, x.K
+    layout = _Layout(B, T, chunk_size, x.cu_seqlens, x.device)
+    qc = layout.to_chunks(x.q.float().view(B, T, HK, G, K)).permute(0, 3, 1, 4, 2, 5)
+    kc, vc = _chunked_keys(x, layout)
+    vc = vc.contiguous()
+    g = x.g.float()
+    w = x.mix.reshape(HK, G, x.S) * x.scale  # the scale folded into the mixing weights
+    h0 = None if x.initial_state is None else x.initial_state.float()
     block = max(1, BLOCK_TOKENS // chunk_size)
-    if training:
-        oc, final = ChunkDSLAFunction.apply(qc, kc, vc, gc, w, h0, layout)
+    if x.needs_grad:
+        oc, final = ChunkDSLAFunction.apply(qc, kc, vc, g, w, h0, layout)
     elif layout.varlen or layout.n <= block:
-        oc, final, _ = _chunk_forward(qc, kc, vc, gc, w, h0, layout, store_for_backward=False)
+        oc, final, _ = _chunk_forward(qc, kc, vc, _gate_chunks(g, layout), w, h0, layout, store_for_backward=False)
     else:
         # inference on long inputs: blocks of chunks, so every intermediate stays in cache; states carried over
-        Bs, HK, n, G, C, _ = qc.shape
-        buffer = qc.new_empty(Bs, n, C, HK, G, vc.shape[-1])
+        Bs, n, C = layout.Bs, layout.n, layout.C
+        gc = _gate_chunks(g, layout)
+        buffer = qc.new_empty(Bs, n, C, HK, G, x.V)
         final = h0
         for c0 in range(0, n, block):
             c1 = min(n, c0 + block)
@@ -448,26 +440,21 @@ def chunk_dsla_torch(
     # [Bs,HK,n,G,C,V] -> [Bs,n,C,HK,G,V] (the memory order of oc) -> [B,T,H,V]
     Bs, HK, n, G, C, V = oc.shape
     o = layout.from_chunks(oc.permute(0, 2, 4, 1, 3, 5).reshape(Bs, n, C, H, V))
-    return o.to(q.dtype), (final if output_final_state else None)
+    return o.to(x.q.dtype), (final if x.output_final_state else None)
 
 
 @fp32_compute
-def chunk_states_torch(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, chunk_size=64):
-    """Final states only (no outputs): per-chunk states by batched matmuls, then the scan over chunks."""
-    B, T, HK, K = k.shape
-    V = v.shape[-1]
-    S = 1 if g2 is None else 2
-    layout = _Layout(B, T, chunk_size, cu_seqlens, k.device)
-    g = g1.float().unsqueeze(-2) if g2 is None else torch.stack([g1.float(), g2.float()], dim=-2)
-    kc = layout.to_chunks(k.float()).permute(0, 3, 1, 2, 4)
-    vc = layout.to_chunks(v.float()).permute(0, 3, 1, 2, 4)
-    gc = layout.to_chunks(g).permute(0, 3, 1, 2, 4, 5)
-    Bs, n, C = layout.Bs, layout.n, layout.C
-    b = gc.cumsum(3)
+def chunk_states_torch(x: DSLAInputs, chunk_size: int) -> torch.Tensor:
+    """Final states only (``fold_kv``'s PyTorch path): per-chunk states by batched matmuls, then the scan over
+    chunks."""
+    layout = _Layout(x.B, x.T, chunk_size, x.cu_seqlens, x.device)
+    kc, vc = _chunked_keys(x, layout)
+    Bs, HK, n, C = layout.Bs, x.HK, layout.n, layout.C
+    b = _gate_chunks(x.g.float(), layout).cumsum(3)
     bC = b[:, :, :, -1]
     kd = kc.unsqueeze(-2) * (bC.unsqueeze(3) - b).exp()
-    U = (kd.reshape(Bs, HK, n, C, S * K).transpose(-1, -2) @ vc).view(Bs, HK, n, S, K, V)
-    h0 = None if initial_state is None else initial_state.float()
+    U = (kd.reshape(Bs, HK, n, C, x.S * x.K).transpose(-1, -2) @ vc).view(Bs, HK, n, x.S, x.K, x.V)
+    h0 = None if x.initial_state is None else x.initial_state.float()
     return _scan(bC.exp(), U, h0, layout)
 
 
@@ -475,8 +462,7 @@ def chunk_dsla(
     q: torch.Tensor | HedgehogFeatures,
     k: torch.Tensor | HedgehogFeatures,
     v: torch.Tensor,
-    g1: torch.Tensor | LinearGates,
-    g2: torch.Tensor | None = None,
+    g: torch.Tensor | LinearGates,
     mix: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
@@ -486,48 +472,48 @@ def chunk_dsla(
     backend: str | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked dual-state linear attention (prefill and training). Shapes: see :mod:`naive`.
+    """Chunked dual-state linear attention, for prefill and training (the recurrence: :mod:`.inputs`).
 
-    ``g1`` may be a :class:`~.gates.LinearGates` holding the gates of every state (then ``g2`` is None), and ``q``
-    and ``k`` may be :class:`~.features.HedgehogFeatures`: the C++ kernel computes them chunk by chunk, the other
-    backends materialise them first.
+    Args:
+        q: [B, T, H, K] queries (after the query feature map), or :class:`~.features.HedgehogFeatures` (raw
+            queries and the map: the C++ kernel computes the features chunk by chunk, the other backends first).
+        k: [B, T, HK, K] keys (after the key feature map), or :class:`~.features.HedgehogFeatures`. ``H`` must be a
+            multiple of ``HK``: query head ``h`` reads the states of key/value head ``h // (H // HK)``.
+        v: [B, T, HK, V] values.
+        g: [B, T, S, HK, K] log decays (<= 0) of each state, ``S = 2`` (DSLA's history and recency states) or 1 (a
+            single-state, GLA layer); or :class:`~.gates.LinearGates` giving them by their inputs and weights
+            (computed chunk by chunk by the C++ kernel, materialised by the other backends).
+        mix: mixing weights of the states, [S] (shared by the heads) or [H, S]; None: ones.
+        scale: factor of the queries; None: ``K ** -0.5``.
+        initial_state: fp32 [N, S, HK, K, V] states before the first token of each sequence; None: zeros.
+        output_final_state: return the states after the last token.
+        cu_seqlens: [N + 1] boundaries of packed sequences (``B`` must be 1): sequence ``n`` is tokens
+            ``cu_seqlens[n]:cu_seqlens[n + 1]``, read from ``initial_state[n]``; tokens outside every sequence get
+            zero outputs. None: each batch row is a sequence (``N = B``).
+        chunk_size: tokens per chunk; None: 64 for Triton and for training, 32 for inference on CPUs.
+        backend: None picks Triton for CUDA tensors (when importable); on CPUs the fused C++ kernel for inference
+            (no gradient needed; where it builds, see :mod:`.cpp_chunk`) and the PyTorch path otherwise.
+            ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one.
+        out: (inference) a [B, T, H, V] tensor that receives the outputs. It may overlay the queries row for row
+            (``out=q``, or ``q[..., :V]``) when nothing reads them after: every backend reads a row of ``q`` before
+            it writes that row of ``out``. A long prompt's output then takes no fresh memory, whose page faults cost
+            a quarter of the C++ kernel's time at 16k tokens.
 
-    ``out`` (inference): a ``[B, T, H, V]`` tensor that receives the outputs and is returned. It may overlay the
-    queries row for row (``out=q``, or ``q[..., :V]``) when nothing reads them after: every backend reads a row of
-    ``q`` before it writes that row of ``out``. A long prompt's output then takes no fresh memory, whose page faults
-    cost a quarter of the C++ kernel's time at 16k tokens.
-
-    ``backend``: ``None`` picks Triton for CUDA tensors (when importable); on CPUs the fused C++ kernel for
-    inference (no gradient needed; where it builds, see :mod:`cpp_chunk`) and the PyTorch path otherwise.
-    ``"torch"``, ``"triton"``, ``"cpp"`` or ``"naive"`` force one. ``chunk_size``: ``None`` picks 64 for Triton and
-    for training, 32 for inference on CPUs.
+    Returns:
+        o: [B, T, H, V] outputs in the dtype of ``q`` (``out`` itself when given).
+        final_state: fp32 [N, S, HK, K, V] states after the last token, or None without ``output_final_state``.
     """
-    gate_parts = gate_inputs(g1, g2)
-    grad = _needs_grad(*parts(q), *parts(k), v, mix, initial_state, *gate_parts)
+    x = check_inputs(q, k, v, g, mix, scale, initial_state, output_final_state, cu_seqlens)
     if out is not None:
-        raw_q = () if isinstance(q, torch.Tensor) else parts(q)  # features computed in place of q: no overlay
-        _check_out(out, q, v.shape[-1], grad, (*raw_q, *parts(k), v, mix, initial_state, *gate_parts))
-    backend = resolve_backend(v, backend, cpp=not grad)
-    if backend == "cpp":
-        if grad:
+        _check_out(out, x)
+    backend = resolve_backend("chunk", x.v, backend, cpp=not x.needs_grad)
+    chunk_size = chunk_size or (CHUNK if backend == "triton" or x.needs_grad else INFERENCE_CHUNK)
+    run = implementation("chunk", backend)
+    if backend == "cpp":  # computes features and gates given by their inputs itself, and writes into out
+        if x.needs_grad:
             raise ValueError("the C++ kernel is forward-only: use backend='torch' (or None) when gradients are needed")
-        return package_module("cpp_chunk").chunk_dsla_cpp(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, out=out
-        )
-    g1, g2 = gate_tensors(g1, g2)
-    q, k = feature_tensor(q), feature_tensor(k)
-    if backend == "naive":
-        o, final = naive_dsla(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens)
-    elif backend == "triton":
-        from .triton_chunk import chunk_dsla_triton
-
-        o, final = chunk_dsla_triton(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size or 64
-        )
-    else:
-        o, final = chunk_dsla_torch(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size
-        )
+        return run(x, chunk_size, out=out)
+    o, final = run(x.materialized(), chunk_size)
     return (o if out is None else out.copy_(o)), final
 
 
@@ -541,16 +527,17 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
-def _check_out(out: torch.Tensor, q: torch.Tensor | HedgehogFeatures, V: int, grad: bool, others: tuple) -> None:
+def _check_out(out: torch.Tensor, x: DSLAInputs) -> None:
     """``out`` is a [B, T, H, V] tensor that overlays no input, or overlays ``q`` row for row."""
-    if grad:
+    if x.needs_grad:
         raise ValueError("out= is for inference: autograd cannot differentiate through an output written in place")
-    shape = (*q.shape[:3], V)
-    if tuple(out.shape) != shape or out.device != q.device:
-        raise ValueError(f"out must be a {shape} tensor on {q.device}, got {tuple(out.shape)} on {out.device}")
-    if isinstance(q, torch.Tensor):  # (features computed from q are among the others)
+    shape = (x.B, x.T, x.H, x.V)
+    if tuple(out.shape) != shape or out.device != x.device:
+        raise ValueError(f"out must be a {shape} tensor on {x.device}, got {tuple(out.shape)} on {out.device}")
+    if isinstance(x.q, torch.Tensor):  # (features computed from q are among the others)
+        q = x.q
         row_for_row = out.data_ptr() == q.data_ptr() and out.stride()[:3] == q.stride()[:3] and out.dtype == q.dtype
         if _overlap(out, q) and not row_for_row:
             raise ValueError("out may overlay q only row for row (out=q, or q[..., :V])")
-    if any(x is not None and _overlap(out, x) for x in others):
+    if any(_overlap(out, t) for t in x.tensors() if t is not x.q):
         raise ValueError("out overlays an input other than q")

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from .dispatch import cpu_isa, cpuinfo
-from .features import HedgehogFeatures, feature_tensor, parts
-from .gates import LinearGates, gate_inputs
-from .naive import _mix_weights
+from .features import HedgehogFeatures, feature_tensor
+from .gates import LinearGates
+from .inputs import BLOCK_TOKENS, INFERENCE_CHUNK, DSLAInputs
 
 # One library of the CPU kernels: the chunked prefill, the softmax window and the fused decoding step.
 HERE = Path(__file__).parent
@@ -41,7 +41,6 @@ COMPILE = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
 # AVX-512 CPU too: an AVX2-only machine's code measured here) or "avx512" (x86-64-v4).
 ISA_FLAGS = {"native": "-march=native", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4"}
 LINK = ("-shared", "-fopenmp")
-CHUNK, BLOCK_TOKENS = 32, 1024  # 32-token chunks: the intra-chunk products are a third of the work at 16k
 FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -ffast-math assumes no infinities
 
 
@@ -144,17 +143,11 @@ def fp32_operand(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
-    """The kernel's operands for gates computed from their inputs: x [B, T, HK, D] (stride 0 over heads for a
-    shared input), W^T [HK, D, SKz] and biases [HK, SKz] in the padded columns s * Kp + f, the mask, tau, clamp."""
-    S, H, F, D = gates.weight.shape
+    """The kernel's operands for gates computed from their inputs (shapes checked by the entry point): x
+    [B, T, HK, D] (stride 0 over heads for a shared input), W^T [HK, D, SKz] and biases [HK, SKz] in the padded
+    columns s * Kp + f, the mask, tau, clamp."""
+    S, _, _, D = gates.weight.shape
     x = fp32_operand(gates.x)
-    if H != HK or F != K or gates.bias.shape != (S, H, F):
-        raise ValueError(f"gates of shape {tuple(gates.weight.shape)} (states, heads, features, inputs) do not fit "
-                         f"{HK} key/value heads of {K} features")  # fmt: skip
-    if x.shape[:2] != (B, T) or x.shape[-1] != D or (gates.per_head and x.shape[2] != HK):
-        raise ValueError(f"gate inputs of shape {tuple(x.shape)} do not fit {B}x{T} tokens, {HK} heads, {D} inputs")
-    if gates.mask is not None and gates.mask.shape != (B, T):
-        raise ValueError(f"the gates' mask must have shape {(B, T)}, got {tuple(gates.mask.shape)}")
     if not gates.per_head:
         x = x[:, :, None].expand(B, T, HK, D)
     Kp = -(-K // 8) * 8
@@ -170,90 +163,74 @@ def _linear_gates(gates: LinearGates, B: int, T: int, HK: int, K: int):
 
 def _feature_maps(q, k):
     """fp32 maps of queries and keys given as HedgehogFeatures, and the keys' mask: (q_map, k_map, mask), or None
-    where they are not both given so (or their width is not a whole number of 16-float vectors)."""
+    where they are not both given so (or their width is not a whole number of 16-float vectors, or they are not
+    maps of inputs of one width)."""
     if not (isinstance(q, HedgehogFeatures) and isinstance(k, HedgehogFeatures)):
         return None
-    H, HK, Dx, F = q.weight.shape[0], k.weight.shape[0], q.x.shape[-1], q.weight.shape[-1]
-    if F % 16 or q.weight.shape != (H, Dx, F) or k.weight.shape != (HK, Dx, F) or q.mask is not None:
+    if q.weight.shape[-1] % 16 or k.x.shape[-1] != q.x.shape[-1] or q.mask is not None:
         return None
-    if q.x.shape[2] != H or k.x.shape[2] != HK or k.x.shape[:2] != q.x.shape[:2] or k.x.shape[-1] != Dx:
-        raise ValueError(f"raw queries {tuple(q.x.shape)} and keys {tuple(k.x.shape)} do not fit their maps")
     mask = None if k.mask is None else k.mask.float().contiguous()
-    if mask is not None and mask.shape != q.x.shape[:2]:
-        raise ValueError(f"the features' mask must have shape {tuple(q.x.shape[:2])}, got {tuple(mask.shape)}")
     return q.weight.float().contiguous(), k.weight.float().contiguous(), mask
 
 
 @torch.no_grad()
 def chunk_dsla_cpp(
-    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size=None, out=None,
-):  # fmt: skip
-    """``chunk_dsla`` (inference) by the fused C++ kernel. Same arguments and results as the other backends; an
-    fp32 ``out`` with a unit stride over values is written directly (its rows may overlay q's)."""
+    x: DSLAInputs, chunk_size: int = INFERENCE_CHUNK, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunk_dsla`` (inference) by the fused C++ kernel, on checked inputs whose features and gates may still be
+    given by their inputs. An fp32 ``out`` with a unit stride over values is written directly (its rows may overlay
+    q's)."""
     lib = loaded()
-    inputs = (*parts(q), *parts(k), v, mix, initial_state, *gate_inputs(g1, g2))
-    if any(x is not None and x.device.type != "cpu" for x in inputs):
+    if any(t.device.type != "cpu" for t in x.tensors()):
         raise ValueError("the C++ kernel takes CPU tensors; use backend='triton' or 'torch' for other devices")
+    B, T, H, HK, G, K, V, S, N = x.B, x.T, x.H, x.HK, x.G, x.K, x.V, x.S, x.N
+    q, k = x.q, x.k
     maps = _feature_maps(q, k)
     if maps is None:  # features given (or maps the kernel does not take: computed here)
         q, k = feature_tensor(q), feature_tensor(k)
-    B, T, H, K = q.shape
-    HK, V = k.shape[2], v.shape[-1]
     dtype = q.dtype if maps is None else q.x.dtype
-    if H % HK:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    G = H // HK
-    S = g1.num_states if isinstance(g1, LinearGates) else 1 if g2 is None else 2
-    scale = K**-0.5 if scale is None else scale
-    if cu_seqlens is None:
+    if x.cu_seqlens is None:
         seq_b, seq_t0, seq_len = torch.arange(B), torch.zeros(B, dtype=torch.long), torch.full((B,), T)
     else:
-        if B != 1:
-            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
-        bounds = cu_seqlens.to("cpu", torch.long)
+        bounds = x.cu_seqlens.to("cpu", torch.long)
         seq_len = bounds[1:] - bounds[:-1]
         seq_b, seq_t0 = torch.zeros_like(seq_len), bounds[:-1].clone()
-    N = len(seq_len)
-    if isinstance(g1, LinearGates):
-        gates = _linear_gates(g1, B, T, HK, K)
+    if isinstance(x.g, LinearGates):
+        gates = _linear_gates(x.g, B, T, HK, K)
         g1 = g2 = None
     else:
         gates = None
-        g1 = fp32_operand(g1)
-        g2 = g1 if g2 is None else fp32_operand(g2)
-    w = (_mix_weights(mix, H, S, "cpu").reshape(HK, G, S) * scale).contiguous()
+        g1 = fp32_operand(x.g[:, :, 0])
+        g2 = g1 if S == 1 else fp32_operand(x.g[:, :, 1])
+    w = (x.mix.reshape(HK, G, S) * x.scale).contiguous()  # the scale folded into the mixing weights
     q, k = (fp32_operand(q), fp32_operand(k)) if maps is None else (fp32_operand(q.x), fp32_operand(k.x))
-    v = fp32_operand(v)
+    v = fp32_operand(x.v)
     q_map, k_map, feature_mask = maps or (None, None, None)
-    x, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
+    gx, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
     strides = mask if mask is not None else feature_mask  # both [B, T] contiguous: one set of strides
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    if h0 is not None and h0.shape != (N, S, HK, K, V):
-        raise ValueError(f"initial_state must have shape {(N, S, HK, K, V)}, got {tuple(h0.shape)}")
+    h0 = None if x.initial_state is None else x.initial_state.float().contiguous()
     direct = out is not None and out.dtype == torch.float32 and out.stride(-1) == 1
     if direct:
         o = out
-        if cu_seqlens is not None:  # tokens outside every sequence are zeros, as in the other backends
+        if x.cu_seqlens is not None:  # tokens outside every sequence are zeros, as in the other backends
             o[:, : int(bounds[0])].zero_()
             o[:, int(bounds[-1]) :].zero_()
     else:
-        o = torch.empty(B, T, H, V) if cu_seqlens is None else torch.zeros(B, T, H, V)  # packing may leave a tail
+        o = torch.empty(B, T, H, V) if x.cu_seqlens is None else torch.zeros(B, T, H, V)  # packing may leave a tail
     final = torch.empty(N, S, HK, K, V)
-    C = chunk_size or CHUNK
     status = lib.dsla_chunk_forward(
         _ptr(q), strides3(q), _ptr(k), strides3(k), _ptr(v), strides3(v), _ptr(g1), strides3(g1), _ptr(g2),
-        strides3(g2), _ptr(x), strides3(x), 0 if x is None else x.shape[-1], _ptr(gw), _ptr(gc),
+        strides3(g2), _ptr(gx), strides3(gx), 0 if gx is None else gx.shape[-1], _ptr(gw), _ptr(gc),
         ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
         ctypes.c_long(0 if strides is None else T), ctypes.c_long(0 if strides is None else 1),
         _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
-        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), strides3(o), C,
-        max(1, BLOCK_TOKENS // C), torch.get_num_threads(), _ptr(q_map), _ptr(k_map), _ptr(feature_mask),
+        _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), strides3(o), chunk_size,
+        max(1, BLOCK_TOKENS // chunk_size), torch.get_num_threads(), _ptr(q_map), _ptr(k_map), _ptr(feature_mask),
         0 if maps is None else q.shape[-1], 0 if maps is None else q_map.shape[-1],
     )  # fmt: skip
     if status:
         raise MemoryError("the C++ CPU kernel could not allocate its workspace")
-    final = final if output_final_state else None
+    final = final if x.output_final_state else None
     if out is not None:
         return (out if direct else out.copy_(o)), final
     return o.to(dtype), final

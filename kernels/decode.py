@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import package_module
+from .dispatch import implementation, resolve_backend
 from .features import hedgehog
 from .window import rotate_half
 
@@ -108,7 +108,7 @@ def naive_decode_dsla(q, k, v, state, weights: DecodeWeights, window=None, posit
     return ((num + c * lin[..., :D]) / (den + c * lin[..., D:] + 1e-6)).to(q.dtype)
 
 
-def check_inputs(q, k, v, state, weights: DecodeWeights, window, positions, mask) -> None:
+def check_step(q, k, v, state, weights: DecodeWeights, window, positions, mask) -> None:
     """Shapes, dtypes and devices of a step, checked once for every backend."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"q [B, H, D], k and v [B, HK, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -149,19 +149,6 @@ def check_inputs(q, k, v, state, weights: DecodeWeights, window, positions, mask
         raise ValueError("all inputs of a step must be on one device")
 
 
-def _triton_decode():
-    from .triton_decode import triton_decode_dsla  # a relative import: it ships with remote code
-
-    return triton_decode_dsla
-
-
-BACKENDS = {
-    "naive": lambda: naive_decode_dsla,
-    "cpp": lambda: package_module("cpp_decode").cpp_decode_dsla,
-    "triton": _triton_decode,
-}
-
-
 def fused_decode_dsla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,19 +177,12 @@ def fused_decode_dsla(
     Returns:
         o: [B, H, D] in q's dtype, the input of ``o_proj``.
     """
-    check_inputs(q, k, v, state, weights, window, positions, mask)
-    if backend is None:
-        backend = decode_backend(q.device)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[backend]()(q, k, v, state, weights, window=window, positions=positions, mask=mask)
+    check_step(q, k, v, state, weights, window, positions, mask)
+    backend = resolve_backend("decode", q, backend, cpp=True)
+    return implementation("decode", backend)(q, k, v, state, weights, window=window, positions=positions, mask=mask)
 
 
 def decode_backend(device: torch.device) -> str:
     """The fused step's default backend on a device: Triton on CUDA, the C++ kernel on CPUs where it is the chunk
     kernel's default too, else the reference."""
-    from .dispatch import cpp_available, triton_available
-
-    if device.type == "cuda":
-        return "triton" if triton_available() else "naive"
-    return "cpp" if device.type == "cpu" and cpp_available() else "naive"
+    return resolve_backend("decode", device, cpp=True)

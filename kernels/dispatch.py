@@ -1,5 +1,5 @@
-"""Choice of the backend of a kernel call: Triton on CUDA tensors; on CPUs the fused C++ kernel for inference (where
-it builds) and the PyTorch path otherwise.
+"""Which backend runs a kernel call, and the registry of backends: Triton on CUDA tensors; on CPUs the fused C++
+kernels for inference (where they build) and the PyTorch path otherwise.
 
 This module is part of the flat, self-contained kernel code that saved models carry as remote code: it imports
 nothing from ``dsla_hf`` at module level. The Triton kernels are imported lazily by relative import, so they ship
@@ -12,11 +12,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
-
-BACKENDS = ("torch", "triton", "cpp", "naive")
 
 
 def triton_available() -> bool:
@@ -85,18 +84,89 @@ def package_module(name: str) -> ModuleType:
     return importlib.import_module(f"dsla_hf.kernels.{name}")
 
 
-def resolve_backend(x: torch.Tensor, backend: str | None, cpp: bool = False) -> str:
-    """``backend`` if given (checked); else ``"triton"`` for CUDA tensors when Triton is importable, ``"cpp"`` for
-    CPU tensors when the caller allows it (inference) and the kernel is available, or ``"torch"``."""
+# The registry: (operation, backend) -> a function that imports the implementation and returns it, at the call (so
+# that a patched module attribute is the one called). The PyTorch paths are looked up beside this module (by name:
+# they import it); the Triton ones by relative import statements, because remote code ships the modules such lines
+# name and Triton is needed only where they run; the C++ ones through package_module.
+#
+# What each operation's implementations take: "chunk" (x: DSLAInputs, chunk_size), plus out for "cpp", which alone
+# reads features and gates given by their inputs; "recurrent" (x, inplace); "fold" (x, chunk_size); "decode" and
+# "window" the arguments of fused_decode_dsla and window_attention.
+
+
+def _here(module: str, name: str) -> Callable[[], Callable]:
+    return lambda: getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def _cpp(module: str, name: str) -> Callable[[], Callable]:
+    return lambda: getattr(package_module(module), name)
+
+
+def _triton_chunk() -> Callable:
+    from .triton_chunk import chunk_dsla_triton
+
+    return chunk_dsla_triton
+
+
+def _triton_fold() -> Callable:
+    from .triton_chunk import fold_kv_triton
+
+    return fold_kv_triton
+
+
+def _triton_recurrent() -> Callable:
+    from .triton_recurrent import fused_recurrent_dsla_triton
+
+    return fused_recurrent_dsla_triton
+
+
+def _triton_decode() -> Callable:
+    from .triton_decode import triton_decode_dsla
+
+    return triton_decode_dsla
+
+
+REGISTRY: dict[tuple[str, str], Callable[[], Callable]] = {
+    ("chunk", "torch"): _here("chunk", "chunk_dsla_torch"),
+    ("chunk", "triton"): _triton_chunk,
+    ("chunk", "cpp"): _cpp("cpp_chunk", "chunk_dsla_cpp"),
+    ("chunk", "naive"): _here("naive", "naive_forward"),
+    ("recurrent", "torch"): _here("fused_recurrent", "fused_recurrent_dsla_torch"),
+    ("recurrent", "triton"): _triton_recurrent,
+    ("recurrent", "naive"): _here("fused_recurrent", "fused_recurrent_naive"),
+    ("fold", "torch"): _here("chunk", "chunk_states_torch"),
+    ("fold", "triton"): _triton_fold,
+    ("fold", "naive"): _here("fold", "fold_kv_naive"),
+    ("decode", "triton"): _triton_decode,
+    ("decode", "cpp"): _cpp("cpp_decode", "cpp_decode_dsla"),
+    ("decode", "naive"): _here("decode", "naive_decode_dsla"),
+    ("window", "torch"): _here("window", "window_attention_torch"),
+    ("window", "cpp"): _cpp("cpp_window", "window_attention_cpp"),
+}
+
+
+def implementation(operation: str, backend: str) -> Callable:
+    """The function that runs ``operation`` on ``backend`` (a pair :func:`resolve_backend` returned)."""
+    return REGISTRY[operation, backend]()
+
+
+def resolve_backend(
+    operation: str, x: torch.Tensor | torch.device, backend: str | None = None, cpp: bool = False
+) -> str:
+    """``backend`` if given (checked against the registry); else, of the backends of ``operation``: ``"triton"``
+    for CUDA tensors when Triton is importable, ``"cpp"`` for CPU tensors when the caller allows it (inference)
+    and the kernels are available, else ``"torch"`` (``"naive"`` where the operation has no PyTorch path)."""
+    choices = sorted(name for op, name in REGISTRY if op == operation)
     if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if backend not in choices:
+            raise ValueError(f"unknown backend {backend!r} for {operation}; choose one of {choices}")
         return backend
-    if x.is_cuda and triton_available():
+    device = x if isinstance(x, torch.device) else x.device
+    if device.type == "cuda" and "triton" in choices and triton_available():
         return "triton"
-    if cpp and x.device.type == "cpu" and cpp_available():
+    if cpp and device.type == "cpu" and "cpp" in choices and cpp_available():
         return "cpp"
-    return "torch"
+    return "torch" if "torch" in choices else "naive"
 
 
 def backend_summary(device: torch.device) -> str:
@@ -126,7 +196,8 @@ def fp32_compute(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        # the device of the first tensor argument, or of a DSLAInputs
+        device = next((a.device.type for a in args if isinstance(getattr(a, "device", None), torch.device)), "cpu")
         if not torch.is_autocast_enabled(device):  # the common case, and the decode step's: no context to enter
             return fn(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):

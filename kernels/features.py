@@ -54,7 +54,3 @@ class HedgehogFeatures:
 def feature_tensor(x: torch.Tensor | HedgehogFeatures) -> torch.Tensor:
     """The feature tensor a kernel reads, from a tensor or a :class:`HedgehogFeatures`."""
     return x.materialize() if isinstance(x, HedgehogFeatures) else x
-
-
-def parts(x: torch.Tensor | HedgehogFeatures) -> tuple[torch.Tensor, ...]:
-    return x.tensors() if isinstance(x, HedgehogFeatures) else (x,)

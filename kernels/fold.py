@@ -6,33 +6,46 @@ over chunks, no queries and no attention matrix.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .chunk import chunk_states_torch
-from .dispatch import resolve_backend
-from .gates import LinearGates, gate_tensors
-from .naive import naive_dsla
+from .dispatch import implementation, resolve_backend
+from .features import HedgehogFeatures
+from .gates import LinearGates
+from .inputs import CHUNK, DSLAInputs, check_inputs
+from .naive import naive_forward
+
+
+def fold_kv_naive(x: DSLAInputs, chunk_size: int) -> torch.Tensor:
+    """The naive recurrence's final states (zero queries: the outputs are not wanted; no chunks either)."""
+    return naive_forward(replace(x, q=torch.zeros_like(x.k)))[1]
 
 
 def fold_kv(
-    k: torch.Tensor,
+    k: torch.Tensor | HedgehogFeatures,
     v: torch.Tensor,
-    g1: torch.Tensor | LinearGates,
-    g2: torch.Tensor | None = None,
+    g: torch.Tensor | LinearGates,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Final states [N, S, HK, K, V] (fp32) after reading ``k``/``v`` [B, T, HK, *] from ``initial_state``.
-    ``g1`` may be a :class:`~.gates.LinearGates` (with ``g2=None``)."""
-    g1, g2 = gate_tensors(g1, g2)
-    backend = resolve_backend(k, backend)
-    if backend == "naive":
-        q = k.new_zeros(k.shape)
-        return naive_dsla(q, k, v, g1, g2, None, None, initial_state, True, cu_seqlens)[1]
-    if backend == "triton":
-        from .triton_chunk import fold_kv_triton
+    """The states after reading keys and values, as :func:`~.chunk.chunk_dsla` would leave them (no queries).
 
-        return fold_kv_triton(k, v, g1, g2, initial_state, cu_seqlens, chunk_size=chunk_size)
-    return chunk_states_torch(k, v, g1, g2, initial_state, cu_seqlens, chunk_size)
+    Args:
+        k: [B, T, HK, K] keys (after the key feature map), or :class:`~.features.HedgehogFeatures`.
+        v: [B, T, HK, V] values.
+        g: [B, T, S, HK, K] log decays (<= 0) of each state (``S`` = 2 or 1), or :class:`~.gates.LinearGates`.
+        initial_state: fp32 [N, S, HK, K, V] states before the first token of each sequence; None: zeros.
+        cu_seqlens: [N + 1] boundaries of packed sequences (``B`` must be 1), or None (``N = B``).
+        chunk_size: tokens per chunk.
+        backend: None (Triton for CUDA tensors when importable, else PyTorch), ``"torch"``, ``"triton"`` or
+            ``"naive"``.
+
+    Returns:
+        fp32 [N, S, HK, K, V] states after the last token of each sequence.
+    """
+    x = check_inputs(None, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+    backend = resolve_backend("fold", x.v, backend)
+    return implementation("fold", backend)(x.materialized(), chunk_size)

@@ -4,7 +4,7 @@ DSLA's gates are ``log a = max(logsigmoid(x W^T + c) / tau, clamp)`` per state, 
 key of each state head or the layer's input (shared by the heads), and ``0`` (no decay) at padded tokens. At 16k
 tokens the materialised gates are 25 MB per layer, written once and read once; the C++ CPU kernel takes a
 :class:`LinearGates` instead and computes each chunk's gates in cache. Every kernel entry point accepts one in
-place of ``g1`` (with ``g2=None``); the others call :meth:`LinearGates.materialize`.
+place of the gate tensor ``g``; the other backends call :meth:`LinearGates.materialize`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class LinearGates:
     def per_head(self) -> bool:
         return self.x.dim() == 4
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the gates are made of (for checks of gradients, devices and overlaps)."""
+        return (self.x, self.weight, self.bias) + (() if self.mask is None else (self.mask,))
+
     def materialize(self) -> torch.Tensor:
         """fp32 [B, T, S, H, F] (a strided view for per-head inputs), differentiable."""
         S, H, F_, D = self.weight.shape
@@ -62,22 +66,6 @@ class LinearGates:
         return g
 
 
-def gate_inputs(g1: torch.Tensor | LinearGates, g2: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """The tensors the gates are made of (for checks of gradients, devices and overlaps). Refuses a
-    :class:`LinearGates` given with a ``g2`` or with other than one or two states."""
-    if not isinstance(g1, LinearGates):
-        return g1, g2
-    if g2 is not None:
-        raise ValueError("pass g2=None with LinearGates: they hold the gates of every state")
-    if g1.num_states not in (1, 2):
-        raise ValueError(f"DSLA has one or two states, the gates have {g1.num_states}")
-    return g1.x, g1.weight, g1.bias, g1.mask
-
-
-def gate_tensors(g1: torch.Tensor | LinearGates, g2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-state log decays ``(g1, g2)`` [B, T, H, F] a kernel reads, from tensors or a :class:`LinearGates`."""
-    if not isinstance(g1, LinearGates):
-        return g1, g2
-    gate_inputs(g1, g2)  # the checks
-    g = g1.materialize()
-    return g[:, :, 0], (g[:, :, 1] if g1.num_states == 2 else None)
+def gate_tensor(g: torch.Tensor | LinearGates) -> torch.Tensor:
+    """The log decays [B, T, S, H, F] a kernel reads, from a tensor or a :class:`LinearGates`."""
+    return g.materialize() if isinstance(g, LinearGates) else g

@@ -1,20 +1,9 @@
 """Naive fp32 token-by-token DSLA recurrence: the ground truth every other kernel is tested against.
 
-Shapes follow flash-linear-attention (time-major):
-
-    q  [B, T, H,  K]     queries (already through the query feature map, if any)
-    k  [B, T, HK, K]     keys (already through the key feature map, if any)
-    v  [B, T, HK, V]     values
-    g1 [B, T, HK, K]     log decay of the history state (<= 0)
-    g2 [B, T, HK, K]     log decay of the recency state (<= 0), or None for a single-state (GLA) layer
-    mix                  mixing weights of the states: None (all ones), [S] or [H, S]
-    initial_state        fp32 [N, S, HK, K, V] with S = 2 (or 1 when g2 is None)
-
-Query head ``h`` reads the states of key/value head ``h // (H // HK)`` (the grouping of ``repeat_kv``).
-With ``cu_seqlens`` (B must be 1) the batch is packed: sequence ``n`` spans ``cu_seqlens[n]:cu_seqlens[n+1]``.
-
     S_s,t = diag(exp(g_s,t)) S_s,t-1 + k_t^T v_t
     o_t   = scale * q_t (sum_s mix_s S_s,t)
+
+(shapes and packing: :mod:`.inputs`).
 """
 
 from __future__ import annotations
@@ -22,61 +11,74 @@ from __future__ import annotations
 import torch
 
 from .dispatch import fp32_compute
+from .features import HedgehogFeatures
+from .gates import LinearGates
+from .inputs import DSLAInputs, check_inputs
 
 
-def _mix_weights(mix: torch.Tensor | None, num_heads: int, num_states: int, device) -> torch.Tensor:
-    """Mixing weights as an fp32 [H, S] tensor."""
-    if mix is None:
-        return torch.ones(num_heads, num_states, device=device)
-    mix = mix.float()
-    if mix.dim() == 1:
-        mix = mix.expand(num_heads, num_states)
-    return mix
-
-
-@fp32_compute
 def naive_dsla(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | HedgehogFeatures,
+    k: torch.Tensor | HedgehogFeatures,
     v: torch.Tensor,
-    g1: torch.Tensor,
-    g2: torch.Tensor | None = None,
+    g: torch.Tensor | LinearGates,
     mix: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    B, T, H, K = q.shape
-    HK, V = k.shape[2], v.shape[-1]
-    if H % HK:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    G = H // HK
-    scale = K**-0.5 if scale is None else scale
-    gates = [g1] if g2 is None else [g1, g2]
-    S = len(gates)
-    if cu_seqlens is None:
+    """Dual-state linear attention token by token in fp32: the reference of every backend (slow; differentiable).
+
+    Args:
+        q: [B, T, H, K] queries (after the query feature map), or :class:`~.features.HedgehogFeatures`.
+        k: [B, T, HK, K] keys (after the key feature map), or :class:`~.features.HedgehogFeatures`. ``H`` must be a
+            multiple of ``HK``: query head ``h`` reads the states of key/value head ``h // (H // HK)``.
+        v: [B, T, HK, V] values.
+        g: [B, T, S, HK, K] log decays (<= 0) of each state, ``S = 2`` (DSLA's history and recency states) or 1 (a
+            single-state, GLA layer); or :class:`~.gates.LinearGates` giving them by their inputs and weights.
+        mix: mixing weights of the states, [S] (shared by the heads) or [H, S]; None: ones.
+        scale: factor of the queries; None: ``K ** -0.5``.
+        initial_state: fp32 [N, S, HK, K, V] states before the first token of each sequence; None: zeros.
+        output_final_state: return the states after the last token.
+        cu_seqlens: [N + 1] boundaries of packed sequences (``B`` must be 1): sequence ``n`` is tokens
+            ``cu_seqlens[n]:cu_seqlens[n + 1]``, read from ``initial_state[n]``; tokens outside every sequence get
+            zero outputs. None: each batch row is a sequence (``N = B``).
+
+    Returns:
+        o: [B, T, H, V] outputs, in the dtype of ``q``.
+        final_state: fp32 [N, S, HK, K, V] states after the last token, or None without ``output_final_state``.
+    """
+    x = check_inputs(q, k, v, g, mix, scale, initial_state, output_final_state, cu_seqlens)
+    return naive_forward(x.materialized())
+
+
+@fp32_compute
+def naive_forward(x: DSLAInputs, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recurrence on checked inputs of tensors (the "naive" backend of ``chunk_dsla``, whose ``chunk_size`` the
+    recurrence has no use for)."""
+    q, k, v, g = x.q, x.k, x.v, x.g
+    B, T, H, HK, K, V, S, G = x.B, x.T, x.H, x.HK, x.K, x.V, x.S, x.G
+    if x.cu_seqlens is None:
         bounds = [(b, 0, T) for b in range(B)]
     else:
-        if B != 1:
-            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
-        bounds = [(0, int(cu_seqlens[n]), int(cu_seqlens[n + 1])) for n in range(len(cu_seqlens) - 1)]
-    w = _mix_weights(mix, H, S, q.device).view(HK, G, S)
-    o = torch.zeros(B, T, H, V, dtype=torch.float32, device=q.device)
+        cu = x.cu_seqlens
+        bounds = [(0, int(cu[n]), int(cu[n + 1])) for n in range(x.N)]
+    w = x.mix.view(HK, G, S)
+    o = torch.zeros(B, T, H, V, dtype=torch.float32, device=v.device)
     finals = []
     for n, (b, start, end) in enumerate(bounds):
-        if initial_state is not None:
-            state = initial_state[n].float().clone()
+        if x.initial_state is not None:
+            state = x.initial_state[n].float().clone()
         else:
-            state = q.new_zeros(S, HK, K, V, dtype=torch.float32)
+            state = v.new_zeros(S, HK, K, V, dtype=torch.float32)
         for t in range(start, end):
             kv = k[b, t].float()[:, :, None] * v[b, t].float()[:, None, :]  # [HK, K, V]
-            decay = torch.stack([g[b, t].float().exp() for g in gates])  # [S, HK, K]
+            decay = g[b, t].float().exp()  # [S, HK, K]
             state = decay[..., None] * state + kv
-            qt = q[b, t].float().view(HK, G, K) * scale
+            qt = q[b, t].float().view(HK, G, K) * x.scale
             # o[h] = q[h] @ sum_s w[h, s] S_s[group(h)]
             out = torch.einsum("agk,sakv,ags->agv", qt, state, w)
             o[b, t] = out.reshape(H, V)
         finals.append(state)
-    final_state = torch.stack(finals) if output_final_state else None
+    final_state = torch.stack(finals) if x.output_final_state else None
     return o.to(q.dtype), final_state

@@ -29,6 +29,7 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
     import triton.language as tl
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
+from .inputs import DSLAInputs
 
 
 @triton.jit
@@ -177,12 +178,11 @@ def _next_pow2(x: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(x))
 
 
-def _starts(B, T, cu_seqlens, device):
-    if cu_seqlens is None:
-        return torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int32), B
-    if B != 1:
-        raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
-    return cu_seqlens.to(device=device, dtype=torch.int32), len(cu_seqlens) - 1
+def _starts(x: DSLAInputs) -> torch.Tensor:
+    """Where each sequence starts on the flat token axis, and where the last ends: int32 [N + 1]."""
+    if x.cu_seqlens is None:
+        return torch.arange(0, (x.B + 1) * x.T, x.T, device=x.device, dtype=torch.int32)
+    return x.cu_seqlens.to(device=x.device, dtype=torch.int32)
 
 
 def _cumsum(g, starts, N, max_len, HK, K, chunk_size):
@@ -204,84 +204,64 @@ def _slots(starts, chunk_size):
     return counts, first
 
 
-def _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-             states_only=False, store_states=False):  # fmt: skip
-    """Returns (o, final state), or with ``store_states`` the dict of what the backward needs."""
-    B, T, HK, K = k.shape
-    V = v.shape[-1]
-    H = q.shape[2] if q is not None else HK
-    if H % HK:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    G = H // HK
-    S = 1 if g2 is None else 2
-    scale = K**-0.5 if scale is None else scale
+def _forward(x: DSLAInputs, chunk_size: int, states_only: bool = False, store_states: bool = False):
+    """Returns (o, final state), or with ``store_states`` the dict of what the backward needs. ``states_only``: no
+    queries read, no outputs (the KV fold)."""
+    B, T, H, HK, G, K, V, S, N = x.B, x.T, x.H, x.HK, x.G, x.K, x.V, x.S, x.N
     BC = 16
     if chunk_size % BC:
         raise ValueError(f"the Triton kernel needs a chunk size that is a multiple of {BC}")
-    starts, N = _starts(B, T, cu_seqlens, k.device)
+    starts = _starts(x)
     lengths = (starts[1:] - starts[:-1]).tolist()
     max_len = max(lengths) if lengths else 0
     # flatten the batch into one packed sequence axis: [B*T, heads, dim]
-    k_, v_ = k.float().reshape(B * T, HK, K).contiguous(), v.float().reshape(B * T, HK, V).contiguous()
-    q_ = q.float().reshape(B * T, H, K).contiguous() if q is not None else k_
-    b1 = _cumsum(g1.float().reshape(B * T, HK, K).contiguous(), starts, N, max_len, HK, K, chunk_size)
-    b2 = (
-        _cumsum(g2.float().reshape(B * T, HK, K).contiguous(), starts, N, max_len, HK, K, chunk_size) if S == 2 else b1
-    )
-    if mix is None:
-        w = torch.ones(H, S, device=k.device)
-    else:
-        w = mix.float()
-        w = (w.expand(H, S) if w.dim() == 1 else w).contiguous()
-    o = torch.empty(B * T, H, V, device=k.device, dtype=torch.float32) if not states_only else k_
-    h0 = initial_state.float().contiguous() if initial_state is not None else k_
-    ht = torch.empty(N, S, HK, K, V, device=k.device, dtype=torch.float32) if output_final_state else k_
+    k_, v_ = x.k.float().reshape(B * T, HK, K).contiguous(), x.v.float().reshape(B * T, HK, V).contiguous()
+    q_ = x.q.float().reshape(B * T, H, K).contiguous() if not states_only else k_
+    # one cumulative log decay per state (the kernels take one pointer each; b2 is b1 for a single state)
+    b = [_cumsum(x.g[:, :, s].float().reshape(B * T, HK, K).contiguous(), starts, N, max_len, HK, K, chunk_size)
+         for s in range(S)]  # fmt: skip
+    b1, b2 = b[0], b[-1]
+    w = x.mix.contiguous()
+    o = torch.empty(B * T, H, V, device=x.device, dtype=torch.float32) if not states_only else k_
+    h0 = x.initial_state.float().contiguous() if x.initial_state is not None else k_
+    ht = torch.empty(N, S, HK, K, V, device=x.device, dtype=torch.float32) if x.output_final_state else k_
     hs, slots = k_, starts
     if store_states:
         counts, first = _slots(starts, chunk_size)
-        hs = torch.empty(first[-1], S, HK, K, V, device=k.device, dtype=torch.float32)
-        slots = torch.tensor(first, device=k.device, dtype=torch.int32)
+        hs = torch.empty(first[-1], S, HK, K, V, device=x.device, dtype=torch.float32)
+        slots = torch.tensor(first, device=x.device, dtype=torch.int32)
     BK, BV = _next_pow2(K), min(64, _next_pow2(V))
     grid = (triton.cdiv(V, BV), N * HK)
     _chunk_fwd_kernel[grid](
-        q_, k_, v_, b1, b2, w, h0, ht, o, starts, hs, slots, scale,
+        q_, k_, v_, b1, b2, w, h0, ht, o, starts, hs, slots, x.scale,
         H=H, HK=HK, G=G, K=K, V=V, BT=chunk_size, BC=BC, BK=BK, BV=BV,
-        TWO=S == 2, USE_H0=initial_state is not None, STORE_HT=output_final_state, STATES_ONLY=states_only,
+        TWO=S == 2, USE_H0=x.initial_state is not None, STORE_HT=x.output_final_state, STATES_ONLY=states_only,
         STORE_STATES=store_states,
     )  # fmt: skip
-    out = None if states_only else o.view(B, T, H, V).to(q.dtype)
+    out = None if states_only else o.view(B, T, H, V).to(x.q.dtype)
     if store_states:
         return dict(
             o=out, final=hs[slots[1:].long() - 1], q=q_, k=k_, v=v_, b1=b1, b2=b2, w=w, hs=hs, slots=slots,
-            counts=counts, starts=starts, N=N, S=S, H=H, HK=HK, G=G, K=K, V=V, scale=scale, BC=BC,
+            counts=counts, starts=starts, N=N, S=S, H=H, HK=HK, G=G, K=K, V=V, scale=x.scale, BC=BC,
         )  # fmt: skip
-    return out, (ht if output_final_state else None)
+    return out, (ht if x.output_final_state else None)
 
 
-def chunk_dsla_triton(
-    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size=64,
-):  # fmt: skip
+def chunk_dsla_triton(x: DSLAInputs, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton forward; when gradients are needed, the Triton forward (keeping the state before each chunk) and the
     hand-written Triton backward of :mod:`.triton_chunk_bwd`. CPU tensors outside the interpreter
     take the PyTorch chunked path (Triton cannot run them)."""
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.v.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         from .chunk import chunk_dsla_torch
 
-        return chunk_dsla_torch(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state)
-    )
-    if needs_grad:
+        return chunk_dsla_torch(x, chunk_size)
+    if x.needs_grad:
         from .triton_chunk_bwd import chunk_dsla_triton_autograd
 
-        return chunk_dsla_triton_autograd(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size
-        )
-    return _forward(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+        return chunk_dsla_triton_autograd(x, chunk_size)
+    return _forward(x, chunk_size)
 
 
-def fold_kv_triton(k, v, g1, g2=None, initial_state=None, cu_seqlens=None, chunk_size=64):
+def fold_kv_triton(x: DSLAInputs, chunk_size: int) -> torch.Tensor:
     with torch.no_grad():
-        return _forward(None, k, v, g1, g2, None, None, initial_state, True, cu_seqlens, chunk_size,
-                        states_only=True)[1]  # fmt: skip
+        return _forward(x, chunk_size, states_only=True)[1]

@@ -30,6 +30,8 @@ Kernels:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 try:  # Transformers' remote-code check skips try blocks: a saved folder loads where Triton is not installed
@@ -37,6 +39,7 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
     import triton.language as tl
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
+from .inputs import DSLAInputs
 from .triton_chunk import _forward, _next_pow2
 
 
@@ -380,7 +383,8 @@ def _bwd_dv_kernel(
 
 
 def _backward(st, do, dfinal, chunk_size, need_dh0):
-    """Gradients from the forward's saved dict ``st``: (dq, dk, dv, db1, db2, dw [H, S], dh0) on the flat layout."""
+    """Gradients from the forward's saved dict ``st``: (dq, dk, dv, dg [S, B*T, HK, K], dw [H, S], dh0) on the flat
+    layout."""
     H, HK, G, K, V, S, N, BC = (st[x] for x in ("H", "HK", "G", "K", "V", "S", "N", "BC"))
     q, k, v, b1, b2, w, hs, slots, starts = (st[x] for x in ("q", "k", "v", "b1", "b2", "w", "hs", "slots", "starts"))
     scale, BT = st["scale"], chunk_size
@@ -391,12 +395,12 @@ def _backward(st, do, dfinal, chunk_size, need_dh0):
     NV = triton.cdiv(V, BV)
     do = do.float().reshape(TT, H, V).contiguous()
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    db1 = torch.zeros_like(b1)
-    db2 = torch.zeros_like(b1) if S == 2 else db1
+    dg = torch.zeros(S, *b1.shape, device=dev, dtype=torch.float32)  # a buffer per state, a pointer each
+    db1, db2 = dg[0], dg[-1]
     dw = torch.zeros(max(n_chunks, 1), NS, H, S, device=dev)
     dh0 = torch.empty(N, S, HK, K, V, device=dev) if need_dh0 else k
     if N == 0:
-        return dq, dk, dv, db1, db2, dw.sum((0, 1)), dh0
+        return dq, dk, dv, dg, dw.sum((0, 1)), dh0
     dhs = torch.zeros_like(hs)
     dlast = torch.zeros(NV, n_slots, S, HK, K, device=dev)
     dht = dfinal.float().contiguous() if dfinal is not None else k
@@ -414,22 +418,23 @@ def _backward(st, do, dfinal, chunk_size, need_dh0):
         )
         _bwd_dv_kernel[(n_chunks * HK, NS, NV)](q, k, do, b1, b2, w, dhs, slots, starts, chunks, dv, scale, **common)
         max_len = max(st["counts"]) * BT
-        for db in (db1, db2)[:S]:
+        for db in dg:  # each state's, in place
             _chunk_rev_cumsum_kernel[(triton.cdiv(max_len, BT), N * HK)](db, db, starts, HK=HK, K=K, BT=BT, BK=BK)
-    return dq, dk, dv, db1, db2, dw.sum((0, 1)), dh0
+    return dq, dk, dv, dg, dw.sum((0, 1)), dh0
 
 
 class ChunkDSLATritonFunction(torch.autograd.Function):
     """Triton forward (keeping the state before each chunk) and the hand-written Triton backward.
 
-    ``w`` is the [H, S] mixing weights (without the scale) or None for all ones."""
+    ``x`` holds the inputs (its mixing weights fp32 [H, S], without the scale); the tensors after ``chunk_size``
+    are its q, k, v, g, mix and initial_state again, for autograd to see them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g1, g2, w, h0, scale, cu_seqlens, chunk_size):
-        st = _forward(q, k, v, g1, g2, w, scale, h0, False, cu_seqlens, chunk_size, store_states=True)
+    def forward(ctx, x: DSLAInputs, chunk_size: int, *tensors):
+        st = _forward(replace(x, output_final_state=False), chunk_size, store_states=True)
         ctx.st, ctx.chunk_size = st, chunk_size
-        ctx.dtypes = [None if x is None else x.dtype for x in (q, k, v, g1, g2, w, h0)]
-        ctx.shapes = [None if x is None else x.shape for x in (q, k, v, g1, g2, w, h0)]
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.shapes = [None if t is None else t.shape for t in tensors]
         return st["o"], st["final"]
 
     @staticmethod
@@ -437,21 +442,21 @@ class ChunkDSLATritonFunction(torch.autograd.Function):
         st = ctx.st
         if do is None:
             do = st["q"].new_zeros(*ctx.shapes[0][:3], st["V"])
-        dq, dk, dv, db1, db2, dw, dh0 = _backward(st, do, dfinal, ctx.chunk_size, need_dh0=ctx.shapes[6] is not None)
+        dq, dk, dv, dg, dw, dh0 = _backward(st, do, dfinal, ctx.chunk_size, need_dh0=ctx.shapes[5] is not None)
         ctx.st = None
-        outs = [dq, dk, dv, db1, db2 if st["S"] == 2 else None, dw, dh0]
+        B, T = ctx.shapes[3][:2]
+        # [S, B*T, HK, K] -> [B, T, S, HK, K], in the memory order of the gates' shape (as the model's gates are)
+        dg = dg.view(st["S"], B, T, st["HK"], st["K"]).permute(1, 2, 0, 3, 4).contiguous()
         grads = []
-        for i, (x, dtype, shape) in enumerate(zip(outs, ctx.dtypes, ctx.shapes)):
-            if dtype is None or not ctx.needs_input_grad[i]:
+        for i, (t, dtype, shape) in enumerate(zip((dq, dk, dv, dg, dw, dh0), ctx.dtypes, ctx.shapes)):
+            if dtype is None or not ctx.needs_input_grad[i + 2]:
                 grads.append(None)
             else:
-                grads.append(x.reshape(shape).to(dtype))
-        return (*grads, None, None, None)
+                grads.append(t.reshape(shape).to(dtype))
+        return (None, None, *grads)
 
 
-def chunk_dsla_triton_autograd(q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens,
-                               chunk_size):  # fmt: skip
-    H, S = q.shape[2], 1 if g2 is None else 2
-    w = None if mix is None else (mix.expand(H, S) if mix.dim() == 1 else mix)
-    o, final = ChunkDSLATritonFunction.apply(q, k, v, g1, g2, w, initial_state, scale, cu_seqlens, chunk_size)
-    return o, (final if output_final_state else None)
+def chunk_dsla_triton_autograd(x: DSLAInputs, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tensors = (x.q, x.k, x.v, x.g, x.mix, x.initial_state)
+    o, final = ChunkDSLATritonFunction.apply(x, chunk_size, *tensors)
+    return o, (final if x.output_final_state else None)

@@ -29,6 +29,7 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
     import triton.language as tl
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
+from .triton_chunk import _next_pow2
 
 
 @triton.jit
@@ -224,10 +225,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-def _pow2(x: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(x))
-
-
 @torch.no_grad()
 def triton_decode_dsla(
     q: torch.Tensor,
@@ -259,16 +256,16 @@ def triton_decode_dsla(
     sizes = [B * HK * F2, B * HK * S * F2, B * H * F2, B * H * max(W, 1), B * H]
     phi, decay, psi, pw, cl = torch.empty(sum(sizes), device=q.device, dtype=torch.float32).split(sizes)
     o = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    BF2, BW = _pow2(F2), _pow2(W, 1)
+    BF2, BW = _next_pow2(F2), _next_pow2(W, 1)
     common = dict(H=H, HK=HK, G=H // HK, D=D, F=F, S=S, W=W, BF2=BF2, BW=BW, HAS_MASK=mask is not None)
     _decode_head_kernel[(B * HK,)](
         q, k, state, q_map, k_map, gate_w, gate_b, mix_w, keys, valid, mask_, pos, inv_freq, log_scale,
         phi, decay, psi, pw, cl,
         q.stride(0), k.stride(0), pos.stride(0) if W else 0, pos.stride(1) if W else 0, 1.0 / weights.tau,
         0.0 if weights.clamp is None else weights.clamp, weights.rope_scale, D**-0.5,
-        BD=_pow2(D), HAS_CLAMP=weights.clamp is not None, **common,
+        BD=_next_pow2(D), HAS_CLAMP=weights.clamp is not None, **common,
     )  # fmt: skip
-    BV = min(64, _pow2(D))
+    BV = min(64, _next_pow2(D))
     _decode_values_kernel[(triton.cdiv(D, BV), B * HK)](
         v, state, mix_w, keys, values, valid, mask_, k, o, phi, decay, psi, pw, cl, k.stride(0), v.stride(0),
         BV=BV, **common,

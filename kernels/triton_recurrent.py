@@ -16,6 +16,8 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
     import triton.language as tl
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
+from .inputs import DSLAInputs
+from .triton_chunk import _next_pow2, _starts
 
 
 @triton.jit
@@ -60,60 +62,39 @@ def _recurrent_kernel(
             tl.store(ht + p_state + HK * K * V, s2, mask=m_kv)
 
 
-def fused_recurrent_dsla_triton(
-    q, k, v, g1, g2=None, mix=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    inplace=False,
-):  # fmt: skip
-    B, T, H, K = q.shape
-    HK, V = k.shape[2], v.shape[-1]
-    if H % HK:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
-    S = 1 if g2 is None else 2
-    scale = K**-0.5 if scale is None else scale
-    if cu_seqlens is None:
-        starts, N = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32), B
-    else:
-        if B != 1:
-            raise ValueError("cu_seqlens requires a batch of size 1 (packed sequences)")
-        starts, N = cu_seqlens.to(device=q.device, dtype=torch.int32), len(cu_seqlens) - 1
-    if (
-        torch.is_grad_enabled()
-        and not inplace
-        and any(x is not None and x.requires_grad for x in (q, k, v, g1, g2, mix, initial_state))
-    ):  # differentiable steps: the PyTorch path
+def fused_recurrent_dsla_triton(x: DSLAInputs, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton step of ``fused_recurrent_dsla``; differentiable steps (not in place) take the PyTorch path."""
+    if x.needs_grad and not inplace:
         from .fused_recurrent import fused_recurrent_dsla_torch
 
-        return fused_recurrent_dsla_torch(
-            q, k, v, g1, g2, mix, scale, initial_state, output_final_state, cu_seqlens, inplace
-        )
-    if mix is None:
-        w = torch.ones(H, S, device=q.device)
-    else:
-        w = mix.float()
-        w = (w.expand(H, S) if w.dim() == 1 else w).contiguous()
-    q_ = q.float().reshape(B * T, H, K).contiguous()
-    k_ = k.float().reshape(B * T, HK, K).contiguous()
-    v_ = v.float().reshape(B * T, HK, V).contiguous()
-    g1_ = g1.float().reshape(B * T, HK, K).contiguous()
-    g2_ = g2.float().reshape(B * T, HK, K).contiguous() if S == 2 else g1_
+        return fused_recurrent_dsla_torch(x, inplace=inplace)
+    B, T, H, HK, K, V, S, N = x.B, x.T, x.H, x.HK, x.K, x.V, x.S, x.N
+    starts = _starts(x)
+    w = x.mix.contiguous()
+    q_ = x.q.float().reshape(B * T, H, K).contiguous()
+    k_ = x.k.float().reshape(B * T, HK, K).contiguous()
+    v_ = x.v.float().reshape(B * T, HK, V).contiguous()
+    g = [x.g[:, :, s].float().reshape(B * T, HK, K).contiguous() for s in range(S)]  # a pointer per state
+    g1_, g2_ = g[0], g[-1]
+    initial_state = x.initial_state
     if inplace:
         if initial_state is None:
-            initial_state = torch.zeros(N, S, HK, K, V, device=q.device)
+            initial_state = torch.zeros(N, S, HK, K, V, device=x.device)
         if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
             raise ValueError("inplace=True needs a contiguous fp32 initial_state")
         ht = initial_state
     else:
-        ht = torch.empty(N, S, HK, K, V, device=q.device) if output_final_state else k_
+        ht = torch.empty(N, S, HK, K, V, device=x.device) if x.output_final_state else k_
     h0 = initial_state.float().contiguous() if initial_state is not None else k_
-    o = torch.empty(B * T, H, V, device=q.device, dtype=torch.float32)
-    BK, BV = max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+    o = torch.empty(B * T, H, V, device=x.device, dtype=torch.float32)
+    BK, BV = _next_pow2(K), min(64, _next_pow2(V))
     grid = (triton.cdiv(V, BV), N * HK)
     _recurrent_kernel[grid](
-        q_, k_, v_, g1_, g2_, w, h0, ht, o, starts, scale,
-        H=H, HK=HK, G=H // HK, K=K, V=V, BK=BK, BV=BV, TWO=S == 2, USE_H0=initial_state is not None,
-        STORE_HT=inplace or output_final_state,
+        q_, k_, v_, g1_, g2_, w, h0, ht, o, starts, x.scale,
+        H=H, HK=HK, G=x.G, K=K, V=V, BK=BK, BV=BV, TWO=S == 2, USE_H0=initial_state is not None,
+        STORE_HT=inplace or x.output_final_state,
     )  # fmt: skip
-    o = o.view(B, T, H, V).to(q.dtype)
+    o = o.view(B, T, H, V).to(x.q.dtype)
     if inplace:
         return o, initial_state
-    return o, (ht if output_final_state else None)
+    return o, (ht if x.output_final_state else None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cpp_available, package_module
+from .dispatch import implementation, resolve_backend
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -108,20 +108,13 @@ def window_attention(
         raise ValueError("valid [B, W + T], cos/sin [B, W + T, D] and lin [B, T, H, D + 1] expected")
     if doc_start is not None and (doc_start.shape != (B, T) or doc_start.is_floating_point()):
         raise ValueError(f"doc_start must be an integer tensor of shape {(B, T)}, got {tuple(doc_start.shape)}")
-    if backend is None:
-        backend = "cpp" if _cpp_inference(q, keys, values, lin, log_scale) else "torch"
-    if backend == "cpp":
-        cpp = package_module("cpp_window")
-        return cpp.window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale, doc_start)
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; choose 'cpp' or 'torch'")
-    return window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale, doc_start)
+    backend = resolve_backend("window", q, backend, cpp=_cpp_inference(q, keys, values, lin, log_scale))
+    run = implementation("window", backend)
+    return run(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=doc_start)
 
 
 def _cpp_inference(*tensors: torch.Tensor) -> bool:
-    """CPU fp32 tensors, no gradient needed, and the C++ kernels in use on this machine."""
+    """CPU fp32 tensors and no gradient needed: where the C++ kernel may run (if it is in use on this machine)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    return cpp_available()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dsla_hf import cli, convert_llama_to_dsla
-from dsla_hf.demo import DEMO_RECIPE
 from dsla_hf.commands import ablate
+from dsla_hf.demo import DEMO_RECIPE
 from dsla_hf.evaluation import ablation
 from dsla_hf.evaluation.ablation import (
     Cell,

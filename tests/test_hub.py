@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dsla_hf import cli, convert_llama_to_dsla, hub
+from dsla_hf import cli, convert_llama_to_dsla
 from dsla_hf.commands import push
 from dsla_hf.hub import (
     CardInputs,

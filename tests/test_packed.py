@@ -69,13 +69,13 @@ def spy_cpp_kernels(monkeypatch) -> list[str]:
     chunk, window = package_module("cpp_chunk"), package_module("cpp_window")
     chunk_fn, window_fn = chunk.chunk_dsla_cpp, window.window_attention_cpp
 
-    def chunk_spy(*args, **kwargs):
-        calls.append("chunk" if (args[9] if len(args) > 9 else kwargs.get("cu_seqlens")) is not None else "chunk1")
-        return chunk_fn(*args, **kwargs)
+    def chunk_spy(x, *args, **kwargs):  # x: the call's checked inputs (DSLAInputs)
+        calls.append("chunk" if x.cu_seqlens is not None else "chunk1")
+        return chunk_fn(x, *args, **kwargs)
 
-    def window_spy(*args):
-        calls.append("window" if len(args) > 8 and args[8] is not None else "window1")
-        return window_fn(*args)
+    def window_spy(*args, doc_start=None):
+        calls.append("window" if doc_start is not None else "window1")
+        return window_fn(*args, doc_start=doc_start)
 
     monkeypatch.setattr(chunk, "chunk_dsla_cpp", chunk_spy)
     monkeypatch.setattr(window, "window_attention_cpp", window_spy)

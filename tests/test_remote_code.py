@@ -46,9 +46,9 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     assert dispatch.triton_available()  # so CUDA tensors would take the Triton kernels
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 21, 2, 8), torch.randn(1, 21, 2, 8), torch.randn(1, 21, 2, 8)
-    g1, g2 = (torch.nn.functional.logsigmoid(torch.randn(1, 21, 2, 8) + 3) for _ in range(2))
-    o, state = kernels.chunk_dsla(q, k, v, g1, g2, output_final_state=True, backend="triton")
-    o_ref, state_ref = kernels.naive_dsla(q, k, v, g1, g2, output_final_state=True)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 21, 2, 2, 8) + 3)  # [B, T, S, HK, K]
+    o, state = kernels.chunk_dsla(q, k, v, g, output_final_state=True, backend="triton")
+    o_ref, state_ref = kernels.naive_dsla(q, k, v, g, output_final_state=True)
     assert torch.allclose(o, o_ref, atol=1e-4) and torch.allclose(state, state_ref, atol=1e-4)
     print("triton from the folder:", sys.modules[package + ".triton_chunk"].__name__)
     """

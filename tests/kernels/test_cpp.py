@@ -9,7 +9,6 @@ import torch
 
 from dsla_hf.kernels import chunk_dsla, cpp_chunk, dispatch, naive_dsla
 from dsla_hf.kernels.dispatch import resolve_backend
-from dsla_hf.kernels.gates import gate_tensors
 
 from .test_chunk import SHAPES
 from .utils import assert_close, make_inputs
@@ -106,13 +105,13 @@ def test_varlen_matches_naive(states, monkeypatch, isa):
 
 @needs_kernel
 def test_strided_and_bf16_inputs():
-    """Gates as views of one [B, T, S, H, K] tensor (the model's layout) and transposed queries are read in place;
-    bf16 inputs give bf16 outputs and fp32 states."""
+    """Gates and queries in head-major memory (as the model's materialised gates are) are read in place; bf16 inputs
+    give bf16 outputs and fp32 states."""
     x = make_inputs(2, 90, 6, 2, 16, 16, gate=0.5, requires_grad=False)
-    gates = torch.stack([x["g1"], x["g2"]], dim=2)  # [B, T, S, HK, K]
-    q = x["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major memory
-    strided = dict(x, g1=gates[:, :, 0], g2=gates[:, :, 1], q=q)
-    assert not strided["g1"].is_contiguous() and not strided["q"].is_contiguous()
+    g = x["g"].permute(3, 0, 1, 2, 4).contiguous().permute(1, 2, 3, 0, 4)  # same values, head-major memory
+    q = x["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    strided = dict(x, g=g, q=q)
+    assert not strided["g"].is_contiguous() and not strided["q"].is_contiguous()
     check(strided)
     half = make_inputs(1, 100, 6, 2, 16, 16, gate=0.5, dtype=torch.bfloat16, requires_grad=False)
     with torch.no_grad():
@@ -129,7 +128,7 @@ def test_dispatch():
     """CPU inference uses the kernel by default; anything that needs gradients keeps the PyTorch path, and the
     kernel refuses it when forced. DSLA_HF_CPP_KERNEL=0 turns it off."""
     x = make_inputs(1, 40, 6, 2, 16, 16, gate=0.5)
-    assert resolve_backend(x["q"], None, cpp=True) == "cpp"
+    assert resolve_backend("chunk", x["q"], None, cpp=True) == "cpp"
     o, _ = chunk_dsla(**x)
     assert o.grad_fn is not None  # the autograd path
     with torch.no_grad():
@@ -144,7 +143,7 @@ def test_dispatch():
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("DSLA_HF_CPP_KERNEL", "0")
-    assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
+    assert resolve_backend("chunk", torch.zeros(1), None, cpp=True) == "torch"
 
 
 @needs_kernel
@@ -155,9 +154,9 @@ def test_dispatch_rule_by_cpu(monkeypatch):
     for flags, want in [({"avx2", "fma", "sse2"}, "cpp"), ({"avx2", "fma", "avx512f"}, "cpp"), ({"sse2"}, "torch"),
                         (set(), "torch")]:  # fmt: skip
         monkeypatch.setattr(dispatch, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert resolve_backend(torch.zeros(1), None, cpp=True) == want, flags
+        assert resolve_backend("chunk", torch.zeros(1), None, cpp=True) == want, flags
     monkeypatch.setenv("DSLA_HF_CPP_KERNEL", "1")
-    assert resolve_backend(torch.zeros(1), None, cpp=True) == "cpp"
+    assert resolve_backend("chunk", torch.zeros(1), None, cpp=True) == "cpp"
 
 
 def test_isa_choice(monkeypatch):
@@ -188,7 +187,7 @@ def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
         cpp_chunk.build.cache_clear()
         with pytest.warns(UserWarning, match="could not be built"):
             assert cpp_chunk.library() is None
-        assert resolve_backend(torch.zeros(1), None, cpp=True) == "torch"
+        assert resolve_backend("chunk", torch.zeros(1), None, cpp=True) == "torch"
         x = make_inputs(1, 20, 6, 2, 16, 16, requires_grad=False)
         with torch.no_grad():
             assert_close("o", chunk_dsla(**x)[0], naive_dsla(**x)[0], 1e-5)
@@ -259,9 +258,8 @@ def test_kernel_features_match_naive(T, strength, cu, isa, monkeypatch):
     h0 = torch.rand(N, 2, HK, 2 * F, D + 1, generator=gen)
     mix = torch.rand(H, 2, generator=gen)
     with torch.no_grad():
-        o, final = chunk_dsla(q, k, v, gates, None, mix, 1.0, h0, True, cu, backend="cpp")
-        g1, g2 = gate_tensors(gates, None)
-        o_ref, final_ref = naive_dsla(q.materialize(), k.materialize(), v, g1, g2, mix, 1.0, h0, True, cu)
+        o, final = chunk_dsla(q, k, v, gates, mix, 1.0, h0, True, cu, backend="cpp")
+        o_ref, final_ref = naive_dsla(q.materialize(), k.materialize(), v, gates.materialize(), mix, 1.0, h0, True, cu)
     assert_close("o", o, o_ref, 1e-5)
     assert_close("final_state", final, final_ref, 1e-5)
 

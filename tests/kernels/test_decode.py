@@ -85,7 +85,7 @@ def test_reference_states_are_the_recurrence():
     u = torch.einsum("shfd,bthd->btshf", weights.gate_weight, k) + weights.gate_bias
     g = (F.logsigmoid(u) / weights.tau).clamp(min=weights.clamp)
     values = torch.cat([v, torch.ones(B, T, HK, 1)], -1)
-    lin, final_ref = naive_dsla(psi, phi, values, g[:, :, 0], g[:, :, 1], weights.mix, weights.scale, state, True)
+    lin, final_ref = naive_dsla(psi, phi, values, g, weights.mix, weights.scale, state, True)
     assert_close("state", final, final_ref, 1e-6)
     assert_close("o", o, lin[..., :D] / (lin[..., D:] + 1e-6), 1e-6)
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from dsla_hf.kernels import LinearGates, chunk_dsla, cpp_chunk, fold_kv, fused_recurrent_dsla, naive_dsla
 from dsla_hf.kernels.chunk import SAFE_EXPONENT
-from dsla_hf.kernels.gates import gate_tensors
 
 from .test_cpp import needs_kernel
 from .utils import assert_close, make_inputs
@@ -32,13 +31,12 @@ def linear_gates(B, T, HK, K, *, source="key", states=2, D=None, clamp=None, mas
 
 def inputs(B, T, H, HK, K, V, gates: LinearGates, seed=1):
     x = make_inputs(B, T, H, HK, K, V, states=gates.num_states, seed=seed, requires_grad=False)
-    return dict(x, g1=gates, g2=None)
+    return dict(x, g=gates)
 
 
 def reference(x):
-    g1, g2 = gate_tensors(x["g1"], None)
     with torch.no_grad():
-        return naive_dsla(**dict(x, g1=g1, g2=g2), output_final_state=True)
+        return naive_dsla(**dict(x, g=x["g"].materialize()), output_final_state=True)
 
 
 @pytest.mark.parametrize("source", ["key", "hidden"])
@@ -104,27 +102,29 @@ def test_kernel_gates_varlen_over_rounds(monkeypatch):
     x["initial_state"] = torch.randn(5, 2, 2, 16, 16)
     with torch.no_grad():
         o, final = chunk_dsla(**x, output_final_state=True, backend="cpp", cu_seqlens=cu, chunk_size=16)
-        g1, g2 = gate_tensors(gates, None)
-        o_ref, final_ref = naive_dsla(**dict(x, g1=g1, g2=g2), output_final_state=True, cu_seqlens=cu)
+        o_ref, final_ref = naive_dsla(**x, output_final_state=True, cu_seqlens=cu)
     assert_close("o", o, o_ref, 1e-5)
     assert_close("final_state", final, final_ref, 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_every_entry_point_takes_linear_gates(backend):
-    """chunk_dsla (with gradients on the PyTorch path), fused_recurrent_dsla and fold_kv give with LinearGates what
-    they give with the materialised tensors."""
+    """chunk_dsla (with gradients on the PyTorch path), fused_recurrent_dsla, fold_kv and naive_dsla give with
+    LinearGates what they give with the materialised tensor."""
     gates = linear_gates(2, 20, 2, 8, mask=True)
     weight = gates.weight.clone().requires_grad_()
     gates = LinearGates(gates.x, weight, gates.bias, gates.tau, gates.clamp, gates.mask)
     x = inputs(2, 20, 4, 2, 8, 8, gates)
     g = gates.materialize()
-    tensors = dict(x, g1=g[:, :, 0], g2=g[:, :, 1])
+    tensors = dict(x, g=g)
     for fn in (chunk_dsla, fused_recurrent_dsla):
         o, final = fn(**x, output_final_state=True, backend=backend)
         o_ref, final_ref = fn(**tensors, output_final_state=True, backend=backend)
         assert_close("o", o, o_ref, 1e-6)
         assert_close("final_state", final, final_ref, 1e-6)
+    o, final = naive_dsla(**x, output_final_state=True)
+    o_ref, final_ref = naive_dsla(**tensors, output_final_state=True)
+    assert torch.equal(o, o_ref) and torch.equal(final, final_ref)
     if backend == "torch":  # the gradient reaches the gate weights through chunk_dsla's autograd
         o, final = chunk_dsla(**x, output_final_state=True)
         assert o.grad_fn is not None
@@ -133,25 +133,25 @@ def test_every_entry_point_takes_linear_gates(backend):
         (want,) = torch.autograd.grad(o.sum() + final.sum(), [weight])
         assert_close("d weight", got, want, 1e-5)
     folded = fold_kv(x["k"], x["v"], gates, initial_state=x["initial_state"], backend=backend)
-    folded_ref = fold_kv(x["k"], x["v"], g[:, :, 0], g[:, :, 1], initial_state=x["initial_state"], backend=backend)
+    folded_ref = fold_kv(x["k"], x["v"], g, initial_state=x["initial_state"], backend=backend)
     assert_close("folded", folded, folded_ref, 1e-6)
 
 
-@needs_kernel
-def test_bad_gates_are_refused():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bad_gates_are_refused(backend):
+    """By the entry point, for every backend (the C++ one included, which reads the gates' inputs)."""
     gates = linear_gates(1, 10, 2, 8)
     x = inputs(1, 10, 4, 2, 8, 8, gates)
+    wrong = {
+        "do not fit": [
+            LinearGates(gates.x, gates.weight[:, :1], gates.bias[:, :1], gates.tau),  # heads
+            LinearGates(gates.x[:, :5], gates.weight, gates.bias, gates.tau),  # tokens
+        ],
+        "mask": [LinearGates(gates.x, gates.weight, gates.bias, gates.tau, mask=torch.ones(1, 9))],
+        "one or two states": [LinearGates(gates.x, gates.weight.repeat(2, 1, 1, 1), gates.bias.repeat(2, 1, 1), 8.0)],
+    }
     with torch.no_grad():
-        with pytest.raises(ValueError, match="g2=None"):
-            chunk_dsla(**dict(x, g2=torch.zeros(1, 10, 2, 8)), backend="cpp")
-        with pytest.raises(ValueError, match="g2=None"):
-            chunk_dsla(**dict(x, g2=torch.zeros(1, 10, 2, 8)), backend="torch")
-        wrong_heads = LinearGates(gates.x, gates.weight[:, :1], gates.bias[:, :1], gates.tau)
-        with pytest.raises(ValueError, match="do not fit"):
-            chunk_dsla(**dict(x, g1=wrong_heads), backend="cpp")
-        wrong_tokens = LinearGates(gates.x[:, :5], gates.weight, gates.bias, gates.tau)
-        with pytest.raises(ValueError, match="do not fit"):
-            chunk_dsla(**dict(x, g1=wrong_tokens), backend="cpp")
-        wrong_mask = LinearGates(gates.x, gates.weight, gates.bias, gates.tau, mask=torch.ones(1, 9))
-        with pytest.raises(ValueError, match="mask"):
-            chunk_dsla(**dict(x, g1=wrong_mask), backend="cpp")
+        for message, cases in wrong.items():
+            for g in cases:
+                with pytest.raises(ValueError, match=message):
+                    chunk_dsla(**dict(x, g=g), backend=backend)

@@ -62,7 +62,7 @@ def test_fused_recurrent_varlen_and_no_initial_state():
 @pytest.mark.parametrize("T", [1, 63, 130])
 def test_fold_kv_matches_naive(states, T):
     x = make_inputs(2, T, 6, 2, 16, 65, states=states, gate=(0.05, 3.0), requires_grad=False)
-    state = fold_kv(x["k"], x["v"], x["g1"], x["g2"], initial_state=x["initial_state"])
+    state = fold_kv(x["k"], x["v"], x["g"], initial_state=x["initial_state"])
     assert_close("state", state, naive_dsla(**x, output_final_state=True)[1], 1e-5)
 
 
@@ -70,7 +70,7 @@ def test_fold_kv_varlen():
     x = make_inputs(1, 100, 3, 3, 8, 8, gate=0.3, h0=False, requires_grad=False)
     cu = torch.tensor([0, 1, 64, 100])
     h0 = torch.randn(3, 2, 3, 8, 8)
-    state = fold_kv(x["k"], x["v"], x["g1"], x["g2"], initial_state=h0, cu_seqlens=cu)
+    state = fold_kv(x["k"], x["v"], x["g"], initial_state=h0, cu_seqlens=cu)
     ref = naive_dsla(**dict(x, initial_state=h0), output_final_state=True, cu_seqlens=cu)[1]
     assert_close("state", state, ref, 1e-5)
 
@@ -108,13 +108,16 @@ def test_no_uninitialised_reads(nan_empty):
         with torch.no_grad():
             o, final = chunk_dsla(**x, output_final_state=True, cu_seqlens=cu, backend=backend)
         assert torch.isfinite(o).all() and torch.isfinite(final).all(), backend
-    assert torch.isfinite(fold_kv(x["k"], x["v"], x["g1"], x["g2"], cu_seqlens=cu)).all()
+    assert torch.isfinite(fold_kv(x["k"], x["v"], x["g"], cu_seqlens=cu)).all()
     state = torch.zeros(1, 2, 2, 16, 16)
     o, _ = fused_recurrent_dsla(**dict(x, initial_state=state), inplace=True)
     assert torch.isfinite(o).all()
 
 
-FLAT = ["__init__.py", "dispatch.py", "naive.py", "chunk.py", "fused_recurrent.py", "fold.py"]
+FLAT = [
+    "__init__.py", "dispatch.py", "inputs.py", "naive.py", "chunk.py", "fused_recurrent.py", "fold.py", "decode.py",
+    "window.py", "gates.py", "features.py",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", FLAT)
@@ -140,7 +143,34 @@ def test_remote_code_modules_are_flat(name):
 def test_dispatch_on_cpu_uses_torch():
     from dsla_hf.kernels.dispatch import resolve_backend
 
-    assert resolve_backend(torch.zeros(1), None) == "torch"
-    assert resolve_backend(torch.zeros(1), "naive") == "naive"
-    with pytest.raises(ValueError):
-        resolve_backend(torch.zeros(1), "bogus")
+    assert resolve_backend("chunk", torch.zeros(1)) == "torch"
+    assert resolve_backend("chunk", torch.zeros(1), "naive") == "naive"
+    assert resolve_backend("decode", torch.device("cpu")) == "naive"  # no PyTorch path: the reference
+    for operation, backend in [("chunk", "bogus"), ("recurrent", "cpp"), ("fold", "cpp"), ("window", "naive")]:
+        with pytest.raises(ValueError, match="unknown backend"):
+            resolve_backend(operation, torch.zeros(1), backend)
+
+
+def test_inputs_are_checked_once_for_every_backend():
+    """Shapes, grouped heads, gates, mixing weights, initial states and packing are refused by the entry points
+    whatever the backend."""
+    x = make_inputs(2, 10, 6, 2, 8, 8, requires_grad=False)
+    bad = {
+        "multiple of key/value heads": dict(x, q=torch.randn(2, 10, 5, 8)),
+        "gates must be": dict(x, g=x["g"][:, :, :, :1]),
+        "one or two states": dict(x, g=torch.cat([x["g"], x["g"][:, :, :1]], 2)),
+        "mix must be": dict(x, mix=torch.rand(3)),
+        "initial_state must have shape": dict(x, initial_state=torch.zeros(3, 2, 2, 8, 8)),
+        "values must be": dict(x, v=x["v"][:, :9]),
+    }
+    for backend in ("torch", "naive"):
+        for message, inputs in bad.items():
+            for fn in (chunk_dsla, fused_recurrent_dsla):
+                with pytest.raises(ValueError, match=message):
+                    fn(**inputs, backend=backend)
+        with pytest.raises(ValueError, match="batch of size 1"):
+            chunk_dsla(**x, cu_seqlens=torch.tensor([0, 10]), backend=backend)
+        with pytest.raises(ValueError, match="gates must be"):
+            fold_kv(x["k"], x["v"], x["g"][:, :5], backend=backend)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        naive_dsla(**bad["multiple of key/value heads"])

@@ -22,20 +22,22 @@ def make_inputs(
     B=1, T=65, H=6, HK=2, K=16, V=16, states=2, gate=1.0, mix="heads", h0=True, dtype=torch.float32, seed=0,
     requires_grad=True,
 ):  # fmt: skip
-    """Random DSLA inputs. ``gate`` scales ``logsigmoid`` of a normal sample: the mean log decay per token is about
-    ``-0.8 * gate`` for the history state and 10x that for the recency state (or a fixed ``(g1, g2)`` pair)."""
+    """Random DSLA inputs, the gates ``g`` [B, T, S, HK, K]. ``gate`` scales ``logsigmoid`` of a normal sample: the
+    mean log decay per token is about ``-0.8 * gate`` for the history state and 10x that for the recency state (or a
+    fixed pair of scales)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen)
 
-    g1_scale, g2_scale = gate if isinstance(gate, tuple) else (gate, gate * 10)
+    scales = gate if isinstance(gate, tuple) else (gate, gate * 10)
+    q, k, v = rnd(B, T, H, K), rnd(B, T, HK, K), rnd(B, T, HK, V)
+    g = torch.stack([F.logsigmoid(rnd(B, T, HK, K)) * scales[s] for s in range(states)], dim=2)
     x = dict(
-        q=rnd(B, T, H, K),
-        k=rnd(B, T, HK, K),
-        v=rnd(B, T, HK, V),
-        g1=F.logsigmoid(rnd(B, T, HK, K)) * g1_scale,
-        g2=F.logsigmoid(rnd(B, T, HK, K)) * g2_scale if states == 2 else None,
+        q=q,
+        k=k,
+        v=v,
+        g=g,
         mix={"none": None, "layer": torch.rand(states, generator=gen), "heads": torch.rand(H, states, generator=gen)}[
             mix
         ],

@@ -422,12 +422,12 @@ class DSLAAttention(nn.Module):
         if cache_layer is not None and state is not None and T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
             queries, features = feature_tensor(queries), feature_tensor(features)
             o, state = fused_recurrent_dsla(
-                queries, features, values, gates, None, mix, self.scale, initial_state=state, inplace=True
+                queries, features, values, gates, mix, self.scale, initial_state=state, inplace=True
             )
         else:
             out = self.output_over_queries(queries, state_q, values.shape[-1])
             o, state = chunk_dsla(
-                queries, features, values, gates, None, mix, self.scale, state,
+                queries, features, values, gates, mix, self.scale, state,
                 output_final_state=cache_layer is not None, cu_seqlens=cu_seqlens, out=out,
             )  # fmt: skip
             if state_q is not q:
