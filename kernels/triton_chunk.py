@@ -49,6 +49,9 @@ def _chunk_cumsum_kernel(g, b, starts, T_total, HK: tl.constexpr, K: tl.constexp
         tl.store(b + p, tl.cumsum(x, axis=0), mask=m)
 
 
+# One program per (sequence, KV head) and value block walks the sequence's chunks in order: inter-chunk term from
+# the running states, intra-chunk attention, state update (and the saved states for the backward), the states never
+# leaving registers. Its length is that one fused loop: a second kernel would write the states out and read them back.
 @triton.jit
 def _chunk_fwd_kernel(
     q, k, v, b1, b2, w, h0, ht, o, starts, hs, slots,

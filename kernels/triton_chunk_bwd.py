@@ -121,6 +121,9 @@ def _bwd_states_kernel(
             tl.store(dh0 + (i_n * S + 1) * HK * K * V + p_head, d2, mask=m_kv)
 
 
+# One program per (chunk, KV head) and state: the query, key and gate gradients of a chunk from its saved state,
+# the state's gradient and the intra-chunk attention, kept in registers from the loads to the stores. Its length is
+# that one fused pass; helpers would still inline into it, and splitting it into kernels would re-read the chunk.
 @triton.jit
 def _bwd_dqk_kernel(
     q, k, v, do, b1, b2, w, hs, dhs, slots, dlast, starts, chunks, dq, dk, db1, db2, dw,
@@ -293,6 +296,8 @@ def _bwd_dqk_kernel(
         tl.store(dk + ik, dk1 + dk2, mask=m_ik)
 
 
+# One program per (chunk, KV head), state and value block: the value gradient of a chunk (state and intra-chunk
+# terms) in one pass over its registers; long for the same reason as _bwd_dqk_kernel.
 @triton.jit
 def _bwd_dv_kernel(
     q, k, do, b1, b2, w, dhs, slots, starts, chunks, dv,

@@ -59,6 +59,9 @@ def _moved_rows(win, new, o_w, cols, m_cols, W: tl.constexpr, row_stride):
     return tl.where((o_w == W - 1)[:, None], row[None, :], old)
 
 
+# One program per (batch row, KV head) does a whole decode step of that head: features, gates, both state updates
+# in place, the window's softmax terms and the shared normaliser. One launch per layer per token is the point of
+# the fused step, so it stays one function.
 @triton.jit
 def _decode_head_kernel(
     q, k, state, q_map, k_map, gate_w, gate_b, mix_w, keys, valid, mask, pos, inv_freq, log_scale,
