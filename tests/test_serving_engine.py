@@ -9,7 +9,7 @@ import torch
 from dsla_hf.serving.engine import Engine, EngineConfig, QueueFull
 from dsla_hf.serving.models import toy_model, toy_tokenizer
 from dsla_hf.serving.policy import AdaptivePolicy, StaticPolicy
-from dsla_hf.serving.sampling import SamplingParams
+from dsla_hf.serving.sampling import Detokenizer, IncrementalDecoder, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +209,155 @@ def test_a_failing_first_token_ends_its_request_and_the_engine_serves_on(toy, mo
         assert done[1].wait(30) and served.finish_reason == "length" and len(served.output_ids) == 3
     finally:
         engine.stop()
+
+
+# --- logprobs --------------------------------------------------------------------------------------------------------
+
+
+def reference_logprobs(model, ids, layers):
+    """Log-softmax of a fresh full forward (no cache) of `ids` with these DSLA layers: row i predicts ids[i + 1]."""
+    saved = model.config.active_dsla_layers
+    model.set_dsla_layers(list(layers))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0]
+    model.set_dsla_layers(saved)
+    return logits.float().log_softmax(-1)
+
+
+def assert_entry(entry, token, row, k):
+    assert entry.token == token
+    assert abs(entry.logprob - float(row[token])) < 1e-4, (entry.logprob, float(row[token]))
+    values, ids = row.topk(k)
+    assert [t for t, _ in entry.top] == ids.tolist()
+    assert max(abs(v - float(r)) for (_, v), r in zip(entry.top, values)) < 1e-4
+
+
+@pytest.mark.parametrize("active", [[], [3, 2]])
+def test_logprobs_equal_a_forward_without_cache(toy, active):
+    """Prompt logprobs over several prefill chunks and output logprobs of a batch of sampled requests: those of the
+    model's own distribution (not of temperature or top-p), equal to a no-cache forward of prompt and output."""
+    model, tok = toy
+    model.set_dsla_layers(active)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=3, prefill_chunk=7), policy=StaticPolicy(len(active)))
+    params = SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9, seed=5, ignore_eos=True)
+    params.logprobs, params.prompt_logprobs = 3, 2
+    prompts = prompts_of([20, 5, 13], seed=4)
+    requests, outputs, batch_sizes = collect(engine, prompts, params)
+    assert max(batch_sizes) >= 2
+    for request, outs, prompt in zip(requests, outputs, prompts):
+        ref = reference_logprobs(model, prompt + request.output_ids, active)
+        scored = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+        assert len(scored) == 1 and outs[0].prompt_logprobs is scored[0]  # with the first output, once
+        assert scored[0][0] == (prompt[0], None, None) and len(scored[0]) == len(prompt)
+        for i, entry in enumerate(scored[0][1:], start=1):
+            assert_entry(entry, prompt[i], ref[i - 1], 2)
+        entries = [e for o in outs for e in o.logprobs]
+        assert len(entries) == len(request.output_ids) == 6
+        for j, entry in enumerate(entries):
+            assert_entry(entry, request.output_ids[j], ref[len(prompt) - 1 + j], 3)
+    model.set_dsla_layers([])
+
+
+def test_max_tokens_zero_scores_the_prompt_alone_and_others_keep_one_logit(toy):
+    """`max_tokens=0` (echo): the prompt scored, nothing generated. Only a scored prompt computes every position's
+    logits: every other prefill keeps the last one."""
+    model, tok = toy
+    kept = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+    try:
+        engine = Engine(model, tok, EngineConfig(prefill_chunk=8))
+        prompt = prompts_of([19], seed=6)
+        (plain,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=2, temperature=0.0))
+        assert kept == [1, 1, 1, None] and plain.finish_reason  # three prefill chunks, then a decode step
+        kept.clear()
+        (scored,), (outs,), _ = collect(engine, prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+        assert kept == [0, 0, 0]
+    finally:
+        hook.remove()
+    assert scored.finish_reason == "length" and scored.output_ids == [] and len(outs) == 1
+    assert outs[0].completion_tokens == 0 and outs[0].prompt_tokens == 19 and outs[0].text == ""
+    ref = reference_logprobs(model, prompt[0], [])
+    assert [e.top for e in outs[0].prompt_logprobs[1:]] == [[]] * 18
+    assert max(abs(e.logprob - float(ref[i, e.token])) for i, e in enumerate(outs[0].prompt_logprobs[1:])) < 1e-4
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
+# --- incremental detokenisation --------------------------------------------------------------------------------------
+
+
+def stream_text(tokenizer, ids, stop=()):
+    """(the deltas a request streams, token by token, then its flush; the largest tail the decoder decoded)."""
+    detok, deltas, tail = Detokenizer(tokenizer, list(stop)), [], 0
+    for token in ids:
+        text, hit = detok.update([token], check_stop=True)
+        deltas.append(text)
+        tail = max(tail, len(detok.decoder.window))
+        if hit:
+            return deltas, tail
+    return deltas + [detok.flush()], tail
+
+
+def expected_text(tokenizer, ids, stop=()):
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (byte-level BPE), from the files `load_teacher` loads (offline)."""
+    from transformers import AutoTokenizer
+
+    from dsla_hf.teacher import teacher_folder
+
+    try:
+        return AutoTokenizer.from_pretrained(teacher_folder())
+    except (ImportError, FileNotFoundError) as error:
+        pytest.skip(f"no SmolLM2 teacher here: {error}")
+
+
+def test_incremental_detokenizer_equals_a_whole_decode_on_the_toy_tokenizer(toy):
+    _, tok = toy
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        ids = torch.randint(0, 101, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        full = tok.decode(ids, skip_special_tokens=True)
+        stop = [full[3:6]] if trial % 2 and len(full) > 6 else []
+        deltas, tail = stream_text(tok, ids, stop)
+        assert "".join(deltas) == expected_text(tok, ids, stop), ids
+        assert tail <= 2 * IncrementalDecoder.MAX_PENDING  # (special tokens add no text: the tail waits for some)
+    deltas, tail = stream_text(tok, [40] + [0, 1, 2] * 200 + [41])  # special tokens alone do not grow the tail
+    assert "".join(deltas) == tok.decode([40, 41]) and tail <= 2
+
+
+def test_incremental_detokenizer_equals_a_whole_decode_on_smollm2(smollm2_tokenizer):
+    """Random token sequences of the real byte-level tokenizer: random ids, single bytes (characters split across
+    tokens, and bytes that are no character), special tokens, and slices of real multilingual text. The streamed
+    text equals `tokenizer.decode` of the whole output; valid text never streams U+FFFD; the decoded tail stays
+    bounded; stop strings across token boundaries end the text before them."""
+    import random
+
+    from dsla_hf.serving.openai_protocol import byte_level_alphabet
+
+    tok = smollm2_tokenizer
+    byte_ids = [tok.convert_tokens_to_ids(c) for c in byte_level_alphabet()]
+    real = tok("naïve café — 東京タワー 😀👍🏽 ok, Zürich: Ελλάδα\n" * 3)["input_ids"]
+    specials = tok.all_special_ids
+    rng = random.Random(0)
+    for trial in range(2000):
+        n, kind = rng.randint(1, 48), trial % 4
+        pool = [range(len(tok)), byte_ids, byte_ids + real + specials, None][kind]
+        start = rng.randrange(len(real))
+        ids = real[start : start + n] if pool is None else [rng.choice(pool) for _ in range(n)]
+        deltas, tail = stream_text(tok, ids)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True), ids
+        assert tail <= 2 * IncrementalDecoder.MAX_PENDING
+        if "\ufffd" not in tok.decode(ids):  # valid text: no replacement character mid-stream
+            assert not any("\ufffd" in d for d in deltas), deltas
+    pathological = [byte_ids[0xE2]] * 100 + [byte_ids[0x80], byte_ids[0x99]]  # lead bytes that are no character
+    deltas, tail = stream_text(tok, pathological)
+    assert "".join(deltas) == tok.decode(pathological) and tail <= 2 * IncrementalDecoder.MAX_PENDING
+    for stop in (["東京タ"], ["😀👍"], ["é —", "zzz"], ["\n"]):
+        deltas, _ = stream_text(tok, real, stop)
+        assert "".join(deltas) == expected_text(tok, real, stop) and not any(s in "".join(deltas) for s in stop)

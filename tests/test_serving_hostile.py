@@ -147,7 +147,7 @@ def short_id(value) -> str | None:
 
 
 BODY = '{"model": "toy", "max_tokens": 3, "temperature": 0, '
-C, CHAT = "/v1/completions", "/v1/chat/completions"
+C, CHAT, TOK, DETOK = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
 USER = '"messages": [{"role": "user", "content": "hi"}]'
 PART = BODY + '"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}'  # a text content part
 MULTIPART = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--x--'
@@ -222,7 +222,34 @@ MULTIPART = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n-
         (C, BODY + '"prompt": null}', 400, "prompt"),
         (C, BODY + '"prompt": [[]]}', 400, "prompt"),
         (C, BODY + '"prompt": [["a"]]}', 400, "prompt"),
-        (C, BODY + '"prompt": ["a", "b"]}', 400, "prompt"),
+        (C, BODY + '"prompt": ["a", "b"]}', 200, None),  # a batch: one choice each
+        (C, BODY + '"prompt": [[5, 6], [7]]}', 200, None),
+        (C, BODY + '"prompt": ["a", ["b"]]}', 400, "prompt"),
+        (C, BODY + '"prompt": [[5], "a"]}', 400, "prompt"),
+        (C, BODY + '"prompt": [[5], []]}', 400, "prompt"),
+        (C, BODY + '"prompt": [[5], [[6]]]}', 400, "prompt"),
+        (C, BODY + '"prompt": [[5], [true]]}', 400, "prompt"),
+        (C, BODY + '"prompt": ["a", null]}', 400, "prompt"),
+        (C, BODY + '"prompt": ["a", "\\ud800"]}', 400, "prompt[1]"),
+        (C, BODY + f'"prompt": [[5], [1, {10**400}]]}}', 400, None),
+        (C, BODY + '"prompt": ' + json.dumps(["a"] * 5) + "}", 400, "prompt"),  # more than the queue ever holds
+        # logprobs and echo
+        (C, BODY + '"prompt": "x", "logprobs": 5, "echo": true}', 200, None),
+        (C, BODY + '"prompt": "x", "logprobs": 20, "max_tokens": 0, "echo": true}', 200, None),
+        (C, BODY + '"prompt": "x", "logprobs": 21}', 400, "logprobs"),
+        (C, BODY + '"prompt": "x", "logprobs": -1}', 400, "logprobs"),
+        (C, BODY + f'"prompt": "x", "logprobs": {10**400}}}', 400, "logprobs"),
+        (C, BODY + '"prompt": "x", "logprobs": 1.5}', 400, "logprobs"),
+        (C, BODY + '"prompt": "x", "logprobs": NaN}', 400, None),
+        (C, BODY + '"prompt": "x", "logprobs": true}', 400, "logprobs"),
+        (C, BODY + '"prompt": "x", "echo": 1}', 400, "echo"),
+        (C, '{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (C, '{"prompt": "x", "max_tokens": 0, "echo": false}', 400, "max_tokens"),
+        (CHAT, BODY + USER + ', "logprobs": 3}', 400, "logprobs"),
+        (CHAT, BODY + USER + ', "logprobs": true, "top_logprobs": 21}', 400, "top_logprobs"),
+        (CHAT, BODY + USER + ', "logprobs": true, "top_logprobs": "2"}', 400, "top_logprobs"),
+        (CHAT, BODY + USER + ', "top_logprobs": 2}', 400, "top_logprobs"),
+        (CHAT, BODY + USER + ', "logprobs": true, "top_logprobs": 20, "stream": true}', 200, None),
         (C, BODY + '"prompt": "x", "model": ["toy"]}', 400, "model"),
         (C, BODY + '"prompt": "x", "model": "' + "m" * 10_000 + '"}', 404, "model"),
         (C, BODY + '"prompt": "x", "stream": "true"}', 400, "stream"),
@@ -247,6 +274,34 @@ MULTIPART = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n-
         (CHAT, BODY + '"messages": [{"role": "user", "content": [{"type": "text"}]}]}', 400, "messages"),
         (CHAT, BODY + USER + ', "max_completion_tokens": -5}', 400, "max_completion_tokens"),
         (CHAT, BODY + USER + ', "max_completion_tokens": 1e999}', 400, "max_completion_tokens"),
+        # vLLM's tokenizer routes
+        (TOK, b"{", 400, None),
+        (TOK, b"[]", 400, None),
+        (TOK, "{}", 400, "prompt"),
+        (TOK, '{"prompt": 5}', 400, "prompt"),
+        (TOK, '{"prompt": ["a"]}', 400, "prompt"),
+        (TOK, '{"prompt": "\\ud800"}', 400, "prompt"),
+        (TOK, '{"prompt": "x", ' + USER + "}", 400, "prompt"),
+        (TOK, '{"messages": "hi"}', 400, "messages"),
+        (TOK, '{"messages": [{"role": "user", "content": 3}]}', 400, "messages"),
+        (TOK, '{"prompt": "x", "model": "nope"}', 404, "model"),
+        (TOK, '{"prompt": "x", "add_special_tokens": "yes"}', 400, "add_special_tokens"),
+        (TOK, '{"prompt": "x", "return_token_strs": 1}', 400, "return_token_strs"),
+        (TOK, '{"prompt": ""}', 200, None),
+        (TOK, '{"prompt": "' + "x" * 60_000 + '"}', 200, None),  # longer than the context: counted, not refused
+        (TOK, "{" + USER + ', "add_generation_prompt": false}', 200, None),
+        (DETOK, b"null", 400, None),
+        (DETOK, "{}", 400, "tokens"),
+        (DETOK, '{"tokens": "abc"}', 400, "tokens"),
+        (DETOK, '{"tokens": [1, -1]}', 400, "tokens"),
+        (DETOK, '{"tokens": [1, 101]}', 400, "tokens"),
+        (DETOK, f'{{"tokens": [{10**400}]}}', 400, "tokens"),
+        (DETOK, '{"tokens": [1.5]}', 400, "tokens"),
+        (DETOK, '{"tokens": [true]}', 400, "tokens"),
+        (DETOK, '{"tokens": [[5]]}', 400, "tokens"),
+        (DETOK, '{"tokens": [5, 6], "model": ["toy"]}', 400, "model"),
+        (DETOK, '{"tokens": [0, 1, 2, 5, 100]}', 200, None),
+        (DETOK, '{"tokens": ' + json.dumps(list(range(3, 99)) * 100) + "}", 200, None),
         # very long strings, within the body limit
         (C, BODY + '"prompt": "' + "x" * 60_000 + '"}', 400, None),  # longer than the context
         (CHAT, BODY + '"messages": [{"role": "user", "content": "' + "y" * 60_000 + '"}]}', 400, None),
@@ -295,6 +350,7 @@ def test_content_types(hostile, content_type, raw, status):
 def test_wrong_routes_and_methods(hostile):
     _, thread, _, _ = hostile
     cases = [("PUT", C, 405), ("DELETE", CHAT, 405), ("POST", "/health", 405), ("POST", "/v1/nothing", 404)]
+    cases += [("GET", TOK, 405), ("PUT", DETOK, 405), ("POST", "/version", 405)]
     with httpx.Client(base_url=thread.url, timeout=30) as client:
         for method, route, status in cases + [("GET", "/v1/%ff%00", 404)]:
             reply = client.request(method, route, content=b"{")

@@ -146,8 +146,24 @@ def test_routes_completion_and_chat(server):
         ("/v1/chat/completions", {"model": "toy", "messages": "hi"}, 400, "messages"),
         ("/v1/chat/completions", {"model": "toy", "messages": [{"role": "user", "content": 3}]}, 400, "messages"),
         ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        # logprobs and echo: completions' `logprobs` is a count, chat's a switch with `top_logprobs` the count
+        ("/v1/completions", {"model": "toy", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"model": "toy", "prompt": "x", "logprobs": True}, 400, "logprobs"),
+        ("/v1/completions", {"model": "toy", "prompt": "x", "echo": "yes"}, 400, "echo"),
+        ("/v1/completions", {"model": "toy", "prompt": "x", "max_tokens": 0, "echo": True}, 200, None),
+        ("/v1/chat/completions", {"model": "toy", "messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, 400,
+         "logprobs"),
+        ("/v1/chat/completions", {"model": "toy", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         400, "top_logprobs"),
+        ("/v1/chat/completions", {"model": "toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0,
+         "echo": True}, 400, "max_tokens"),
+        # batches of prompts: all texts or all token ids, at most the queue's bound (64 here)
+        ("/v1/completions", {"model": "toy", "prompt": ["x", [5, 6]]}, 400, "prompt"),
+        ("/v1/completions", {"model": "toy", "prompt": ["x", ""]}, 400, "prompt"),
+        ("/v1/completions", {"model": "toy", "prompt": ["x"] * 65, "max_tokens": 1}, 400, "prompt"),
+        ("/v1/completions", {"model": "toy", "prompt": ["x", "x" * 600], "max_tokens": 1}, 400, None),
     ],
-)
+)  # fmt: skip
 def test_bad_requests_get_a_clear_4xx(server, route, body, status, param):
     _, url = server
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -157,6 +173,77 @@ def test_bad_requests_get_a_clear_4xx(server, route, body, status, param):
         error = reply.json()["error"]
         assert error["message"] and error["code"] == status and error["param"] == param
         assert error["type"] in ("invalid_request_error", "NotFoundError")
+
+
+def test_echo_of_token_ids_and_batches_of_them(server):
+    _, url = server
+    tok = toy_tokenizer()
+    body = {"model": "toy", "prompt": [[5, 6, 7], [40, 41]], "max_tokens": 0, "echo": True, "logprobs": 1}
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in reply["choices"]] == [tok.decode([5, 6, 7]), tok.decode([40, 41])]
+    assert [len(c["logprobs"]["tokens"]) for c in reply["choices"]] == [3, 2]
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+
+
+def test_tokenizer_routes_and_version(server):
+    """vLLM's /tokenize, /detokenize and /version, with the same validation and error bodies as the other routes."""
+    import dsla_hf
+
+    engine, url = server
+    tok = toy_tokenizer()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/version").json() == {"version": dsla_hf.__version__}
+        reply = client.post("/tokenize", json={"model": "toy", "prompt": "def f(x):"}).json()
+        assert reply == {"count": 9, "max_model_len": 512, "tokens": tok("def f(x):")["input_ids"], "token_strs": None}
+        chat = {"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}
+        reply = client.post("/tokenize", json=chat).json()
+        completion = {"model": "toy", "max_tokens": 1, **chat}
+        assert reply["count"] == client.post("/v1/chat/completions", json=completion).json()["usage"]["prompt_tokens"]
+        assert "".join(reply["token_strs"]) == "<|user|>hi\n<|assistant|>"
+        assert client.post("/detokenize", json={"tokens": reply["tokens"]}).json() == {
+            "prompt": "<|user|>hi\n<|assistant|>"
+        }
+        assert client.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+        for route, body, param in [
+            ("/tokenize", {}, "prompt"),
+            ("/tokenize", {"prompt": "x", "messages": chat["messages"]}, "prompt"),
+            ("/tokenize", {"prompt": ["x"]}, "prompt"),
+            ("/tokenize", {"messages": []}, "messages"),
+            ("/tokenize", {"prompt": "x", "add_special_tokens": 1}, "add_special_tokens"),
+            ("/detokenize", {"tokens": [1, engine.model.config.vocab_size]}, "tokens"),
+            ("/detokenize", {"tokens": "abc"}, "tokens"),
+            ("/detokenize", {}, "tokens"),
+        ]:
+            reply = client.post(route, json=body)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (route, body, reply.text)
+        assert client.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}).status_code == 404
+
+
+def test_a_batch_is_queued_whole_or_not_at_all():
+    """A batch that the queue cannot take whole is refused (429) and leaves nothing queued."""
+    engine, thread = serve(max_num_seqs=1, max_queue=3)
+    with thread:
+        engine.model.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+        long = {"model": "toy", "prompt": "abc", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(base_url=thread.url, timeout=60) as client,
+            client.stream("POST", "/v1/completions", json=long),
+        ):
+            batch = client.post("/v1/completions", json={**long, "prompt": ["a", "b", "c", "d"], "stream": False})
+            assert batch.status_code == 400  # more than the queue holds, ever
+            with client.stream("POST", "/v1/completions", json=long):  # one running, one waiting: room for two
+                deadline = time.monotonic() + 30
+                while engine.num_waiting < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                batch = client.post("/v1/completions", json={**long, "prompt": ["a", "b", "c"], "stream": False})
+                assert batch.status_code == 429, batch.text
+                for _ in range(200):  # the two that were queued are cancelled
+                    if engine.num_waiting == 1:
+                        break
+                    time.sleep(0.02)
+                assert engine.num_waiting == 1
+    engine.stop()
 
 
 def test_unknown_route_and_method(server):

@@ -5,8 +5,9 @@
    DSLA have the keys and values of every request in flight folded into states at once (exact for the default
    preset); a layer returns to softmax attention only when every request in flight still has its keys and values
    (otherwise the decrease waits, and prefills that lost them restart);
-3. prefills at most `prefill_chunk` tokens of one waiting request in its own cache (chunked prefill), and when the
-   prompt is done samples its first token and joins its cache to the running batch with `DSLACache.stack`
+3. prefills at most `prefill_chunk` tokens of one waiting request in its own cache (chunked prefill; the logits of
+   every position only when the request asks for its prompt's logprobs), and when the prompt is done samples its
+   first token (or ends, with `max_tokens=0`) and joins its cache to the running batch with `DSLACache.stack`
    (left-padded; the batch is never drained for it);
 4. runs one decode step for the whole running batch (one token per request, explicit positions, 2-D padding mask),
    samples each request with its own parameters, and removes finished requests (`batch_select_indices`, then
@@ -32,7 +33,7 @@ import torch
 from ..models.dsla.cache_dsla import DSLACache
 from .metrics import Metrics
 from .policy import LoadSnapshot, StaticPolicy
-from .sampling import Detokenizer, SamplingParams, sample
+from .sampling import Detokenizer, SamplingParams, TokenLogprob, sample, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Output:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # of every prompt token, with the request's first output
 
     @property
     def finished(self) -> bool:
@@ -103,9 +106,15 @@ class Request:
         self.cached = 0  # real tokens in the cache (prompt plus fed outputs): the next position
         # (index of the first output token produced with these layers, DSLA layers): the per-token layer modes.
         self.modes: list[tuple[int, tuple[int, ...]]] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # filled while prefilling, when asked for
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's logprobs, once (they go with the first output)."""
+        scored, self.prompt_logprobs = self.prompt_logprobs, None
+        return scored
 
     def dsla_layers_at(self, index: int) -> tuple[int, ...]:
         """The DSLA layers of the forward that produced output token `index` (every other layer was softmax)."""
@@ -182,11 +191,8 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
-        """Queue a request; `sink` receives its outputs (from the engine thread). Raises ValueError when the prompt
-        does not fit the context, QueueFull when the queue is full, EngineStopped when the engine is not running."""
-        if self._stop.is_set():
-            raise EngineStopped("The engine is stopped")
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError when the prompt is empty, does not fit the context or has ids outside the vocabulary."""
         if not prompt_ids:
             raise ValueError("The prompt is empty")
         total = len(prompt_ids) + params.max_tokens
@@ -199,6 +205,13 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab})")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
+        """Queue a request; `sink` receives its outputs (from the engine thread). Raises ValueError as
+        `check_prompt`, QueueFull when the queue is full, EngineStopped when the engine is not running."""
+        if self._stop.is_set():
+            raise EngineStopped("The engine is stopped")
+        self.check_prompt(prompt_ids, params)
         request = Request(prompt_ids, params, sink, Detokenizer(self.tokenizer, params.stop))
         if self.config.request_timeout_s is not None:
             request.deadline = request.arrival + self.config.request_timeout_s
@@ -350,17 +363,29 @@ class Engine:
             self._dequeue(request)
             self.prefilling = request
         request = self.prefilling
+        scored = request.params.prompt_logprobs
         if request.cache is None:
             request.cache = DSLACache(self.model.config, keep_kv=self.config.keep_kv)
             request.prefilled = 0
-        chunk = request.prompt_ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
+            if scored is not None:
+                request.prompt_logprobs = [TokenLogprob(request.prompt_ids[0], None, None)]
+        start = request.prefilled
+        chunk = request.prompt_ids[start : start + self.config.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=request.cache, logits_to_keep=1, use_cache=True).logits
+        # Every position's logits only when the prompt is scored: the others pay for the last position's alone.
+        logits = self.model(ids, cache=request.cache, logits_to_keep=1 if scored is None else 0, use_cache=True).logits
+        if scored is not None:  # position i predicts prompt token i + 1 (the last one of the prompt: the output)
+            targets = request.prompt_ids[start + 1 : start + len(chunk) + 1]
+            request.prompt_logprobs += token_logprobs(logits[0, : len(targets)], targets, scored)
         request.prefilled += len(chunk)
         self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
         if request.prefilled < len(request.prompt_ids):
             return
         request.cached = len(request.prompt_ids)
+        if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
+            self.prefilling, request.cache = None, None
+            self._finish(request, "length")
+            return
         # Still `prefilling` while its first token is sampled: if that fails, the step's failure handler ends it.
         self._accept(request, logits[0, -1].float().cpu())
         self.prefilling = None
@@ -393,10 +418,32 @@ class Engine:
         """Sample the next token of a request, send its text, and decide whether it is finished."""
         params = request.params
         logits = logits.float()
+        masked = logits
         if len(request.output_ids) < params.min_tokens and self.eos_ids:
-            logits = logits.clone()
-            logits[self.eos_ids] = float("-inf")
-        token = sample(logits, params, request.generator)
+            masked = logits.clone()
+            masked[self.eos_ids] = float("-inf")
+        token = sample(masked, params, request.generator)
+        # Of the model's own distribution (before min_tokens, temperature, top-p); nothing to pay when not asked.
+        scored = None if params.logprobs is None else token_logprobs(logits[None], [token], params.logprobs)
+        self._record_token(request, token)
+        count = len(request.output_ids)
+        past_min = count >= params.min_tokens
+        reason = None
+        if token in self.eos_ids and not params.ignore_eos and past_min:
+            reason = "stop"  # the end of sequence has no text
+        text, hit = request.detok.update([] if reason else [token], check_stop=past_min)
+        if hit:
+            reason = "stop"
+        elif reason is None and (count >= params.max_tokens or request.cached + 1 >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            prompt = request.take_prompt_logprobs()
+            request.sink(Output(text=text, token_ids=[token], logprobs=scored, prompt_logprobs=prompt))
+            return
+        self._finish(request, reason, text_before=text, last_token=token, logprobs=scored)
+
+    def _record_token(self, request: Request, token: int) -> None:
+        """Append a sampled token to its request, with the layer kinds that produced it and its latency metrics."""
         now = time.monotonic()
         index = len(request.output_ids)
         layers = tuple(self.model.config.active_dsla_layers)
@@ -411,26 +458,15 @@ class Engine:
             self.metrics.observe("vllm:inter_token_latency_seconds", now - request.last_token_time)
         request.last_token_time = now
         self.metrics.inc("vllm:generation_tokens_total")
-        count = len(request.output_ids)
-        past_min = count >= params.min_tokens
-        reason = None
-        if token in self.eos_ids and not params.ignore_eos and past_min:
-            reason = "stop"
-            ids = request.output_ids[:-1]
-        else:
-            ids = request.output_ids
-        text, hit = request.detok.update(ids, check_stop=past_min)
-        if hit:
-            reason = "stop"
-        elif reason is None and (count >= params.max_tokens or request.cached + 1 >= self.max_model_len):
-            reason = "length"
-        if reason is None:
-            request.sink(Output(text=text, token_ids=[token]))
-            return
-        self._finish(request, reason, text_before=text, last_token=token)
 
     def _finish(
-        self, request: Request, reason: str, error: str | None = None, text_before: str = "", last_token=None
+        self,
+        request: Request,
+        reason: str,
+        error: str | None = None,
+        text_before: str = "",
+        last_token: int | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         if request.finish_reason is not None:
             return
@@ -454,6 +490,8 @@ class Engine:
                     error=error,
                     prompt_tokens=len(request.prompt_ids),
                     completion_tokens=len(request.output_ids),
+                    logprobs=logprobs,
+                    prompt_logprobs=request.take_prompt_logprobs(),
                 )
             )
         except Exception:  # a consumer that went away must not stop the engine

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 
 class ProtocolError(Exception):
@@ -34,16 +34,19 @@ def error_body(message: str, status: int, param: str | None = None, kind: str = 
 
 @dataclass
 class ParsedRequest:
-    """A validated completion or chat request; `prompt` is text or token ids, or `messages` for chat."""
+    """A validated completion or chat request: `prompts` (completions: texts or token ids, one choice each) or
+    `messages` (chat); `logprobs`: the alternatives per token that the response lists (None: no logprobs)."""
 
     chat: bool
     model: str
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
-    prompt: str | list[int] | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     max_tokens_given: bool = False
+    echo: bool = False
+    logprobs: int | None = None
 
 
 # --- requests ------------------------------------------------------------------------------------------------------
@@ -73,7 +76,10 @@ SAMPLING_FIELDS = {
     "ignore_eos": Field(bool, False),
 }
 REQUEST_FIELDS = {"n": Field(int, 1), "stream": Field(bool, False)}
-MAX_TOKENS = Field(int, low=1)
+# Legacy completions: `logprobs` is the number of alternatives; chat: a switch, and `top_logprobs` the number.
+COMPLETION_FIELDS = {"echo": Field(bool, False), "logprobs": Field(int, low=0, high=MAX_LOGPROBS)}
+CHAT_FIELDS = {"logprobs": Field(bool, False), "top_logprobs": Field(int, low=0, high=MAX_LOGPROBS)}
+MAX_TOKENS = Field(int, low=0)  # 0 only with `echo` (the prompt scored alone, what lm-eval's loglikelihood asks)
 INCLUDE_USAGE = Field(bool, False)
 MAX_STOP_STRINGS = 16
 
@@ -176,19 +182,25 @@ def check_text(body: dict) -> None:
             raise ProtocolError(f"'{path}' is not valid UTF-8 text (an invalid byte or a lone surrogate)", param=path)
 
 
-def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int) -> ParsedRequest:
+def check_model(body: dict, served_model: str) -> str:
     model = body.get("model", served_model)
     if not isinstance(model, str):
         raise ProtocolError("'model' must be a string", param="model")
     if model != served_model:
         raise ProtocolError(f"The model `{model}` does not exist.", status=404, param="model")
+    return model
+
+
+def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int) -> ParsedRequest:
+    model = check_model(body, served_model)
     own = checked_fields(body, REQUEST_FIELDS)
     sampling = checked_fields(body, SAMPLING_FIELDS)
     if own["n"] != 1:
-        raise ProtocolError("Only n=1 is supported", param="n")
+        raise ProtocolError("Only n=1 is supported (send a list of prompts for several completions)", param="n")
     if body.get("best_of") not in (None, 1):
         raise ProtocolError("Only best_of=1 is supported", param="best_of")
-    limit_name, max_tokens = parse_max_tokens(body, chat, max_model_len)
+    echo, logprobs = parse_logprobs(body, chat)
+    limit_name, max_tokens = parse_max_tokens(body, chat, max_model_len, echo)
     stop = parse_stop(body.get("stop"))
     include_usage = parse_include_usage(body.get("stream_options"), own["stream"])
     cap = max_tokens if max_tokens is not None else max_model_len
@@ -196,19 +208,36 @@ def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int)
         message = f"'min_tokens' ({sampling['min_tokens']}) must not exceed '{limit_name}' ({cap})"
         raise ProtocolError(message, param="min_tokens")
     # Until the prompt length is known (the server then sets the default of max_tokens), the context's length.
-    params = SamplingParams(max_tokens=cap, stop=stop, **sampling)
+    scored = logprobs if echo else None
+    params = SamplingParams(max_tokens=cap, stop=stop, logprobs=logprobs, prompt_logprobs=scored, **sampling)
     parsed = ParsedRequest(chat, model, params, own["stream"], include_usage, max_tokens_given=max_tokens is not None)
+    parsed.echo, parsed.logprobs = echo, logprobs
     if chat:
         parsed.messages = parse_messages(body.get("messages"))
     else:
-        parsed.prompt = parse_prompt(body.get("prompt"))
+        parsed.prompts = parse_prompts(body.get("prompt"))
     return parsed
 
 
-def parse_max_tokens(body: dict, chat: bool, max_model_len: int) -> tuple[str, int | None]:
+def parse_logprobs(body: dict, chat: bool) -> tuple[bool, int | None]:
+    """(echo the prompt, the alternatives per token or None for no logprobs), in the completions or chat format."""
+    if not chat:
+        values = checked_fields(body, COMPLETION_FIELDS)
+        return values["echo"], values["logprobs"]
+    values = checked_fields(body, CHAT_FIELDS)
+    if not values["logprobs"]:
+        if values["top_logprobs"]:
+            raise ProtocolError("'top_logprobs' needs 'logprobs' to be true", param="top_logprobs")
+        return False, None
+    return False, values["top_logprobs"] or 0
+
+
+def parse_max_tokens(body: dict, chat: bool, max_model_len: int, echo: bool = False) -> tuple[str, int | None]:
     """(the name the limit was given under, the limit or None); chat prefers `max_completion_tokens`."""
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     value = checked(body, name, MAX_TOKENS)
+    if value == 0 and not echo:
+        raise ProtocolError(f"'{name}' must be >= 1 (0 only with 'echo', to score the prompt alone)", param=name)
     if value is not None and value > max_model_len:
         raise ProtocolError(
             f"'{name}' is {value}, more than the model's maximum context length of {max_model_len} tokens", param=name
@@ -256,17 +285,57 @@ def parse_messages(messages) -> list[dict]:
     return parsed
 
 
-def parse_prompt(prompt) -> str | list[int]:
-    """One prompt: non-empty text or token ids (a batch of one is taken as its prompt)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, str):
+def is_token_ids(value) -> bool:
+    """A non-empty list of integers (a JSON boolean is none)."""
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def parse_prompts(prompt) -> list[str | list[int]]:
+    """The prompts of a completion request: a non-empty text or list of token ids, or a non-empty list of either
+    (a batch: one choice each)."""
+    if (isinstance(prompt, str) and prompt) or is_token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) and p for p in prompt) or all(is_token_ids(p) for p in prompt):
+            return list(prompt)
+    if prompt == "" or (isinstance(prompt, list) and "" in prompt):
         raise ProtocolError("'prompt' must not be empty", param="prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise ProtocolError("'prompt' must be a non-empty string or list of token ids (one prompt)", param="prompt")
+    raise ProtocolError(
+        "'prompt' must be a non-empty string or list of token ids, or a list of either (a batch)", param="prompt"
+    )
+
+
+def parse_tokenize(body: dict, served_model: str) -> tuple[str | list[dict], bool, bool, bool]:
+    """/tokenize (vLLM's): `prompt` or `messages` -> (prompt text or messages, add_special_tokens,
+    add_generation_prompt, return_token_strs)."""
+    check_model(body, served_model)
+    chat = body.get("messages") is not None
+    if chat == (body.get("prompt") is not None):
+        raise ProtocolError("Give either 'prompt' (a string) or 'messages'", param="prompt")
+    fields = {
+        "add_special_tokens": Field(bool, not chat),  # a chat template adds its own
+        "add_generation_prompt": Field(bool, True),
+        "return_token_strs": Field(bool, False),
+    }
+    values = checked_fields(body, fields)
+    if chat:
+        source = parse_messages(body["messages"])
+    elif isinstance(body["prompt"], str):
+        source = body["prompt"]
+    else:
+        raise ProtocolError("'prompt' must be a string", param="prompt")
+    return source, values["add_special_tokens"], values["add_generation_prompt"], values["return_token_strs"]
+
+
+def parse_detokenize(body: dict, served_model: str, vocab_size: int) -> list[int]:
+    """/detokenize (vLLM's): `tokens`, a list of token ids of the vocabulary."""
+    check_model(body, served_model)
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and (not tokens or is_token_ids(tokens))):
+        raise ProtocolError("'tokens' must be a list of token ids", param="tokens")
+    if tokens and (min(tokens) < 0 or max(tokens) >= vocab_size):
+        raise ProtocolError(f"Token ids must be in [0, {vocab_size})", param="tokens")
+    return tokens
 
 
 # --- responses -----------------------------------------------------------------------------------------------------
@@ -284,10 +353,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def _choice(key: str, value: Any, finish_reason: str | None) -> dict:
-    return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
-
-
 def _envelope(request_id: str, kind: str, model: str, choices: list[dict], **extra) -> dict:
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
@@ -296,24 +361,28 @@ def _chunk_kind(chat: bool) -> str:
     return "chat.completion.chunk" if chat else "text_completion"
 
 
-def response(request_id: str, chat: bool, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
-    if chat:
-        choice = _choice("message", {"role": "assistant", "content": text}, finish_reason)
+def choice(chat: bool, index: int, text: str | None, finish_reason: str | None, logprobs=None, delta=False) -> dict:
+    """A choice of a response (`delta`: of a stream chunk; a chat chunk without text has an empty delta)."""
+    if not chat:
+        key, value = "text", text or ""
+    elif delta:
+        key, value = "delta", {} if text is None else {"content": text}
     else:
-        choice = _choice("text", text, finish_reason)
-    kind = "chat.completion" if chat else "text_completion"
-    return _envelope(request_id, kind, model, [choice], usage=usage_)
+        key, value = "message", {"role": "assistant", "content": text}
+    return {"index": index, key: value, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chunk(request_id: str, chat: bool, model: str, text: str | None, finish_reason: str | None, role=False) -> dict:
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-        if text is not None and not role:
-            delta["content"] = text
-        choice = _choice("delta", delta, finish_reason)
-    else:
-        choice = _choice("text", text or "", finish_reason)
-    return _envelope(request_id, _chunk_kind(chat), model, [choice])
+def role_choice() -> dict:
+    """The first choice of a chat stream: the role, no text yet."""
+    return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def response(request_id: str, chat: bool, model: str, choices: list[dict], usage_: dict) -> dict:
+    return _envelope(request_id, "chat.completion" if chat else "text_completion", model, choices, usage=usage_)
+
+
+def chunk(request_id: str, chat: bool, model: str, choices: list[dict]) -> dict:
+    return _envelope(request_id, _chunk_kind(chat), model, choices)
 
 
 def usage_chunk(request_id: str, chat: bool, model: str, usage_: dict) -> dict:
@@ -322,3 +391,98 @@ def usage_chunk(request_id: str, chat: bool, model: str, usage_: dict) -> dict:
 
 def sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+# --- logprobs --------------------------------------------------------------------------------------------------------
+
+UNLIKELY = -9999.0  # OpenAI's logprob for "very unlikely": JSON has no -Infinity (nor NaN)
+
+
+def json_logprob(value: float) -> float:
+    return value if value >= UNLIKELY else UNLIKELY  # NaN too
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's characters for bytes (how byte-level BPE vocabularies spell them), mapped back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+class TokenText:
+    """Each token's own text, `decode([id])` (how vLLM names tokens in logprobs), and its UTF-8 bytes, cached. A
+    byte-level BPE token that holds part of a character decodes to U+FFFD: its bytes come from its vocabulary entry."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.alphabet = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+        self.texts: dict[int, str] = {}
+
+    def text(self, token: int) -> str:
+        text = self.texts.get(token)
+        if text is None:
+            text = self.texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def bytes(self, token: int) -> list[int]:
+        text = self.text(token)
+        if "\ufffd" in text and self.alphabet is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            if isinstance(piece, str) and all(c in self.alphabet for c in piece):
+                return [self.alphabet[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+def completion_logprobs(entries: list[TokenLogprob], names: TokenText, offset: int) -> dict:
+    """OpenAI's legacy completions logprobs of these tokens, the first at text offset `offset` (each further by its
+    text's length, as vLLM counts): the top alternatives of each token include the token itself."""
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in entries:
+        name = names.text(entry.token)
+        tokens.append(name)
+        offsets.append(offset)
+        offset += len(name)
+        if entry.logprob is None:  # the first prompt token: nothing predicts it
+            values.append(None)
+            tops.append(None)
+            continue
+        values.append(json_logprob(entry.logprob))
+        top: dict[str, float] = {}
+        for token, value in [*entry.top, (entry.token, entry.logprob)]:
+            key = names.text(token)  # two tokens with one text (U+FFFD) keep the likelier value
+            top[key] = max(top.get(key, UNLIKELY), json_logprob(value))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], names: TokenText) -> dict:
+    """The chat format's logprobs of these tokens (`top_logprobs`: the alternatives alone)."""
+
+    def named(token: int, value: float) -> dict:
+        return {"token": names.text(token), "logprob": json_logprob(value), "bytes": names.bytes(token)}
+
+    content = [{**named(e.token, e.logprob), "top_logprobs": [named(t, v) for t, v in e.top]} for e in entries]
+    return {"content": content}
+
+
+def extend_logprobs(total: dict | None, part: dict | None) -> dict | None:
+    """Logprobs of more tokens appended (both formats are lists under fixed keys)."""
+    if total is None or part is None:
+        return total if part is None else part
+    for key, values in total.items():
+        values.extend(part[key])  # in place: a long answer appends one token at a time
+    return total
+
+
+# --- the tokenizer routes ------------------------------------------------------------------------------------------
+
+
+def tokenize_response(tokens: list[int], max_model_len: int, token_strs: list[str] | None) -> dict:
+    return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens, "token_strs": token_strs}
