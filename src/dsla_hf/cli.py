@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(_module=module_name)
         importlib.import_module(module_name).add_arguments(sub)
     args = parser.parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
 
 
 if __name__ == "__main__":

@@ -625,12 +625,13 @@ class DSLAPreTrainedModel(PreTrainedModel):
         """Save as usual (safetensors), plus self-contained remote code and its `auto_map`, so the folder also loads
         with `trust_remote_code=True` where dsla_hf is not installed."""
         self.config.auto_map = dict(AUTO_MAP)
-        auto_class = type(self)._auto_class
-        type(self)._auto_class = None  # Transformers' exporter cannot follow the kernels sub-package: we write it
+        cls = type(self)
+        auto_class = cls._auto_class
+        cls._auto_class = None  # Transformers' exporter cannot follow the kernels sub-package: we write it
         try:
             result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            type(self)._auto_class = auto_class
+            cls._auto_class = auto_class
         if kwargs.get("is_main_process", True):
             write_remote_code(save_directory)
         return result
