@@ -61,8 +61,10 @@ def cpuinfo() -> dict[str, str]:
     return fields
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (empty where they cannot be read)."""
+    """The CPU's feature flags (empty where they cannot be read). Cached: the backend choice asks on every decoding
+    step of every layer, and splitting the flags line costs ~10 us."""
     return frozenset(cpuinfo().get("flags", "").split())
 
 
@@ -145,6 +147,12 @@ REGISTRY: dict[tuple[str, str], Callable[[], Callable]] = {
 }
 
 
+# operation -> its backends, once: resolve_backend runs on every decoding step of every layer
+CHOICES: dict[str, list[str]] = {}
+for _operation, _backend in sorted(REGISTRY):
+    CHOICES.setdefault(_operation, []).append(_backend)
+
+
 def implementation(operation: str, backend: str) -> Callable:
     """The function that runs ``operation`` on ``backend`` (a pair :func:`resolve_backend` returned)."""
     return REGISTRY[operation, backend]()
@@ -156,7 +164,7 @@ def resolve_backend(
     """``backend`` if given (checked against the registry); else, of the backends of ``operation``: ``"triton"``
     for CUDA tensors when Triton is importable, ``"cpp"`` for CPU tensors when the caller allows it (inference)
     and the kernels are available, else ``"torch"`` (``"naive"`` where the operation has no PyTorch path)."""
-    choices = sorted(name for op, name in REGISTRY if op == operation)
+    choices = CHOICES[operation]
     if backend is not None:
         if backend not in choices:
             raise ValueError(f"unknown backend {backend!r} for {operation}; choose one of {choices}")
