@@ -193,7 +193,9 @@ def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypat
     monkeypatch.setattr(modeling_dsla, "fused_decode_dsla", lambda *a, **k: calls.append(1) or fused(*a, **k))
 
     def decode(use_fused: bool):
-        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: use_fused)
+        monkeypatch.setattr(
+            modeling_dsla.DSLAAttention, "fused_decode_backend", lambda self, q: "cpp" if use_fused else None
+        )
         cache = DSLACache(model.config, keep_kv=True)
         logits = [model(ids, attention_mask=mask, cache=cache).logits[:, -1]]
         token, m = logits[0].argmax(-1, keepdim=True), mask
@@ -217,8 +219,8 @@ def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypat
         for x, y in zip(a.window or (), b.window or ()):
             assert rel(x, y) <= 1e-5
     with torch.no_grad():  # beam search reorders the states and windows between fused steps
-        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: True)
+        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decode_backend", lambda self, q: "cpp")
         beams = model.generate(ids[:1], max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
-        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decoding", lambda self, q: False)
+        monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decode_backend", lambda self, q: None)
         beams_unfused = model.generate(ids[:1], max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
     assert torch.equal(beams, beams_unfused)

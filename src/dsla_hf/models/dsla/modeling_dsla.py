@@ -405,8 +405,9 @@ class DSLAAttention(nn.Module):
             doc_start = document_starts(cu_seqlens, B, T, hidden_states.device)
         state = self.fold(cache_layer, cache, rotary_emb, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
-        if T == 1 and state is not None and self.fused_decoding(q):
-            o = self.fused_step(q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings)
+        backend = self.fused_decode_backend(q) if T == 1 and state is not None else None
+        if backend is not None:
+            o = self.fused_step(q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings, backend)
             return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window, doc_start)
@@ -454,18 +455,20 @@ class DSLAAttention(nn.Module):
     def output_projection(self, o: torch.Tensor, o_proj: nn.Linear) -> torch.Tensor:
         return self.o_lora.beside(o_proj, o) if hasattr(self, "o_lora") else o_proj(o)
 
-    def fused_decoding(self, q: torch.Tensor) -> bool:
-        """Whether a one-token step runs as one fused kernel call (:func:`fused_decode_dsla`): inference with a
-        default-preset layer (Hedgehog features, gates from the key, sum normaliser, GQA states) where a fused
-        backend exists (the C++ kernel on CPUs, fp32; Triton on CUDA)."""
+    def fused_decode_backend(self, q: torch.Tensor) -> str | None:
+        """The backend a one-token step runs on as one fused kernel call (:func:`fused_decode_dsla`), or None:
+        inference with a default-preset layer (Hedgehog features, gates from the key, sum normaliser, GQA states)
+        where a fused backend exists (the C++ kernel on CPUs, fp32; Triton on CUDA)."""
         cfg = self.config
         layout = (cfg.dsla_feature_map, self.normalizer, cfg.dsla_gate_source) == ("hedgehog", "sum", "key")
         if torch.is_grad_enabled() or not layout or self.state_heads != self.num_kv_heads:
-            return False
+            return None
         backend = decode_backend(q.device)
-        return backend == "triton" or backend == "cpp" and q.dtype == torch.float32
+        return backend if backend == "triton" or backend == "cpp" and q.dtype == torch.float32 else None
 
-    def fused_step(self, q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings) -> torch.Tensor:
+    def fused_step(
+        self, q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings, backend: str
+    ) -> torch.Tensor:
         """One token through the fused decoding kernel; the states and the window are updated in place."""
         B = q.shape[0]
         window, positions = None, None
@@ -481,7 +484,7 @@ class DSLAAttention(nn.Module):
         )  # fmt: skip
         mask = None if mask is None else mask[:, 0]
         state = state if state.is_contiguous() else state.contiguous()  # updated in place: once, then kept
-        o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask)
+        o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask, backend=backend)
         cache_layer.set_state(state, 1, window)
         self.keep_kv(cache_layer, k, v, position_embeddings)
         return o
