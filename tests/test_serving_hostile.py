@@ -17,8 +17,7 @@ import httpx
 import pytest
 
 from dsla_hf.commands import serve as serve_command
-from dsla_hf.serving.openai_protocol import MAX_JSON_DEPTH
-from dsla_hf.serving.server import Limits
+from dsla_hf.serving.openai_protocol import MAX_JSON_DEPTH, Limits
 
 from .test_serving_server import serve
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
 
 from ..devices import add_device_arguments, device_and_dtype
 from ..serving.engine import Engine, EngineConfig
 from ..serving.metrics import Metrics
+from ..serving.openai_protocol import Limits
 from ..serving.policy import AdaptivePolicy, StaticPolicy, ratio_to_layers
-
-if TYPE_CHECKING:
-    from ..serving.server import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +83,20 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("HTTP limits (hostile or broken clients)")
-    # The defaults are those of `serving.server.Limits` (not imported here: FastAPI is the `serve` extra).
-    group.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="a larger body gets 413 (default 4 MiB)")
+    limits = Limits()
     group.add_argument(
-        "--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive, else 408 and close"
+        "--max-body-bytes", type=int, default=limits.max_body_bytes, help="a larger body gets 413 (default 4 MiB)"
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=limits.body_timeout_s,
+        help="seconds for a request body to arrive, else 408 and close",
     )
     group.add_argument(
         "--header-timeout",
         type=float,
-        default=10.0,
+        default=limits.header_timeout_s,
         help="seconds for a request head to arrive (from the connection's start or the head's first byte), else 408 "
         "and close",
     )
@@ -102,8 +104,6 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 def http_limits(args: argparse.Namespace) -> Limits:
     """The server's `Limits` from the HTTP options."""
-    from ..serving.server import Limits
-
     return Limits(args.max_body_bytes, args.body_timeout, args.header_timeout)
 
 

@@ -32,6 +32,15 @@ def error_body(message: str, status: int, param: str | None = None, kind: str = 
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may take: the size of its body, and the time its head and its body may take to arrive."""
+
+    max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+
+
 @dataclass
 class ParsedRequest:
     """A validated completion or chat request: `prompts` (completions: texts or token ids, one choice each) or

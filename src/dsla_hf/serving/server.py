@@ -44,6 +44,7 @@ from .. import __version__
 from .engine import Engine, EngineStopped, Output, QueueFull
 from .engine import Request as EngineRequest
 from .openai_protocol import (
+    Limits,
     ParsedRequest,
     ProtocolError,
     TokenText,
@@ -73,15 +74,6 @@ FAILURE_STATUS = {"timeout": 408, "abort": 503, "error": 500}
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 CLOSE_AFTER = (408, 413)  # the rest of the body may still come (or never): end the connection
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may take: the size of its body, and the time its head and its body may take to arrive."""
-
-    max_body_bytes: int = 4 * 2**20
-    body_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
 
 
 def error_response(message: str, status: int, param: str | None = None, kind: str | None = None) -> JSONResponse:
