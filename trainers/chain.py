@@ -95,12 +95,6 @@ def recipe_changes(saved: dict, config: ChainConfig) -> list[str]:
     ]
 
 
-def freeze(model) -> None:
-    """Stop every parameter of `model` from training (the chain trains one layer's DSLA weights at a time)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
 def load_dsla_weights(student, folder: str | Path) -> int:
     """Copy the DSLA parameters (`*.linear_attn.*`) of a saved checkpoint into `student`; returns how many."""
     from safetensors.torch import load_file
@@ -261,7 +255,7 @@ def _distill_phase(student, teacher, tokenizer, train_ds, layer: int, config: Ch
     )
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "align_loss" in h]
-    freeze(student)
+    student.requires_grad_(False)
     keys = ("loss", "align_loss", "kl_loss", "ce_loss", "gate_cosine")
     return {
         "steps": config.distill_steps,
@@ -291,7 +285,7 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
     order = list(student.config.conversion_order)
     n = student.config.num_hidden_layers
     target = min(len(order), ratio_to_layers(config.target_ratio, n))
-    freeze(student)
+    student.requires_grad_(False)
     train_ids = torch.tensor(train_ds["input_ids"])
     eval_ids = torch.tensor(eval_ds["input_ids"])
     state = _resumed_state(student, config, order, output_dir) or _fresh_state(student, config, order, eval_ids)
@@ -315,7 +309,7 @@ def run_chain(student, train_ds, eval_ds, config: ChainConfig, tokenizer=None, t
         if config.distill_steps > 0:
             record["distill"] = _distill_phase(student, teacher, tokenizer, train_ds, layer, config, stage)
         # 3. frozen; held-out evaluation
-        freeze(student)
+        student.requires_grad_(False)
         student.eval()
         record["eval"] = perplexity(student, eval_ids, config.eval_batch, config.progress, f"eval {stage + 1}")
         record["ppl_ratio"] = record["eval"]["ppl"] / teacher_ppl

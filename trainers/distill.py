@@ -112,18 +112,15 @@ class DSLADistillTrainer(SFTTrainer):
 
     def __init__(self, model, args: DSLADistillConfig, teacher=None, **kwargs):
         self.trained_layers = list(args.trained_layers if args.trained_layers is not None else model.dsla_layers)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
         for i in self.trained_layers:
             attn = model.model.layers[i].linear_attn
             if attn is None:
                 raise ValueError(f"Layer {i} has no DSLA weights")
-            for p in attn.parameters():
-                p.requires_grad_(True)
+            attn.requires_grad_(True)
         super().__init__(model=model, args=args, **kwargs)
         if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            teacher.requires_grad_(False)
             teacher.eval()
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher = teacher

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .trainers.chain import ChainConfig, ChainRecipe, freeze, run_chain
+from .trainers.chain import ChainConfig, ChainRecipe, run_chain
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def train_chain(
     if teacher is None:
         teacher, tokenizer = load_teacher()
     student = convert_llama_to_dsla(teacher, layers="all", active=[], **recipe.dsla_options())
-    freeze(student)
+    student.requires_grad_(False)
     train_ds, heldout_ds = datasets if datasets is not None else demo_datasets(tokenizer, recipe)
     ranking = None
     if order is None:

@@ -89,8 +89,7 @@ def load_student(model_name: str, dtype: torch.dtype = torch.float32, device: to
     teacher, tokenizer, _ = load_pretrained(model_name, dtype, device)
     student = as_dsla(teacher)
     if student is not teacher:
-        for p in student.parameters():
-            p.requires_grad_(False)
+        student.requires_grad_(False)
     return student, tokenizer
 
 

@@ -491,8 +491,7 @@ def run_ablation(
     base = recipes[cells[0].name]
     teacher, tokenizer = load_teacher()
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.requires_grad_(False)
     datasets = demo_datasets(tokenizer, base)  # one data set for every cell (check_same_budget: same data fields)
     summary: dict = {
         "command": command,
