@@ -13,15 +13,12 @@ def _ptr(x: torch.Tensor | None) -> int | None:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """fp32 [B, heads, D] whose heads and features are contiguous (any stride between sequences)."""
+    if x.dtype == torch.float32 and x.is_contiguous():  # the projections' views, as a layer passes them
+        return x
     x = x.float()
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float().contiguous()
-
-
-@torch.no_grad()
 def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=None):
     """:func:`~.decode.fused_decode_dsla` by the C++ kernel (inputs checked there). The window's tensors must be
     fp32 (they are updated in place)."""
@@ -32,22 +29,22 @@ def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=N
     S, HK = state.shape[1], state.shape[2]
     F, dtype = weights.k_map.shape[-1], q.dtype
     keys, values, valid = window if window is not None else (None, None, None)
-    if window is not None and any(t.dtype != torch.float32 for t in window):
+    if window is not None and not (keys.dtype == values.dtype == valid.dtype == torch.float32):
         raise ValueError("the C++ kernel moves an fp32 window in place")
+    w = weights.fp32  # made once per weights
     # Every operand is held here until the call returns (a pointer to a temporary would dangle).
     q, k, v = _rows(q), _rows(k), _rows(v)
-    mask, mix = _fp32(mask), _fp32(weights.mix)
-    q_map, k_map = _fp32(weights.q_map), _fp32(weights.k_map)
-    gate_weight, gate_bias = _fp32(weights.gate_weight), _fp32(weights.gate_bias)
-    pos = None if positions is None else positions.to(torch.long).contiguous()
-    inv_freq, log_scale = _fp32(weights.inv_freq), _fp32(weights.window_log_scale)
-    clamp = -FLT_MAX if weights.clamp is None else weights.clamp
+    mask = None if mask is None else mask.float().contiguous()
+    pos = positions
+    if pos is not None and not (pos.dtype == torch.long and pos.is_contiguous()):
+        pos = pos.to(torch.long).contiguous()
+    clamp = -FLT_MAX if w.clamp is None else w.clamp
     o = torch.empty(B, H, D)
     lib.dsla_decode_step(  # argument types declared once (cpp_chunk.build)
-        _ptr(q), q.stride(0), _ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(mask), _ptr(state), _ptr(q_map),
-        _ptr(k_map), _ptr(gate_weight), _ptr(gate_bias), 1.0 / weights.tau, clamp, _ptr(mix),
-        mix is not None and mix.dim() == 2, weights.scale, B, S, HK, H // HK, D, F,
-        0 if keys is None else keys.shape[1], _ptr(keys), _ptr(values), _ptr(valid), _ptr(pos), _ptr(inv_freq),
-        weights.rope_scale, _ptr(log_scale), _ptr(o), torch.get_num_threads(),
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), _ptr(mask),
+        state.data_ptr(), w.q_map.data_ptr(), w.k_map.data_ptr(), w.gate_weight.data_ptr(), w.gate_bias.data_ptr(),
+        1.0 / w.tau, clamp, _ptr(w.mix), w.mix is not None and w.mix.dim() == 2, w.scale, B, S, HK, H // HK, D, F,
+        0 if keys is None else keys.shape[1], _ptr(keys), _ptr(values), _ptr(valid), _ptr(pos), _ptr(w.inv_freq),
+        w.rope_scale, _ptr(w.window_log_scale), o.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    return o.to(dtype)
+    return o if dtype == torch.float32 else o.to(dtype)

@@ -19,6 +19,8 @@ is the reference (plain tensor ops), the C++ kernel (``cpp_decode.cpp``) runs on
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +33,15 @@ from .window import rotate_half
 Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # raw keys [B, W, HK, D], values, validity [B, W]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodeWeights:
     """The parameters a step reads: Hedgehog maps ``q_map`` [H, D, F] and ``k_map`` [HK, D, F]; gates
     ``gate_weight`` [S, HK, 2F, D], ``gate_bias`` [S, HK, 2F], ``tau``, ``clamp``; mixing weights ``mix`` ([S],
     [H, S] or None: ones) and ``scale``; with a window, ``window_log_scale`` [H] and RoPE's ``inv_freq`` [D / 2]
-    and ``rope_scale`` (Transformers' ``attention_scaling``)."""
+    and ``rope_scale`` (Transformers' ``attention_scaling``).
+
+    Checked once, when made: a layer keeps its weights while its parameters are unchanged, so that a decoding step
+    checks only what changes from token to token (see :func:`check_step`)."""
 
     q_map: torch.Tensor
     k_map: torch.Tensor
@@ -50,11 +55,44 @@ class DecodeWeights:
     inv_freq: torch.Tensor | None = None
     rope_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.q_map.dim() != 3 or self.k_map.dim() != 3 or self.gate_weight.dim() != 4:
+            raise ValueError("feature maps must be [H, D, F] and [HK, D, F], gates [S, HK, 2F, D]")
+        H, D, F = self.q_map.shape
+        S, HK = self.gate_weight.shape[:2]
+        if self.k_map.shape != (HK, D, F) or H % HK:
+            raise ValueError(f"feature maps must be [H, D, F] and [HK, D, F] with HK dividing H, got "
+                             f"{tuple(self.q_map.shape)} and {tuple(self.k_map.shape)}")  # fmt: skip
+        if self.gate_weight.shape != (S, HK, 2 * F, D) or self.gate_bias.shape != (S, HK, 2 * F) or S not in (1, 2):
+            got = f"{tuple(self.gate_weight.shape)}, {tuple(self.gate_bias.shape)}"
+            raise ValueError(f"gates (from the key) must be [S, {HK}, {2 * F}, {D}] and [S, {HK}, {2 * F}] with S in "
+                             f"(1, 2), got {got}")  # fmt: skip
+        if self.mix is not None and self.mix.shape not in ((S,), (H, S)):
+            raise ValueError(f"mix must be [{S}] or [{H}, {S}], got {tuple(self.mix.shape)}")
+        if self.window_log_scale is not None and self.window_log_scale.shape != (H,):
+            raise ValueError(f"window_log_scale must be [{H}], got {tuple(self.window_log_scale.shape)}")
+        if self.inv_freq is not None and self.inv_freq.shape != (D // 2,):
+            raise ValueError(f"inv_freq must be [{D // 2}], got {tuple(self.inv_freq.shape)}")
+
+    @property
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(H, HK, D, F, S): query heads, key heads, head width, features per sign, states."""
+        H, D, F = self.q_map.shape
+        return H, self.k_map.shape[0], D, F, self.gate_weight.shape[0]
+
     def mix_weights(self, H: int, S: int) -> torch.Tensor:
         """fp32 [H, S], the scale folded in."""
         if self.mix is None:
             return torch.full((H, S), self.scale, device=self.q_map.device)
         return self.mix.float().expand(H, S) * self.scale
+
+    @functools.cached_property
+    def fp32(self) -> DecodeWeights:
+        """These weights as fp32 contiguous tensors (the CPU kernel's operands), made once: fp32 contiguous weights
+        are shared, others copied (make new weights after changing those)."""
+        cast = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return DecodeWeights(**{k: cast(x) if isinstance(x, torch.Tensor) else x for k, x in fields.items()})
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
@@ -109,43 +147,35 @@ def naive_decode_dsla(q, k, v, state, weights: DecodeWeights, window=None, posit
 
 
 def check_step(q, k, v, state, weights: DecodeWeights, window, positions, mask) -> None:
-    """Shapes, dtypes and devices of a step, checked once for every backend."""
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"q [B, H, D], k and v [B, HK, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")  # fmt: skip
-    B, H, D = q.shape
-    HK = k.shape[1]
-    if H % HK or k.shape[0] != B or k.shape[2] != D:
-        raise ValueError(f"{H} query heads of width {D} do not fit keys of shape {tuple(k.shape)}")
-    F2 = 2 * weights.k_map.shape[-1]
-    S = state.shape[1] if state.dim() == 5 else 0
-    if state.dtype != torch.float32 or state.shape != (B, S, HK, F2, D + 1) or S not in (1, 2):
-        raise ValueError(f"state must be fp32 [{B}, S, {HK}, {F2}, {D + 1}] with S in (1, 2), got "
-                         f"{state.dtype} {tuple(state.shape)}")  # fmt: skip
+    """Shapes, dtypes and devices of a step against its weights (checked when they were made), for every backend."""
+    H, HK, D, F, S = weights.dims
+    B = q.shape[0]
+    if q.shape != (B, H, D) or k.shape != (B, HK, D) or v.shape != k.shape:
+        raise ValueError(f"q [B, {H}, {D}] (query heads), k and v [B, {HK}, {D}] expected by these weights, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+    if state.dtype != torch.float32 or state.shape != (B, S, HK, 2 * F, D + 1):
+        raise ValueError(f"state must be fp32 [{B}, {S}, {HK}, {2 * F}, {D + 1}], got {state.dtype} "
+                         f"{tuple(state.shape)}")  # fmt: skip
     if not state.is_contiguous():
         raise ValueError("state must be contiguous: it is updated in place")
-    if weights.q_map.shape != (H, D, F2 // 2) or weights.k_map.shape != (HK, D, F2 // 2):
-        raise ValueError("feature maps must be [H, D, F] and [HK, D, F]")
-    if weights.gate_weight.shape != (S, HK, F2, D) or weights.gate_bias.shape != (S, HK, F2):
-        raise ValueError(f"gates must be [{S}, {HK}, {F2}, {D}] and [{S}, {HK}, {F2}] (gates from the key)")
-    if weights.mix is not None and weights.mix.shape not in ((S,), (H, S)):
-        raise ValueError(f"mix must be [{S}] or [{H}, {S}], got {tuple(weights.mix.shape)}")
     if mask is not None and mask.shape != (B,):
         raise ValueError(f"mask must have shape ({B},), got {tuple(mask.shape)}")
+    device = q.device
+    if k.device != device or v.device != device or state.device != device:
+        raise ValueError("all inputs of a step must be on one device")
     if window is None:
         return
     keys, values, valid = window
     W = keys.shape[1]
     if keys.shape != (B, W, HK, D) or values.shape != keys.shape or valid.shape != (B, W) or W == 0:
         raise ValueError(f"window must be keys and values [{B}, W, {HK}, {D}] and validity [{B}, W] with W > 0")
-    if not all(t.is_contiguous() for t in window):
+    if not (keys.is_contiguous() and values.is_contiguous() and valid.is_contiguous()):
         raise ValueError("the window must be contiguous: it moves in place")
     if positions is None or positions.shape != (B, W + 1):
         raise ValueError(f"positions of the {W} window entries and the new token [{B}, {W + 1}] are needed")
-    if weights.window_log_scale is None or weights.inv_freq is None or weights.inv_freq.shape != (D // 2,):
+    if weights.window_log_scale is None or weights.inv_freq is None:
         raise ValueError("a window needs window_log_scale [H] and inv_freq [D / 2]")
-    tensors = [q, k, v, state, *window, positions]
-    if any(t.device != q.device for t in tensors):
+    if keys.device != device or values.device != device or valid.device != device or positions.device != device:
         raise ValueError("all inputs of a step must be on one device")
 
 

@@ -224,3 +224,46 @@ def test_fused_decoding_matches_the_unfused_step(tiny_teacher, window, monkeypat
         monkeypatch.setattr(modeling_dsla.DSLAAttention, "fused_decode_backend", lambda self, q: None)
         beams_unfused = model.generate(ids[:1], max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
     assert torch.equal(beams, beams_unfused)
+
+
+def test_fused_decoding_follows_weight_changes(tiny_teacher, monkeypatch):
+    """The fused step keeps its weights from token to token; they must follow `load_state_dict` (which bumps the
+    parameters' versions) and a fused AdamW step (which does not)."""
+    from dsla_hf.kernels.dispatch import cpp_available
+    from dsla_hf.models.dsla import modeling_dsla
+
+    if not cpp_available():
+        pytest.skip("no fused CPU backend here")
+    torch.manual_seed(0)
+    model = window_model(tiny_teacher, window=4)
+    model.set_dsla_layers([0, 2])
+    ids = torch.randint(3, 101, (2, 12))
+
+    def next_logits(use_fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(
+            modeling_dsla.DSLAAttention, "fused_decode_backend", lambda self, q: "cpp" if use_fused else None
+        )
+        with torch.no_grad():
+            cache = DSLACache(model.config)
+            model(ids[:, :-1], cache=cache)
+            return model(ids[:, -1:], cache=cache).logits
+
+    before = next_logits(True)  # the weights are kept from here
+    state = model.state_dict()
+    for name in state:
+        if "linear_attn" in name and ("gates" in name or "feature_map" in name or "mix_logits" in name):
+            state[name] = state[name] + 0.3 * torch.randn_like(state[name])
+    model.load_state_dict(state)
+    loaded = next_logits(True)
+    assert rel(loaded, next_logits(False)) <= 1e-5
+    assert rel(loaded, before) > 1e-3  # the change reached the logits
+
+    params = [p for n, p in model.named_parameters() if "linear_attn" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=0.3, fused=True)
+    model(ids).logits.square().mean().backward()
+    optimizer.step()
+    stepped = next_logits(True)
+    assert rel(stepped, next_logits(False)) <= 1e-5
+    assert rel(stepped, loaded) > 1e-3

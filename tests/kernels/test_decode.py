@@ -3,6 +3,8 @@ recurrence and a softmax written out by hand, steps chained so that states and w
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,7 +96,7 @@ def test_reference_window_is_softmax_attention():
     """With the states' share switched off (log scale -inf... here -80), the windowed output is softmax attention
     with RoPE over the last W tokens, written out by hand."""
     weights, state, window, tokens, _, positions = make_step(B=1, W=5)
-    weights = DecodeWeights(**{**weights.__dict__, "window_log_scale": torch.full((6,), -80.0)})
+    weights = dataclasses.replace(weights, window_log_scale=torch.full((6,), -80.0))
     window = (window[0], window[1], torch.ones(1, 5))
     o, _, _ = run_steps("naive", weights, state, window, tokens[:1], [None], positions)
     q, k, v = tokens[0]
@@ -123,3 +125,12 @@ def test_bad_inputs_are_refused():
                           *window[1:]), pos, backend="naive")  # fmt: skip
     with pytest.raises(ValueError, match="unknown backend"):
         fused_decode_dsla(q, k, v, state, weights, window, pos, backend="fast")
+    # the weights are checked once, when made
+    with pytest.raises(ValueError, match="feature maps"):
+        dataclasses.replace(weights, k_map=weights.k_map[:, :, :4])
+    with pytest.raises(ValueError, match="gates"):
+        dataclasses.replace(weights, gate_bias=weights.gate_bias[:, :1])
+    with pytest.raises(ValueError, match="mix"):
+        dataclasses.replace(weights, mix=torch.ones(3))
+    with pytest.raises(ValueError, match="inv_freq"):
+        dataclasses.replace(weights, inv_freq=weights.inv_freq[:3])

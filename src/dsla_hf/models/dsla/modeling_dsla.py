@@ -235,6 +235,7 @@ class DSLAAttention(nn.Module):
             self.linear_log_scale = nn.Parameter(torch.empty(H))
         # Softmax-normalised features: the normaliser cancels any scale, keep q.k in [0, 2].
         self.scale = 1.0 if config.dsla_feature_map == "hedgehog" else self.feature_dim**-0.5
+        self.decode_cache: tuple[tuple, DecodeWeights] | None = None  # see decode_weights
 
     def reset_dsla_parameters(self) -> None:
         """Initial values of the DSLA parameters (docs/design.md §1). Uses `transformers.initialization`, so weights
@@ -390,6 +391,8 @@ class DSLAAttention(nn.Module):
         row cannot be continued."""
         B, T, _ = hidden_states.shape
         D = self.head_dim
+        if torch.is_grad_enabled():
+            self.decode_cache = None  # see decode_weights
         q_proj, k_proj, v_proj, o_proj = self.projections(teacher)
         q = self.q_lora.beside(q_proj, hidden_states) if hasattr(self, "q_lora") else q_proj(hidden_states)
         q = q.view(B, T, self.num_heads, D)
@@ -476,18 +479,32 @@ class DSLAAttention(nn.Module):
             window = cache_layer.window or self.empty_window(B, k)
             window = tuple(t.contiguous() for t in window)  # after a prefill, views of a larger tensor: once
             positions = self.pending_positions(cache, cache_layer.seen_tokens + 1, 1)
-        weights = DecodeWeights(
-            q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
-            gate_bias=self.gates.bias, tau=self.gates.tau, clamp=self.gates.clamp, mix=self.mix_weights(),
-            scale=self.scale, window_log_scale=getattr(self, "linear_log_scale", None),
-            inv_freq=rotary_emb.inv_freq, rope_scale=rotary_emb.attention_scaling,
-        )  # fmt: skip
         mask = None if mask is None else mask[:, 0]
         state = state if state.is_contiguous() else state.contiguous()  # updated in place: once, then kept
+        weights = self.decode_weights(rotary_emb)
         o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask, backend=backend)
         cache_layer.set_state(state, 1, window)
         self.keep_kv(cache_layer, k, v, position_embeddings)
         return o
+
+    def decode_weights(self, rotary_emb: Callable) -> DecodeWeights:
+        """The fused step's weights, made (and checked) once and kept while the parameters are unchanged: an in-place
+        update (``load_state_dict``) bumps a tensor's version, a moved one has a new address, and every forward with
+        gradients drops them (a fused optimiser step changes weights without bumping their versions)."""
+        tensors = (self.q_feature_map.weight, self.k_feature_map.weight, self.gates.weight, self.gates.bias,
+                   getattr(self, "mix_logits", None), getattr(self, "linear_log_scale", None),
+                   rotary_emb.inv_freq)  # fmt: skip
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
+        key += (self.gates.tau, self.gates.clamp, rotary_emb.attention_scaling)
+        if self.decode_cache is None or self.decode_cache[0] != key:
+            weights = DecodeWeights(
+                q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
+                gate_bias=self.gates.bias, tau=self.gates.tau, clamp=self.gates.clamp, mix=self.mix_weights(),
+                scale=self.scale, window_log_scale=getattr(self, "linear_log_scale", None),
+                inv_freq=rotary_emb.inv_freq, rope_scale=rotary_emb.attention_scaling,
+            )  # fmt: skip
+            self.decode_cache = (key, weights)
+        return self.decode_cache[1]
 
     @staticmethod
     def keep_kv(cache_layer: DSLACacheLayer, k: torch.Tensor, v: torch.Tensor, position_embeddings) -> None:
