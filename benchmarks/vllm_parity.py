@@ -99,8 +99,11 @@ def run(model_dir: str, ratios: list[float], vllm_python: str | Path = VLLM_PYTH
         subprocess.run([str(vllm_python), __file__, "--vllm-job", str(job)], check=True, env=env, timeout=1800)
         got = json.loads(job.with_suffix(".out.json").read_text())
     reference = transformers_tokens(model.eval(), ratios, prompts)
-    return dict(model=model_dir, max_tokens=MAX_TOKENS, rows=compare(reference, got, prompts),
-                transformers=reference, vllm=got)  # fmt: skip
+    import torch
+    from machine import machine
+
+    return dict(model=model_dir, max_tokens=MAX_TOKENS, machine=machine(torch.get_num_threads()),
+                rows=compare(reference, got, prompts), transformers=reference, vllm=got)  # fmt: skip
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
 - ``fold_kv``: rebuild the states of a layer from cached keys and values.
 - ``naive_dsla``: the fp32 token-by-token reference.
 - ``fused_decode_dsla``: one decoding step of a default-preset layer (features, gates, states, window), fused.
-- ``window_attention``: the softmax window beside the states, sharing their normaliser.
+- ``window_attention``: the softmax window beside the states, sharing their normaliser; ``advance_window``: which
+  pending tokens enter the states and which stay in the window.
 - ``LinearGates``, ``HedgehogFeatures``: gates, and query and key features, given by their inputs and weights in
   place of tensors (the C++ kernel computes them chunk by chunk; the other backends materialise them).
 
@@ -23,13 +24,16 @@ from .features import HedgehogFeatures, feature_tensor, hedgehog
 from .fold import fold_kv
 from .fused_recurrent import fused_recurrent_dsla
 from .gates import LinearGates
+from .inputs import RECURRENT_MAX_TOKENS
 from .naive import naive_dsla
-from .window import window_attention
+from .window import advance_window, window_attention
 
 __all__ = [
+    "RECURRENT_MAX_TOKENS",
     "DecodeWeights",
     "HedgehogFeatures",
     "LinearGates",
+    "advance_window",
     "backend_summary",
     "chunk_dsla",
     "decode_backend",

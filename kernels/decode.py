@@ -95,10 +95,15 @@ class DecodeWeights:
         return DecodeWeights(**{k: cast(x) if isinstance(x, torch.Tensor) else x for k, x in fields.items()})
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0):
+    """Llama's RoPE tables (cos, sin) fp32 [..., N, D] at positions [..., N], as Transformers computes them."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [..., N, D/2]
+    return torch.cat([freqs.cos(), freqs.cos()], -1) * scale, torch.cat([freqs.sin(), freqs.sin()], -1) * scale
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
     """Llama's rotary embedding of x [B, N, heads, D] at positions [B, N] (rotate-half convention), fp32."""
-    freqs = positions.float()[..., None] * inv_freq.float()  # [B, N, D/2]
-    cos, sin = (torch.cat([freqs.cos(), freqs.cos()], -1) * scale), (torch.cat([freqs.sin(), freqs.sin()], -1) * scale)
+    cos, sin = rope_tables(positions, inv_freq, scale)
     x = x.float()
     return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 

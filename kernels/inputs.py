@@ -32,6 +32,9 @@ from .gates import LinearGates, gate_tensor
 # work favours 64, as do the Triton kernels; the KV fold uses it too.
 INFERENCE_CHUNK, CHUNK = 32, 64
 BLOCK_TOKENS = 1024  # long inference inputs are processed this many tokens at a time: intermediates stay in cache
+# Inference inputs of at most this many tokens after a state (a decode step, a short chunk) take the recurrent
+# kernel; longer ones the chunked one.
+RECURRENT_MAX_TOKENS = 4
 
 
 def parts(x: torch.Tensor | HedgehogFeatures | LinearGates | None) -> tuple[torch.Tensor, ...]:

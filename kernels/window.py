@@ -70,6 +70,22 @@ def window_attention_torch(q, keys, values, valid, cos, sin, lin, log_scale, doc
     return out[:, :T]
 
 
+def advance_window(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """T new raw keys and values [B, T, HK, D] (`mask` [B, T]: 0 at padding; None: none) join a window of W (raw
+    keys, values, validity [B, W]): of the W + T pending tokens, the T oldest enter the states and the W newest form
+    the next window. Returns (what enters the states, the pending tokens, the next window), each (keys, values,
+    validity), as views of the pending tokens."""
+    T = keys.shape[1]
+    new_valid = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(keys.shape[0], T)
+    pending = tuple(torch.cat([old, new], 1) for old, new in zip(window, (keys, values, new_valid)))
+    return tuple(t[:, :T] for t in pending), pending, tuple(t[:, T:] for t in pending)
+
+
 def window_attention(
     q: torch.Tensor,
     keys: torch.Tensor,

@@ -32,18 +32,19 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..kernels import (
+    RECURRENT_MAX_TOKENS,
     DecodeWeights,
     HedgehogFeatures,
     LinearGates,
+    advance_window,
     chunk_dsla,
     feature_tensor,
     fused_decode_dsla,
     fused_recurrent_dsla,
     window_attention,
 )
+from ..kernels.decode import rope_tables
 from ..models.dsla.configuration_dsla import DSLAConfig
-
-RECURRENT_MAX_TOKENS = 4  # as the Transformers model: prefill chunks this short continue on the recurrent kernel
 
 
 def dsla_layers(config: DSLAConfig) -> list[int]:
@@ -244,9 +245,7 @@ class DSLAStateAttention(nn.Module, MambaBase):
                 window = (k.new_zeros(1, W, *k.shape[2:]), v.new_zeros(1, W, *v.shape[2:]), k.new_zeros(1, W))
             else:
                 window = tuple(t[slot][None] for t in cache[1:])
-            pending = (torch.cat([window[0], k], 1), torch.cat([window[1], v], 1),
-                       torch.cat([window[2], k.new_ones(1, T)], 1))  # fmt: skip
-            state_k, state_v, state_mask = (t[:, :T] for t in pending)  # the tokens leaving the window
+            (state_k, state_v, state_mask), pending, next_window = advance_window(k, v, None, window)
         else:
             state_k, state_v, state_mask = k, v, None
         w = self.weights
@@ -262,17 +261,18 @@ class DSLAStateAttention(nn.Module, MambaBase):
         cache[0][slot] = state[0]
         if not W:
             return (lin[..., :D] / (lin[..., D:].float() + 1e-6).to(lin.dtype))[0]
-        positions = torch.arange(context - W, context + T, device=q.device).clamp(min=0)
-        freqs = positions.float()[None, :, None] * self.inv_freq.float()
-        emb = torch.cat([freqs, freqs], -1)
-        o = window_attention(q, *pending, emb.cos().to(q.dtype), emb.sin().to(q.dtype), lin, self.linear_log_scale)
-        for page, kept in zip(cache[1:], pending):
-            page[slot] = kept[0, T:]
+        positions = torch.arange(context - W, context + T, device=q.device).clamp(min=0)  # 0: the null entries
+        cos, sin = (t.to(q.dtype) for t in rope_tables(positions[None], self.inv_freq))
+        o = window_attention(q, *pending, cos, sin, lin, self.linear_log_scale)
+        for page, kept in zip(cache[1:], next_window):
+            page[slot] = kept[0]
         return o[0].to(q.dtype)
 
 
 @eager_break_during_capture
-def dsla_attention(hidden_states: torch.Tensor, output: torch.Tensor, positions: torch.Tensor, layer_name: str):
+def dsla_attention(
+    hidden_states: torch.Tensor, output: torch.Tensor, positions: torch.Tensor, layer_name: str
+) -> None:  # the op's schema is read from these annotations
     get_forward_context().no_compile_layers[layer_name].run(hidden_states, output, positions)
 
 

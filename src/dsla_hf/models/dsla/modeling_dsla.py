@@ -37,9 +37,11 @@ from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ...kernels import (
+    RECURRENT_MAX_TOKENS,
     DecodeWeights,
     HedgehogFeatures,
     LinearGates,
+    advance_window,
     backend_summary,
     chunk_dsla,
     decode_backend,
@@ -55,9 +57,6 @@ from .configuration_dsla import FULL_ATTENTION, LINEAR_ATTENTION, DSLAConfig
 from .remote_code import AUTO_MAP, write_remote_code
 
 logger = logging.get_logger(__name__)
-
-# Decode steps of at most this many tokens use the recurrent kernel; longer inputs the chunked one.
-RECURRENT_MAX_TOKENS = 4
 
 
 @functools.cache
@@ -325,17 +324,10 @@ class DSLAAttention(nn.Module):
             return (keys, values, mask), None, None
         B, T = keys.shape[:2]
         window = window if window is not None else self.empty_window(B, keys)
-        new_mask = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(B, T)
-        pending = (
-            torch.cat([window[0], keys], 1),
-            torch.cat([window[1], values], 1),
-            torch.cat([window[2], new_mask], 1),
-        )
-        state_in = tuple(t[:, :T] for t in pending)
+        state_in, pending, next_window = advance_window(keys, values, mask, window)
         if doc_start is not None:
             own = torch.arange(-self.window, T - self.window, device=keys.device) >= doc_start
             state_in = (*state_in[:2], state_in[2] * own)
-        next_window = tuple(t[:, T:] for t in pending)
         return state_in, pending, next_window
 
     def fold(self, cache_layer: DSLACacheLayer, cache: DSLACache, rotary_emb: Callable, mask: torch.Tensor | None):
