@@ -114,6 +114,13 @@ def restarts_among_valid(position_ids: torch.LongTensor, mask: torch.Tensor) -> 
     return bool((valid[:, 1:] & (pos[:, 1:] <= seen[:, :-1])).any())
 
 
+def tensors_key(*tensors: torch.Tensor | None) -> tuple:
+    """What identifies these tensors' contents for a derived copy kept at inference (a merged LoRA weight, the fused
+    step's weights): address, version (bumped by in-place updates) and dtype. A fused optimiser step changes
+    weights without bumping versions, so the holders also drop their copies on every forward with gradients."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
 class LowRankDelta(nn.Module):
     """A LoRA-style delta `up(down(x)) * alpha / r` beside a frozen projection; `up` starts at zero."""
 
@@ -138,7 +145,7 @@ class LowRankDelta(nn.Module):
             self.merged = None
             return proj(x) + self(x)
         weight = proj.weight
-        key = (weight.data_ptr(), weight._version, self.down._version, self.up._version, weight.dtype)
+        key = tensors_key(weight, self.down, self.up)
         if self.merged is None or self.merged[0] != key:
             merged = torch.addmm(weight, self.up.to(weight.dtype), self.down.to(weight.dtype), alpha=self.scaling)
             self.merged = (key, merged)
@@ -486,8 +493,7 @@ class DSLAAttention(nn.Module):
         tensors = (self.q_feature_map.weight, self.k_feature_map.weight, self.gates.weight, self.gates.bias,
                    getattr(self, "mix_logits", None), getattr(self, "linear_log_scale", None),
                    rotary_emb.inv_freq)  # fmt: skip
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
-        key += (self.gates.tau, self.gates.clamp, rotary_emb.attention_scaling)
+        key = (*tensors_key(*tensors), self.gates.tau, self.gates.clamp, rotary_emb.attention_scaling)
         if self.decode_cache is None or self.decode_cache[0] != key:
             weights = DecodeWeights(
                 q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
