@@ -65,17 +65,20 @@ def bench(port: int, tokenizer: str, concurrency: int, prompts: int, result: Pat
 
 def servers(model: str, teacher: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (command, extra environment)."""
-    vllm = [str(VLLM_BIN / "vllm"), "serve", "--served-model-name", "model", "--dtype", "float32",
-            "--max-model-len", "4352", "--max-num-seqs", "8", "--kv-cache-memory-bytes", "3G",
-            "--no-enable-prefix-caching"]  # fmt: skip
+
+    def vllm(checkpoint: str, *extra: str) -> list[str]:
+        return [str(VLLM_BIN / "vllm"), "serve", checkpoint, "--served-model-name", "model", "--dtype", "float32",
+                "--max-model-len", "4352", "--max-num-seqs", "8", "--kv-cache-memory-bytes", "3G",
+                "--no-enable-prefix-caching", *extra]  # fmt: skip
+
     dsla = [sys.executable, "-m", "dsla_hf.cli", "serve", "--served-model-name", "model", "--threads", "2",
             "--max-num-seqs", "8", "--max-model-len", "4352", "--policy", "static"]  # fmt: skip
     half = ["--hf-overrides", '{"dsla_ratio": 0.5}']
     return {
-        "vllm teacher": ([*vllm[:2], teacher, *vllm[2:]], {}),
-        "vllm teacher, OMP_NUM_THREADS=2": ([*vllm[:2], teacher, *vllm[2:]], {"OMP_NUM_THREADS": "2"}),
-        "vllm DSLA 50 %": ([*vllm[:2], model, *vllm[2:], *half], {}),
-        "vllm DSLA 50 %, OMP_NUM_THREADS=2": ([*vllm[:2], model, *vllm[2:], *half], {"OMP_NUM_THREADS": "2"}),
+        "vllm teacher": (vllm(teacher), {}),
+        "vllm teacher, OMP_NUM_THREADS=2": (vllm(teacher), {"OMP_NUM_THREADS": "2"}),
+        "vllm DSLA 50 %": (vllm(model, *half), {}),
+        "vllm DSLA 50 %, OMP_NUM_THREADS=2": (vllm(model, *half), {"OMP_NUM_THREADS": "2"}),
         "dsla serve teacher": ([*dsla, "--model", model, "--dsla-ratio", "0"], {}),
         "dsla serve DSLA 50 %": ([*dsla, "--model", model, "--dsla-ratio", "0.5"], {}),
     }

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import vllm_parity  # noqa: E402
+from bench_vllm import free_port, wait_ready  # noqa: E402
 
 VLLM_PYTHON = vllm_parity.VLLM_PYTHON
 
@@ -53,12 +52,6 @@ def test_greedy_tokens_equal_the_transformers_model(checkpoint):
     assert report["vllm"]["0.0"] != report["vllm"]["0.5"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port: int, body: dict, timeout: float = 120) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
@@ -81,15 +74,7 @@ def test_vllm_serve_survives_an_aborted_stream(checkpoint, tmp_path):
         env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.time() + 600
-        while True:
-            assert server.poll() is None, log.read_text()[-4000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "vllm serve did not start in 10 minutes"
-                time.sleep(2)
+        wait_ready(server, port, log, timeout=600)
         model, tokenizer, _ = load_dsla(checkpoint)
         ids = vllm_parity.prompt_ids(tokenizer, (300,))[0]
 

@@ -53,7 +53,7 @@ def dsla_layers(config: DSLAConfig) -> list[int]:
     ratio = getattr(config, "dsla_ratio", None)
     if ratio is not None:
         return config.layers_for(float(ratio))
-    return [i for i, kind in enumerate(config.layer_types) if kind == "linear_attention"]
+    return config.active_dsla_layers
 
 
 def check_servable(config: DSLAConfig) -> None:
@@ -116,8 +116,7 @@ class DSLAStateAttention(nn.Module, MambaBase):
         prefix: str = "",
         attn_type: str | None = None,
     ) -> None:
-        super().__init__()
-        check_servable(config)
+        super().__init__()  # the config was checked by DSLAForCausalLM (check_servable)
         self.prefix, self.layer_idx = prefix, extract_layer_index(prefix)
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = D = config.head_dim
