@@ -211,7 +211,7 @@ class RealLayer:
         cache.record_positions(positions, x.shape[0])
         embeddings = self.rotary(x, positions)
         if kind == "dsla":
-            return self.block.linear_attn(x, self.block.self_attn, embeddings, cache, None, self.rotary)
+            return self.block.linear_attn(hidden_states=x, position_embeddings=embeddings, cache=cache)
         return self.block.self_attn(hidden_states=x, attention_mask=None, position_ids=positions, cache=cache,
                                     use_cache=True, position_embeddings=embeddings)[0]  # fmt: skip
 

@@ -377,7 +377,7 @@ def layer_prefill(entry: dict, plan: Plan, device: torch.device) -> None:
         x = torch.randn(1, T, plan.layer["hidden_size"], device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             pe = rotary(x, torch.arange(T, device=device)[None])
-            dsla = partial(block.linear_attn, x, teacher=block.self_attn, position_embeddings=pe, rotary_emb=rotary)
+            dsla = partial(block.linear_attn, hidden_states=x, position_embeddings=pe)
             softmax = partial(block.self_attn, hidden_states=x, position_embeddings=pe, attention_mask=None)
             row = {"tokens": T, "dsla_ms": 1e3 * timed(dsla, device, plan.iters)}
             row["softmax_ms"] = 1e3 * timed(softmax, device, plan.iters)
@@ -472,7 +472,7 @@ def generate_check(entry: dict, plan: Plan, device: torch.device) -> None:
         dsla_cache = DSLACache(model.config)
         model(ids, cache=dsla_cache)
         attention = model.model.layers[top].linear_attn
-        folded = attention.fold(softmax_cache.layers[top], softmax_cache, model.model.rotary_emb, None)
+        folded = attention.fold(cache=softmax_cache)
     reference = dsla_cache.layers[top]
     errors = {"state": rel_rms(folded, reference.state)}
     errors["window"] = max(rel_rms(a, b) for a, b in zip(softmax_cache.layers[top].window[:2], reference.window[:2]))

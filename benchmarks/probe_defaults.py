@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dsla_hf import convert_llama_to_dsla, load_teacher
 from dsla_hf.data import pydoc_text
+from dsla_hf.trainers.layer_alone import relative_error
 
 VARIANTS = {
     "paper (raw q/k, no normaliser)": dict(dsla_preset="paper"),
@@ -61,18 +62,6 @@ def capture(teacher, layer: int, ids: torch.Tensor):
     return torch.cat(inputs), torch.cat(outputs)
 
 
-def relative_error(attn, teacher_attn, rotary, x, y) -> float:
-    num = den = 0.0
-    positions = torch.arange(x.shape[1])[None]
-    with torch.no_grad():
-        for xb, yb in zip(x.split(4), y.split(4)):
-            pe = rotary(xb, positions)
-            out = attn(xb, teacher_attn, pe, rotary_emb=rotary)
-            num += (out - yb).pow(2).sum().item()
-            den += yb.pow(2).sum().item()
-    return (num / den) ** 0.5
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=10)
@@ -111,7 +100,7 @@ def main() -> None:
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=args.lr)
-        before = relative_error(block.linear_attn, block.self_attn, rotary, x_eval, y_eval)
+        before = relative_error(block.linear_attn, x_eval, y_eval)
         start = time.perf_counter()
         order = torch.randperm(len(x_train))
         for step in tqdm(range(steps), desc=name, leave=False):
@@ -120,13 +109,13 @@ def main() -> None:
                 order = torch.randperm(len(x_train))
                 batch = order[:4]
             pe = rotary(x_train[batch], positions)
-            out = block.linear_attn(x_train[batch], block.self_attn, pe, rotary_emb=rotary)
+            out = block.linear_attn(hidden_states=x_train[batch], position_embeddings=pe)
             loss = torch.nn.functional.mse_loss(out, y_train[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         seconds = time.perf_counter() - start
-        after = relative_error(block.linear_attn, block.self_attn, rotary, x_eval, y_eval)
+        after = relative_error(block.linear_attn, x_eval, y_eval)
         results[name] = {"options": options, "rel_error_init": before, "rel_error": after, "train_seconds": seconds}
         print(f"{name:40s} init {before:8.3f}  trained {after:7.3f}  ({seconds:.0f} s)", flush=True)
         del student

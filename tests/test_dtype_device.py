@@ -42,7 +42,7 @@ def folded_and_reference(model, ids, mask, layer):
         dsla_cache = DSLACache(model.config)
         model(ids, attention_mask=mask, cache=dsla_cache)
         attention = model.model.layers[layer].linear_attn
-        attention.fold(softmax_cache.layers[layer], softmax_cache, model.model.rotary_emb, mask)
+        attention.fold(cache=softmax_cache, mask=mask)
     return softmax_cache.layers[layer], dsla_cache.layers[layer]
 
 

@@ -335,16 +335,16 @@ def test_effective_attention_reproduces_the_layer_output(dsla):
     attn.output_projection = spy
     with torch.no_grad():
         rotary = model.model.rotary_emb
-        attn(x, block.self_attn, rotary(x, torch.arange(T)[None]), rotary_emb=rotary)
+        attn(hidden_states=x, position_embeddings=rotary(x, torch.arange(T)[None]))
     del attn.output_projection
-    maps = effective_attention(block, rotary, x)
+    maps = effective_attention(block, x)
     expected = {"teacher", "state"} if attn.num_states == 1 else {"teacher", "history", "recency"}
     assert set(maps) == expected | ({"window"} if attn.window else set())
     combined = sum(m for name, m in maps.items() if name != "teacher")  # [H, T, T]
     assert combined.shape == (attn.num_heads, T, T)
     assert torch.all(combined.triu(1) == 0)  # causal
     assert torch.allclose(combined.sum(-1), torch.ones(attn.num_heads, T), atol=1e-4)
-    v = attn.projections(block.self_attn)[2](x).view(1, T, attn.num_kv_heads, attn.head_dim)[0]
+    v = attn.projections()[2](x).view(1, T, attn.num_kv_heads, attn.head_dim)[0]
     v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
     rebuilt = torch.einsum("hti,ihd->thd", combined, v).reshape(T, -1)
     assert torch.allclose(rebuilt, seen["o"][0], atol=1e-5)

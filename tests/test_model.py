@@ -36,6 +36,27 @@ def test_teacher_weights_are_shared_not_copied(tiny_teacher):
     assert model.lm_head.weight.data_ptr() == tiny_teacher.lm_head.weight.data_ptr()
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_dsla_layer_borrows_the_teacher_projections_it_reads_at_each_call(tiny_teacher, window):
+    """The default preset's layer owns no projection (no second name in the state dict) and reads the teacher's at
+    each call: a `v_proj` replaced in the teacher (as an adapter library does) doubles the layer's output, which is
+    linear in the values (states, window and normaliser alike)."""
+    model = convert(tiny_teacher, layers=[1], dsla_window=window).eval()
+    assert not [k for k in model.state_dict() if "linear_attn" in k and ("_proj" in k or "rotary" in k)]
+    block = model.model.layers[1]
+    x = torch.randn(2, 9, 64)
+    pe = block.linear_attn.rotary_emb(x, torch.arange(9)[None])
+    with torch.no_grad():
+        before = block.linear_attn(hidden_states=x, position_embeddings=pe)
+        doubled = torch.nn.Linear(64, block.self_attn.v_proj.out_features, bias=False)
+        doubled.weight.copy_(2 * block.self_attn.v_proj.weight)
+        block.self_attn.v_proj = doubled
+        after = block.linear_attn(hidden_states=x, position_embeddings=pe)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher"):
+        type(block.linear_attn)(model.config, 1)
+
+
 def test_paper_preset_copies_projections(tiny_teacher):
     model = convert(tiny_teacher, layers=[2], dsla_preset="paper")
     dsla, teacher = model.model.layers[2].linear_attn, tiny_teacher.model.layers[2].self_attn
@@ -246,7 +267,7 @@ def test_folded_states_equal_dsla_from_the_first_token(tiny_teacher, layer):
         dsla_cache = DSLACache(model.config)
         model(ids, attention_mask=mask, cache=dsla_cache)
         attn = model.model.layers[layer].linear_attn
-        folded = attn.fold(softmax_cache.layers[layer], softmax_cache, model.model.rotary_emb, mask)
+        folded = attn.fold(cache=softmax_cache, mask=mask)
     reference = dsla_cache.layers[layer].state
     assert ((folded - reference).norm() / reference.norm()).item() <= 1e-5
 

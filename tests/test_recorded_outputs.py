@@ -36,7 +36,7 @@ def test_recorded_dsla_outputs_and_gates_are_those_of_the_layers_that_ran(tiny_t
         block = student.model.layers[i]
         x = out.attention_inputs[i]
         with torch.no_grad():
-            direct = block.linear_attn(x, block.self_attn, rotary(x, torch.arange(12)[None]), rotary_emb=rotary)
+            direct = block.linear_attn(hidden_states=x, position_embeddings=rotary(x, torch.arange(12)[None]))
             gates = block.linear_attn.gates(block.self_attn.k_proj(x).view(2, 12, 2, 16))
         torch.testing.assert_close(out.dsla_attentions[j], direct)
         assert out.dsla_gates[j].weight is block.linear_attn.gates.weight

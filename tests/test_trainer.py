@@ -236,7 +236,7 @@ def test_attention_alignment_term_is_the_normalised_error_to_the_teacher_attenti
         x, y = capture_layer_io(student, 2, ids)
     block, rotary = student.model.layers[2], student.model.rotary_emb
     with torch.no_grad():
-        out = block.linear_attn(x, block.self_attn, rotary(x, torch.arange(16)[None]), rotary_emb=rotary)
+        out = block.linear_attn(hidden_states=x, position_embeddings=rotary(x, torch.arange(16)[None]))
     expected = (out - y).pow(2).sum() / y.pow(2).sum()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 

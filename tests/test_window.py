@@ -75,7 +75,7 @@ def test_window_layer_matches_token_by_token_reference(tiny_teacher):
     cos, sin = model.model.rotary_emb(x, position_ids)
     attn = layer.linear_attn
     with torch.no_grad():
-        got = attn(x, layer.self_attn, (cos, sin), rotary_emb=model.model.rotary_emb)
+        got = attn(hidden_states=x, position_embeddings=(cos, sin))
         inner = reference_layer_output(attn, layer.self_attn, x, cos, sin).reshape(2, 23, -1)
         expected = layer.self_attn.o_proj(inner) + attn.o_lora(inner)  # o_lora reads the attention output too
     assert rel(got, expected) <= 1e-4
@@ -162,7 +162,7 @@ def test_window_layer_gradients_match_token_by_token_reference(tiny_teacher):
         loss = (fn(xg) * weight).sum()
         return torch.autograd.grad(loss, [xg, *params.values()], allow_unused=True)
 
-    got = gradients(lambda xg: attn(xg, layer.self_attn, (cos, sin), rotary_emb=model.model.rotary_emb))
+    got = gradients(lambda xg: attn(hidden_states=xg, position_embeddings=(cos, sin)))
 
     def reference(xg):
         inner = reference_layer_output(attn, layer.self_attn, xg, cos, sin).reshape(2, 23, -1)

@@ -93,13 +93,13 @@ def capture_all_layers(
     return join(resid), join(x), join(y)
 
 
-def relative_error(linear_attn, teacher_attn, rotary_emb, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4):
+def relative_error(linear_attn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4) -> float:
     """||DSLA(x) - teacher(x)|| / ||teacher(x)|| over captured inputs."""
     num = den = 0.0
     positions = torch.arange(x.shape[1], device=x.device)[None]
     with torch.no_grad():
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            out = linear_attn(xb, teacher_attn, rotary_emb(xb, positions), rotary_emb=rotary_emb)
+            out = linear_attn(hidden_states=xb, position_embeddings=linear_attn.rotary_emb(xb, positions))
             num += (out.float() - yb.float()).pow(2).sum().item()
             den += yb.float().pow(2).sum().item()
     return (num / max(den, 1e-30)) ** 0.5
@@ -126,7 +126,7 @@ def fit_layer_alone(
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     block = _layers(model)[layer_idx]
-    attn, teacher_attn, rotary = block.linear_attn, block.self_attn, model.model.rotary_emb
+    attn = block.linear_attn
     if attn is None:
         raise ValueError(f"Layer {layer_idx} has no DSLA weights")
     params = [p for p in attn.parameters()]
@@ -134,7 +134,7 @@ def fit_layer_alone(
     for p in params:
         p.requires_grad_(True)
     x_eval, y_eval = (x, y) if x_eval is None else (x_eval, y_eval)
-    before = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
+    before = relative_error(attn, x_eval, y_eval)
     dist = process_group()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     generator = torch.Generator().manual_seed(seed)
@@ -151,7 +151,7 @@ def fit_layer_alone(
         batch = order[cursor : cursor + batch_size * world][rank::world]  # same permutation everywhere, own share
         cursor += batch_size * world
         xb = x[batch]
-        out = attn(xb, teacher_attn, rotary(xb, positions), rotary_emb=rotary)
+        out = attn(hidden_states=xb, position_embeddings=attn.rotary_emb(xb, positions))
         loss = F.mse_loss(out.float(), y[batch].float()) / scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,7 +164,7 @@ def fit_layer_alone(
         if scheduler is not None:
             scheduler.step()
         loss_value = loss.item()
-    after = relative_error(attn, teacher_attn, rotary, x_eval, y_eval)
+    after = relative_error(attn, x_eval, y_eval)
     for p, flag in zip(params, was):
         p.requires_grad_(flag)
     return {"rel_error_before": before, "rel_error_after": after, "train_loss": loss_value, "steps": steps}

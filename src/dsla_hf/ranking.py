@@ -95,9 +95,7 @@ def _forward_from(model, hidden: torch.Tensor, start: int) -> torch.Tensor:
         config=inner.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
     )
     for layer in inner.layers[start:]:
-        hidden = layer(
-            hidden, attention_mask=mask, position_ids=positions, position_embeddings=pe, rotary_emb=inner.rotary_emb
-        )
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=pe)
     return model.lm_head(inner.norm(hidden))
 
 

@@ -45,13 +45,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def effective_attention(block, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Effective attention maps of one decoder layer's DSLA module on captured inputs `x` ([1, T, hidden]).
 
     Returns fp32 [H, T, T] maps (query heads, queries, keys): `"history"` and `"recency"` (or `"state"` for a
     single-state layer), `"window"` when the layer has an exact window, and `"teacher"`, the softmax attention of the
     teacher's layer on the same inputs, for comparison."""
-    attn, teacher = block.linear_attn, block.self_attn
+    attn = block.linear_attn
     if attn is None:
         raise ValueError("This layer has no DSLA weights")
     if x.shape[0] != 1:
@@ -59,7 +59,7 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
     cfg = attn.config
     T, D, H, HK = x.shape[1], attn.head_dim, attn.num_heads, attn.num_kv_heads
     SH, W, S = attn.state_heads, attn.window, attn.num_states
-    q_proj, k_proj, v_proj, _ = attn.projections(teacher)
+    q_proj, k_proj, v_proj, _ = attn.projections()
     q = q_proj(x)
     if hasattr(attn, "q_lora"):
         q = q + attn.q_lora(x)
@@ -88,7 +88,7 @@ def effective_attention(block, rotary_emb, x: torch.Tensor) -> dict[str, torch.T
             states[s, h] = attn.scale * mix[h, s] * torch.einsum("tf,tif,if->ti", psi[:, h], decay, phi[:, g])
 
     out: dict[str, torch.Tensor] = {}
-    cos, sin = rotary_emb(x, t[None])
+    cos, sin = attn.rotary_emb(x, t[None])
     k_rot = _rope(k, cos, sin)[0].float().repeat_interleave(H // HK, dim=1)  # [T, H, D]
     q_teacher = _rope(q_proj(x).view(1, T, H, D), cos, sin)[0].float()
     scores = torch.einsum("thd,ihd->hti", q_teacher, k_rot) * D**-0.5
@@ -117,7 +117,7 @@ def gate_half_lives(block, x: torch.Tensor) -> dict[str, float]:
     """Half-life in tokens of each state on captured inputs `x`: ln 2 over minus the mean log gate (over tokens,
     heads and features). A state that forgets fast has a short half-life."""
     attn = block.linear_attn
-    k = attn.projections(block.self_attn)[1](x).view(*x.shape[:2], attn.num_kv_heads, attn.head_dim)
+    k = attn.projections()[1](x).view(*x.shape[:2], attn.num_kv_heads, attn.head_dim)
     if attn.state_heads != attn.num_kv_heads:
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=2)
     gates = attn.gates(k if attn.config.dsla_gate_source == "key" else x).materialize()  # [B, T, S, H, F]
@@ -155,7 +155,7 @@ def layer_maps(
     inputs = capture_attention_inputs(model, input_ids, layers)
     if half_lives is not None:
         half_lives.update({i: gate_half_lives(model.model.layers[i], inputs[i]) for i in layers})
-    return {i: effective_attention(model.model.layers[i], model.model.rotary_emb, inputs[i]) for i in layers}
+    return {i: effective_attention(model.model.layers[i], inputs[i]) for i in layers}
 
 
 def mixing_weights(model) -> dict[int, list[list[float]]]:

@@ -106,28 +106,15 @@ def evaluate_variant(model, tokenizer, args, stream: torch.Tensor, essay: str, n
         )
     if args.passkey_lengths and args.passkey_depths:
         entry["passkey"] = passkey_grid(
-            model,
-            tokenizer,
-            args.passkey_lengths,
-            args.passkey_depths,
-            args.passkey_trials,
-            args.seed,
-            progress=progress,
-            desc=f"passkey {name}",
-        )
+            model, tokenizer, lengths=args.passkey_lengths, depths=args.passkey_depths, trials=args.passkey_trials,
+            seed=args.seed, progress=progress, desc=f"passkey {name}",
+        )  # fmt: skip
     if args.ruler_tasks and args.ruler_lengths:
         entry["ruler"] = ruler_eval(
-            model,
-            tokenizer,
-            args.ruler_tasks,
-            args.ruler_lengths,
-            args.ruler_samples,
-            args.seed,
-            essay,
-            args.ruler_new_tokens,
-            progress=progress,
+            model, tokenizer, tasks=args.ruler_tasks, lengths=args.ruler_lengths, samples=args.ruler_samples,
+            seed=args.seed, essay_text=essay, max_new_tokens=args.ruler_new_tokens, progress=progress,
             desc=f"ruler {name}",
-        )
+        )  # fmt: skip
     entry["seconds"] = time.perf_counter() - start
     return entry
 

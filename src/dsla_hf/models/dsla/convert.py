@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .configuration_dsla import DSLAConfig
 from .modeling_dsla import DSLALlamaForCausalLM
@@ -78,8 +79,10 @@ def convert_llama_to_dsla(
         if name in new_names or tensor.is_meta:
             _replace_tensor(student, name, torch.empty(tensor.shape, dtype=param.dtype, device=param.device))
     student.tie_weights()
-    student.model.rotary_emb.__init__(config)  # buffers (inv_freq) were on meta
-    student.model.rotary_emb.to(param.device)
+    for module in student.modules():
+        if isinstance(module, LlamaRotaryEmbedding):  # the model's and each DSLA layer's: inv_freq was on meta
+            module.__init__(config)
+            module.to(param.device)
     for layer in student.model.layers:
         if layer.linear_attn is not None:
             layer.linear_attn.reset_dsla_parameters()

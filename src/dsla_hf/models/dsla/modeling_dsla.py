@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -202,12 +202,23 @@ class DSLAGates(nn.Module):
 
 class DSLAAttention(nn.Module):
     """The DSLA parameters of one layer. The default preset borrows the teacher's q/k/v/o projections (keys and
-    values frozen and shared, so states can be rebuilt exactly from the KV cache); the paper preset owns copies."""
+    values frozen and shared, so states can be rebuilt exactly from the KV cache); the paper preset owns copies.
 
-    def __init__(self, config: DSLAConfig, layer_idx: int):
+    `teacher`: the layer's softmax attention, whose projections the layer borrows (needed unless
+    `config.dsla_train_projections`)."""
+
+    def __init__(self, config: DSLAConfig, layer_idx: int, teacher: LlamaAttention | None = None):
         super().__init__()
+        if teacher is None and not config.dsla_train_projections:
+            raise ValueError("a DSLA layer that borrows the teacher's projections needs its `teacher` attention")
         self.config = config
         self.layer_idx = layer_idx
+        # Borrowed, not registered: as a submodule its projections would take a second name in the state dict.
+        # Read at each call, so a projection replaced inside it (an adapter) is the one used.
+        object.__setattr__(self, "teacher", teacher)
+        # RoPE at any position (folding a KV cache, the window's past tokens, the fused step); inv_freq is a
+        # non-persistent buffer, so checkpoints are unchanged.
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -277,8 +288,9 @@ class DSLAAttention(nn.Module):
 
     # --- pieces shared by the forward and the fold ----------------------------------------------------------------
 
-    def projections(self, teacher: LlamaAttention) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        owner = self if self.config.dsla_train_projections else teacher
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """The q/k/v/o projections the layer runs: its own (paper preset) or the teacher's."""
+        owner = self if self.config.dsla_train_projections else self.teacher
         return owner.q_proj, owner.k_proj, owner.v_proj, owner.o_proj
 
     def mix_weights(self) -> torch.Tensor | None:
@@ -337,12 +349,14 @@ class DSLAAttention(nn.Module):
             state_in = (*state_in[:2], state_in[2] * own)
         return state_in, pending, next_window
 
-    def fold(self, cache_layer: DSLACacheLayer, cache: DSLACache, rotary_emb: Callable, mask: torch.Tensor | None):
+    def fold(self, cache: DSLACache, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bring the states up to date with keys and values the layer saw as softmax attention: exact for the
         default preset in fp32, and in bf16 within two units of bf16 rounding (2^-7 relative) of the states and
         window the layer would hold had it run as DSLA from the first token. The paper preset cannot rebuild its
         states (its keys and gates are not those of the KV cache): they restart from zero at the switch, as in the
-        paper's system."""
+        paper's system. `mask`: the 2-D padding mask over the cache's tokens (None: no padding). Returns the
+        layer's states in `cache`."""
+        cache_layer = cache.layers[self.layer_idx]
         stale = cache_layer.stale_kv()
         if stale is None:
             return cache_layer.state
@@ -359,7 +373,7 @@ class DSLAAttention(nn.Module):
             # RoPE undone in fp32 (its cos and sin too), then back to the dtype the layer's own keys have: in bf16
             # the folded keys are then the layer's keys up to the one rounding of the rotated keys in the KV cache.
             raw = keys.float()
-            cos, sin = rotary_emb(raw, cache.past_positions(start, start + count))
+            cos, sin = self.rotary_emb(raw, cache.past_positions(start, start + count))
             keys = undo_rotary(raw, cos, sin).to(values.dtype)
             past_mask = mask[:, start : start + count] if mask is not None else None
             (keys, values, past_mask), _, window = self.advance(keys, values, past_mask, cache_layer.window)
@@ -373,11 +387,9 @@ class DSLAAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        teacher: LlamaAttention,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: DSLACache | None = None,
         padding_mask: torch.Tensor | None = None,
-        rotary_emb: Callable | None = None,
         cu_seqlens: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """The layer's output on `hidden_states` [B, T, hidden] (its attention input), `o_proj` included.
@@ -392,7 +404,7 @@ class DSLAAttention(nn.Module):
         D = self.head_dim
         if torch.is_grad_enabled():
             self.decode_cache = None  # see decode_weights
-        q_proj, k_proj, v_proj, o_proj = self.projections(teacher)
+        q_proj, k_proj, v_proj, o_proj = self.projections()
         q = self.q_lora.beside(q_proj, hidden_states) if hasattr(self, "q_lora") else q_proj(hidden_states)
         q = q.view(B, T, self.num_heads, D)
         k = k_proj(hidden_states).view(B, T, self.num_kv_heads, D)
@@ -405,11 +417,11 @@ class DSLAAttention(nn.Module):
                 raise ValueError("packed sequences (cu_seqlens) are for runs without a cache: a packed row cannot be "
                                  "continued; pass use_cache=False, or one row per sequence")  # fmt: skip
             doc_start = document_starts(cu_seqlens, B, T, hidden_states.device)
-        state = self.fold(cache_layer, cache, rotary_emb, padding_mask) if cache_layer else None
+        state = self.fold(cache, padding_mask) if cache_layer else None
         mask = padding_mask[:, -T:] if padding_mask is not None else None
         backend = self.fused_decode_backend(q) if T == 1 and state is not None else None
         if backend is not None:
-            o = self.fused_step(q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings, backend)
+            o = self.fused_step(q, k, v, state, cache, mask, position_embeddings, backend)
             return self.output_projection(o.reshape(B, T, self.num_heads * D), o_proj)
         window = cache_layer.window if cache_layer is not None else None
         (state_k, state_v, state_mask), pending, window = self.advance(k, v, mask, window, doc_start)
@@ -444,7 +456,7 @@ class DSLAAttention(nn.Module):
                 cos, sin = (F.pad(t, (0, 0, self.window, 0)) for t in position_embeddings)
             else:
                 positions = self.pending_positions(cache, cache_layer.seen_tokens, T)
-                cos, sin = rotary_emb(hidden_states, positions)
+                cos, sin = self.rotary_emb(hidden_states, positions)
             doc_start = None if doc_start is None else doc_start + self.window  # as pending indices
             o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start)
             o = o.to(hidden_states.dtype)
@@ -468,11 +480,10 @@ class DSLAAttention(nn.Module):
         backend = decode_backend(q.device)
         return backend if backend == "triton" or backend == "cpp" and q.dtype == torch.float32 else None
 
-    def fused_step(
-        self, q, k, v, state, cache, cache_layer, mask, rotary_emb, position_embeddings, backend: str
-    ) -> torch.Tensor:
+    def fused_step(self, q, k, v, state, cache: DSLACache, mask, position_embeddings, backend: str) -> torch.Tensor:
         """One token through the fused decoding kernel; the states and the window are updated in place."""
         B = q.shape[0]
+        cache_layer = cache.layers[self.layer_idx]
         window, positions = None, None
         if self.window:
             window = cache_layer.window or self.empty_window(B, k)
@@ -480,26 +491,26 @@ class DSLAAttention(nn.Module):
             positions = self.pending_positions(cache, cache_layer.seen_tokens + 1, 1)
         mask = None if mask is None else mask[:, 0]
         state = state if state.is_contiguous() else state.contiguous()  # updated in place: once, then kept
-        weights = self.decode_weights(rotary_emb)
+        weights = self.decode_weights()
         o = fused_decode_dsla(q[:, 0], k[:, 0], v[:, 0], state, weights, window, positions, mask, backend=backend)
         cache_layer.set_state(state, 1, window)
         self.keep_kv(cache_layer, k, v, position_embeddings)
         return o
 
-    def decode_weights(self, rotary_emb: Callable) -> DecodeWeights:
+    def decode_weights(self) -> DecodeWeights:
         """The fused step's weights, made (and checked) once and kept while the parameters are unchanged: an in-place
         update (``load_state_dict``) bumps a tensor's version, a moved one has a new address, and every forward with
         gradients drops them (a fused optimiser step changes weights without bumping their versions)."""
         tensors = (self.q_feature_map.weight, self.k_feature_map.weight, self.gates.weight, self.gates.bias,
                    getattr(self, "mix_logits", None), getattr(self, "linear_log_scale", None),
-                   rotary_emb.inv_freq)  # fmt: skip
-        key = (*tensors_key(*tensors), self.gates.tau, self.gates.clamp, rotary_emb.attention_scaling)
+                   self.rotary_emb.inv_freq)  # fmt: skip
+        key = (*tensors_key(*tensors), self.gates.tau, self.gates.clamp, self.rotary_emb.attention_scaling)
         if self.decode_cache is None or self.decode_cache[0] != key:
             weights = DecodeWeights(
                 q_map=self.q_feature_map.weight, k_map=self.k_feature_map.weight, gate_weight=self.gates.weight,
                 gate_bias=self.gates.bias, tau=self.gates.tau, clamp=self.gates.clamp, mix=self.mix_weights(),
                 scale=self.scale, window_log_scale=getattr(self, "linear_log_scale", None),
-                inv_freq=rotary_emb.inv_freq, rope_scale=rotary_emb.attention_scaling,
+                inv_freq=self.rotary_emb.inv_freq, rope_scale=self.rotary_emb.attention_scaling,
             )  # fmt: skip
             self.decode_cache = (key, weights)
         return self.decode_cache[1]
@@ -539,7 +550,9 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        self.linear_attn = DSLAAttention(config, layer_idx) if layer_idx in config.dsla_layers else None
+        self.linear_attn = None
+        if layer_idx in config.dsla_layers:
+            self.linear_attn = DSLAAttention(config, layer_idx, teacher=self.self_attn)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -553,7 +566,6 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
-        rotary_emb: Callable | None = None,
         cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -561,12 +573,10 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == LINEAR_ATTENTION:
             hidden_states = self.linear_attn(
-                hidden_states,
-                teacher=self.self_attn,
+                hidden_states=hidden_states,
                 position_embeddings=position_embeddings,
                 cache=cache,
                 padding_mask=padding_mask,
-                rotary_emb=rotary_emb,
                 cu_seqlens=cu_seqlens,
             )
         else:
@@ -691,7 +701,7 @@ class DSLAPreTrainedModel(PreTrainedModel):
             for i in layers:
                 attention = model.layers[i].linear_attn
                 if attention is not None and cache.get_seq_length(i):
-                    attention.fold(cache.layers[i], cache, model.rotary_emb, padding)
+                    attention.fold(cache=cache, mask=padding)
 
     @property
     def dsla_layers(self) -> list[int]:
@@ -771,7 +781,6 @@ class DSLALlamaModel(DSLAPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 padding_mask=padding_mask,
-                rotary_emb=self.rotary_emb,
                 cu_seqlens=cu_seqlens,
                 **kwargs,
             )
