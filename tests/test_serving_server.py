@@ -417,3 +417,22 @@ def test_serve_and_replay_commands(tmp_path, capsys):
     assert replay_command.parse_slo(["ttft:100", "e2el:2e3"]) == {"ttft": 100.0, "e2el": 2000.0}
     with pytest.raises(ValueError, match="--goodput"):
         replay_command.parse_slo(["p50:3"])
+
+
+def test_a_follow_up_turn_is_served_from_the_prefix_cache(server):
+    """A chat's second turn resends the first: its usage counts the first turn's prompt as cached (OpenAI's
+    `prompt_tokens_details.cached_tokens`), and /metrics counts the hit under vLLM's name."""
+    engine, url = server
+    with httpx.Client(base_url=url, timeout=60) as client:
+        messages = [{"role": "user", "content": "Name three prime numbers, please."}]
+        body = {"model": "toy", "messages": messages, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        first = client.post("/v1/chat/completions", json=body).json()
+        assert "prompt_tokens_details" not in first["usage"]
+        answer = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+        messages = messages + [answer, {"role": "user", "content": "And two more?"}]
+        second = client.post("/v1/chat/completions", json={**body, "messages": messages}).json()
+        # the toy template renders the first turn's prompt unchanged at the start of the second
+        assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": first["usage"]["prompt_tokens"]}
+        metrics = client.get("/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= first["usage"]["prompt_tokens"]

@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .models.dsla.cache_dsla import DSLACache, DSLACacheLayer
+from .models.dsla.cache_dsla import CacheCheckpoint, DSLACache, DSLACacheLayer
 from .models.dsla.configuration_dsla import DSLAConfig
 from .models.dsla.convert import convert_llama_to_dsla, dsla_config_from_llama
 from .models.dsla.modeling_dsla import DSLALlamaForCausalLM, DSLALlamaModel
@@ -15,6 +15,7 @@ AutoModelForCausalLM.register(DSLAConfig, DSLALlamaForCausalLM, exist_ok=True)
 __version__ = "0.1.0"
 __all__ = [
     "DSLACache",
+    "CacheCheckpoint",
     "DSLACacheLayer",
     "DSLAConfig",
     "DSLALlamaForCausalLM",

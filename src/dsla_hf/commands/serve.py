@@ -67,6 +67,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-gb", type=float, default=None, help="KV budget (default: max-num-seqs full contexts)"
     )
     group.add_argument("--keep-kv", action="store_true", help="keep KV of DSLA layers: reverts are never deferred")
+    group.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start prompts after the longest prefix served before (on by default, as in vLLM)",
+    )
+    group.add_argument("--prefix-cache-gb", type=float, default=None, help="prefix cache memory (default: KV / 4)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -78,6 +85,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         request_timeout_s=args.request_timeout,
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
         keep_kv=args.keep_kv,
+        enable_prefix_caching=args.enable_prefix_caching,
+        prefix_cache_bytes=None if args.prefix_cache_gb is None else int(args.prefix_cache_gb * 2**30),
     )
 
 

@@ -55,6 +55,33 @@ def passkey_prompt(tokenizer, length: int, passkey: int, depth: float) -> str:
     return " ".join(parts)
 
 
+@torch.no_grad()
+def passkey_accuracy(
+    model,
+    tokenizer,
+    lengths: list[int],
+    trials: int = 2,
+    seed: int = 0,
+    digits: int = 5,
+    progress: bool = False,
+    desc: str = "passkey",
+) -> dict:
+    """Greedy passkey retrieval: the answer counts when the generated continuation contains the key (substring
+    match, as in the originals). Depths spread evenly over the trials. Returns accuracy per length and overall."""
+    rng = random.Random(seed)
+    per_length, samples = {}, []
+    jobs = [(length, t) for length in lengths for t in range(trials)]
+    keys = [rng.randint(10 ** (digits - 1), 10**digits - 1) for _ in jobs]
+    hits = {length: 0 for length in lengths}
+    for (length, t), key in tqdm(list(zip(jobs, keys)), desc=desc, leave=False, disable=not progress):
+        trial = _passkey_trial(model, tokenizer, length, key, (t + 0.5) / trials, digits)
+        hits[length] += trial["hit"]
+        samples.append(trial)
+    for length in lengths:
+        per_length[length] = hits[length] / trials
+    return {"accuracy": sum(hits.values()) / len(jobs), "per_length": per_length, "samples": samples}
+
+
 def sliding_windows(num_tokens: int, context: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """Windows `(begin, end, first_scored)` over a stream of `num_tokens` tokens: each window reads at most `context`
     tokens and scores the tokens from `first_scored` to `end` (exclusive) that no earlier window scored, so every

@@ -5,10 +5,11 @@
    DSLA have the keys and values of every request in flight folded into states at once (exact for the default
    preset); a layer returns to softmax attention only when every request in flight still has its keys and values
    (otherwise the decrease waits, and prefills that lost them restart);
-3. prefills at most `prefill_chunk` tokens of one waiting request in its own cache (chunked prefill; the logits of
-   every position only when the request asks for its prompt's logprobs), and when the prompt is done samples its
-   first token (or ends, with `max_tokens=0`) and joins its cache to the running batch with `DSLACache.stack`
-   (left-padded; the batch is never drained for it);
+3. prefills at most `prefill_chunk` tokens of one waiting request in its own cache (chunked prefill, chunks ending
+   at multiples of `prefill_chunk`; the logits of every position only when the request asks for its prompt's
+   logprobs), starting after the longest prefix of its prompt in the prefix cache (`prefix_cache.py`), and when the
+   prompt is done stores its checkpoints there, samples its first token (or ends, with `max_tokens=0`) and joins
+   its cache to the running batch with `DSLACache.stack` (left-padded; the batch is never drained for it);
 4. runs one decode step for the whole running batch (one token per request, explicit positions, 2-D padding mask),
    samples each request with its own parameters, and removes finished requests (`batch_select_indices`, then
    `trim_left` of the columns that are padding in every remaining row).
@@ -30,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.dsla.cache_dsla import DSLACache
+from ..models.dsla.cache_dsla import CacheCheckpoint, DSLACache
 from .metrics import Metrics
 from .policy import LoadSnapshot, StaticPolicy
+from .prefix_cache import PrefixCache
 from .sampling import Detokenizer, SamplingParams, TokenLogprob, sample, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Output:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
     prompt_logprobs: list[TokenLogprob] | None = None  # of every prompt token, with the request's first output
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (with the last output)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +78,8 @@ class EngineConfig:
     kv_cache_bytes: the KV budget that `kv_usage` is a fraction of; also bounds admission (default: what
         `max_num_seqs` requests of `max_model_len` tokens take with every layer as softmax attention).
     keep_kv: keep keys and values of DSLA layers, so decreases are never deferred (and no memory is saved).
+    enable_prefix_caching: start prompts after the longest prefix served before (vLLM's automatic prefix caching).
+    prefix_cache_bytes: memory of the prefix cache (default: a quarter of `kv_cache_bytes`).
     """
 
     max_num_seqs: int = 8
@@ -84,6 +89,8 @@ class EngineConfig:
     request_timeout_s: float | None = 600.0
     kv_cache_bytes: int | None = None
     keep_kv: bool = False
+    enable_prefix_caching: bool = True
+    prefix_cache_bytes: int | None = None
 
 
 class Request:
@@ -103,6 +110,8 @@ class Request:
         self.cancelled = threading.Event()
         self.cache: DSLACache | None = None  # own cache while prefilling
         self.prefilled = 0  # prompt tokens in `cache`
+        self.cached_tokens = 0  # of them, those from the prefix cache
+        self.checkpoints: list[tuple[tuple[int, ...], CacheCheckpoint]] = []  # (DSLA layers, checkpoint) by chunk
         self.cached = 0  # real tokens in the cache (prompt plus fed outputs): the next position
         # (index of the first output token produced with these layers, DSLA layers): the per-token layer modes.
         self.modes: list[tuple[int, tuple[int, ...]]] = []
@@ -150,6 +159,10 @@ class Engine:
         self.kv_budget = self.config.kv_cache_bytes or (
             self.config.max_num_seqs * self.max_model_len * self.kv_bytes_per_token_layer * self.num_layers
         )
+        self.prefix_cache = None
+        if self.config.enable_prefix_caching:
+            capacity = self.config.prefix_cache_bytes
+            self.prefix_cache = PrefixCache(self.kv_budget // 4 if capacity is None else capacity)
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._waiting: deque[Request] = deque()
         self._waiting_count = 0  # waiting requests including those still in the inbox (guarded by _lock)
@@ -334,7 +347,7 @@ class Engine:
                 self.deferred_decreases += 1
                 return False  # requests in flight lost these keys and values: wait until they leave
             if prefill is not None and prefill.cache is not None and not prefill.cache.can_revert(reverted):
-                prefill.cache, prefill.prefilled = None, 0  # nothing was sent yet: prefill again
+                prefill.cache = None  # nothing was sent yet: prefill again
         # Caches in flight are folded now, so that each holds the same kind of state per layer (to stack them).
         in_flight = [(self.cache, self.mask)] if self.cache is not None else []
         if prefill is not None and prefill.cache is not None:
@@ -364,13 +377,11 @@ class Engine:
             self.prefilling = request
         request = self.prefilling
         scored = request.params.prompt_logprobs
+        layers = tuple(self.model.config.active_dsla_layers)
         if request.cache is None:
-            request.cache = DSLACache(self.model.config, keep_kv=self.config.keep_kv)
-            request.prefilled = 0
-            if scored is not None:
-                request.prompt_logprobs = [TokenLogprob(request.prompt_ids[0], None, None)]
-        start = request.prefilled
-        chunk = request.prompt_ids[start : start + self.config.prefill_chunk]
+            self._start_prefill(request, layers)
+        start, size = request.prefilled, self.config.prefill_chunk
+        chunk = request.prompt_ids[start : (start // size + 1) * size]  # chunks end at multiples of the chunk size
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         # Every position's logits only when the prompt is scored: the others pay for the last position's alone.
         logits = self.model(ids, cache=request.cache, logits_to_keep=1 if scored is None else 0, use_cache=True).logits
@@ -380,8 +391,14 @@ class Engine:
         request.prefilled += len(chunk)
         self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
         if request.prefilled < len(request.prompt_ids):
+            if self.prefix_cache is not None and request.prefilled % size == 0:
+                request.checkpoints.append((layers, request.cache.checkpoint(keys_values=False)))
             return
         request.cached = len(request.prompt_ids)
+        if self.prefix_cache is not None:
+            taken = [c for kinds, c in request.checkpoints if kinds == layers] + [request.cache.checkpoint()]
+            self.prefix_cache.store(request.prompt_ids, layers, taken)
+        request.checkpoints = []
         if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
             self.prefilling, request.cache = None, None
             self._finish(request, "length")
@@ -398,6 +415,25 @@ class Engine:
             self.cache, self.mask = DSLACache.stack([self.cache, request.cache], [self.mask, None])
         request.cache = None
         self.running.append(request)
+
+    def _start_prefill(self, request: Request, layers: tuple[int, ...]) -> None:
+        """A fresh cache for the request: from the longest prefix in the prefix cache, or empty. Prompts whose
+        logprobs are asked for start empty (every position's logits are needed)."""
+        scored = request.params.prompt_logprobs
+        request.checkpoints, request.cached_tokens = [], 0
+        hit = None
+        if self.prefix_cache is not None and scored is None:
+            hit = self.prefix_cache.lookup(request.prompt_ids, layers)
+            self.metrics.inc("vllm:prefix_cache_queries_total", len(request.prompt_ids))
+        if hit is not None:
+            request.cache, request.prefilled = DSLACache.from_checkpoint(hit), hit.tokens
+            request.cached_tokens = hit.tokens
+            self.metrics.inc("vllm:prefix_cache_hits_total", hit.tokens)
+            return
+        request.cache = DSLACache(self.model.config, keep_kv=self.config.keep_kv)
+        request.prefilled = 0
+        if scored is not None:
+            request.prompt_logprobs = [TokenLogprob(request.prompt_ids[0], None, None)]
 
     # --- decode --------------------------------------------------------------------------------------------------
 
@@ -490,6 +526,7 @@ class Engine:
                     error=error,
                     prompt_tokens=len(request.prompt_ids),
                     completion_tokens=len(request.output_ids),
+                    cached_tokens=request.cached_tokens,
                     logprobs=logprobs,
                     prompt_logprobs=request.take_prompt_logprobs(),
                 )

@@ -41,6 +41,8 @@ class Metrics:
             ("vllm:request_success_total", "Count of successfully processed requests."),
             ("dsla:layer_switches_total", "Number of times the set of DSLA layers changed."),
             ("dsla:requests_rejected_total", "Requests refused because the queue was full."),
+            ("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens."),
+            ("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens."),
         ):
             self._declare(name, "counter", doc)
         for name, doc, buckets in (
@@ -55,7 +57,8 @@ class Metrics:
             self.set(name, 0.0)
         self.set("dsla:num_dsla_layers", 0.0)
         self.set("dsla:conversion_ratio", 0.0)
-        for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "dsla:layer_switches_total"):
+        for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "dsla:layer_switches_total",
+                     "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):  # fmt: skip
             self.inc(name, 0.0)
 
     def _declare(self, name: str, kind: str, doc: str) -> None:

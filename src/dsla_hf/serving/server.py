@@ -132,7 +132,11 @@ class Submission:
 
     def usage(self) -> dict:
         finished = [c.last for c in self.choices if c.last is not None]
-        return usage(sum(o.prompt_tokens for o in finished), sum(o.completion_tokens for o in finished))
+        return usage(
+            prompt_tokens=sum(o.prompt_tokens for o in finished),
+            completion_tokens=sum(o.completion_tokens for o in finished),
+            cached_tokens=sum(o.cached_tokens for o in finished),
+        )
 
 
 def error_for(exc: Exception) -> JSONResponse:

@@ -1,7 +1,7 @@
 """DSLA-Llama, laid out as a Transformers model: its config, its modeling file (layers, model, causal LM), its
 hybrid cache, the conversion of a Llama and the remote code every saved folder carries."""
 
-from .cache_dsla import DSLACache, DSLACacheLayer
+from .cache_dsla import CacheCheckpoint, DSLACache, DSLACacheLayer
 from .configuration_dsla import FULL_ATTENTION, LINEAR_ATTENTION, DSLAConfig, ratio_to_layers
 from .convert import convert_llama_to_dsla, dsla_config_from_llama
 from .modeling_dsla import DSLALlamaForCausalLM, DSLALlamaModel, DSLAPreTrainedModel
@@ -10,6 +10,7 @@ __all__ = [
     "FULL_ATTENTION",
     "LINEAR_ATTENTION",
     "DSLACache",
+    "CacheCheckpoint",
     "DSLACacheLayer",
     "DSLAConfig",
     "DSLALlamaForCausalLM",

@@ -13,6 +13,8 @@ so a layer can switch kind between two forwards:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndFullAttentionLayer
 
@@ -138,6 +140,44 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass(frozen=True)
+class CacheCheckpoint:
+    """What a one-sequence cache holds after its first `tokens` tokens, to start other caches from (a prompt prefix
+    shared by several requests): :meth:`DSLACache.checkpoint`, :meth:`DSLACache.from_checkpoint`.
+
+    `states` per layer: its DSLA states and window, or None (a softmax layer: states it may have are rebuilt by its
+    next fold). They are copies, since decoding updates a cache's states in place. `keys_values` per layer: its keys
+    and values, or None (a DSLA layer that freed them). They are references, since a cache only ever replaces them
+    by longer tensors and never writes into them, and may run past `tokens`: a cache started from the checkpoint
+    takes their first `tokens`, so the checkpoints along one prompt can share its final keys and values
+    (:meth:`sharing_keys_values`). `keys_values` and `positions` are None until given."""
+
+    tokens: int
+    keep_kv: bool
+    kv_layers: tuple[bool, ...]
+    states: tuple[tuple[torch.Tensor, tuple[torch.Tensor, ...] | None] | None, ...]
+    keys_values: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None = None
+    positions: torch.LongTensor | None = None
+
+    def sharing_keys_values(self, later: CacheCheckpoint) -> CacheCheckpoint:
+        """This checkpoint with the keys, values and positions of a later checkpoint of the same sequence."""
+        if later.keys_values is None or later.tokens < self.tokens or later.kv_layers != self.kv_layers:
+            raise ValueError("the later checkpoint must hold the keys and values of the same layers, and more tokens")
+        return replace(self, keys_values=later.keys_values, positions=later.positions)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the states and windows (the copies this checkpoint owns)."""
+        tensors = [t for entry in self.states if entry is not None for t in (entry[0], *(entry[1] or ()))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def keys_values_bytes(self) -> int:
+        """Bytes of the keys and values it refers to (in full, past `tokens` too)."""
+        tensors = [t for kv in self.keys_values or () if kv is not None for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _pad_left(t: torch.Tensor, count: int) -> torch.Tensor:
     """Left-pad the time axis: dim -2 of [B, H, T, D] keys and values, dim -1 of [B, T] masks and positions."""
     return torch.nn.functional.pad(t, (0, 0, count, 0) if t.dim() == 4 else (count, 0))
@@ -245,6 +285,48 @@ class DSLACache(Cache):
         mask = torch.cat([_pad_left(m, total - n) for m, n in zip(masks, lengths)])
         return joined, mask
 
+    def checkpoint(self, keys_values: bool = True) -> CacheCheckpoint:
+        """A :class:`CacheCheckpoint` of this one-sequence, unpadded cache at the tokens it has seen. With
+        `keys_values=False` it refers to no keys and values yet (:meth:`CacheCheckpoint.sharing_keys_values` gives
+        them later), so checkpoints taken along a prefill do not keep each intermediate key tensor alive."""
+        if self.position_ids is None or self.position_ids.shape[0] != 1:
+            raise ValueError("A checkpoint is of one sequence that has seen tokens")
+        tokens = self.get_seq_length()
+        kv_layers, kvs, states = [], [], []
+        for layer in self.layers:
+            if layer.seen_tokens != tokens:
+                raise ValueError("Every layer of a checkpointed cache must have seen the same tokens")
+            has_kv = layer.kv_tokens == tokens
+            current = layer.state is not None and layer.state_tokens == tokens
+            if not has_kv and not current:
+                raise ValueError("A layer holds neither its keys and values nor up-to-date states")
+            kv_layers.append(has_kv)
+            kvs.append((layer.keys, layer.values) if has_kv else None)
+            window = tuple(t.clone() for t in layer.window) if current and layer.window is not None else None
+            states.append((layer.state.clone(), window) if current else None)
+        given = dict(keys_values=tuple(kvs), positions=self.position_ids) if keys_values else {}
+        return CacheCheckpoint(tokens, self.keep_kv, tuple(kv_layers), tuple(states), **given)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: CacheCheckpoint) -> DSLACache:
+        """A cache holding the checkpoint's first `tokens` tokens: keys and values as views of the checkpoint's
+        (nothing copied), states and windows copied (this cache updates them in place)."""
+        if checkpoint.keys_values is None or checkpoint.positions is None:
+            raise ValueError("This checkpoint has no keys and values yet: see CacheCheckpoint.sharing_keys_values")
+        n = checkpoint.tokens
+        cache = cls(num_layers=len(checkpoint.states), keep_kv=checkpoint.keep_kv)
+        for layer, kv, state in zip(cache.layers, checkpoint.keys_values, checkpoint.states):
+            layer.seen_tokens = n
+            if kv is not None:
+                keys, values = kv[0][..., :n, :], kv[1][..., :n, :]
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+            if state is not None:
+                window = None if state[1] is None else tuple(t.clone() for t in state[1])
+                layer.set_state(state[0].clone(), 0, window)
+        cache.position_ids = checkpoint.positions[:, :n]
+        return cache
+
     def trim_left(self, count: int) -> None:
         """Drop the first `count` positions, which must be padding in every row (after requests left the batch)."""
         if count <= 0:
@@ -263,4 +345,4 @@ class DSLACache(Cache):
         return sum(layer.memory_bytes for layer in self.layers)
 
 
-__all__ = ["DSLACache", "DSLACacheLayer"]
+__all__ = ["CacheCheckpoint", "DSLACache", "DSLACacheLayer"]
