@@ -33,20 +33,68 @@ from .inputs import DSLAInputs
 
 
 @triton.jit
-def _chunk_cumsum_kernel(g, b, starts, T_total, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr):  # fmt: skip
-    """b = cumulative sum of g inside each chunk of each sequence (chunks start at the sequence start)."""
+def _chunk_tile(starts, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Offsets and mask of this program's [BT, BK] tile of a [tokens, HK, K] tensor: chunk program_id(0) of the
+    (sequence, KV head) program_id(1), clipped to the sequence (all masked past its end)."""
     i_c, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HK, i_nh % HK
     bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
-    t0 = bos + i_c * BT
-    if t0 < eos:
-        o_t = t0 + tl.arange(0, BT)
-        o_k = tl.arange(0, BK)
-        m = (o_t[:, None] < eos) & (o_k[None, :] < K)
-        p = (o_t[:, None] * HK + i_h) * K + o_k[None, :]
-        x = tl.load(g + p, mask=m, other=0.0)
-        tl.store(b + p, tl.cumsum(x, axis=0), mask=m)
+    o_t = bos + i_c * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    return (o_t[:, None] * HK + i_h) * K + o_k[None, :], (o_t[:, None] < eos) & (o_k[None, :] < K)
+
+
+@triton.jit
+def _state_tile(starts, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """What a program that walks one sequence works on: program_id(0) a block of BV value columns, program_id(1) a
+    (sequence, KV head). Returns (value block, sequence, KV head, its first token, its end, feature offsets, value
+    offsets, their masks)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HK, i_nh % HK
+    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return i_v, i_n, i_h, bos, eos, o_k, o_v, o_k < K, o_v < V
+
+
+@triton.jit
+def _mixing(w, h, scale, S: tl.constexpr, TWO: tl.constexpr):
+    """Query head h's mixing weights of the two states (the second 0 for one state), times the scale."""
+    w1 = tl.load(w + h * S) * scale
+    w2 = 0.0
+    if TWO:
+        w2 = tl.load(w + h * S + 1) * scale
+    return w1, w2
+
+
+@triton.jit
+def _initial_states(h0, p_state, m_kv, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, USE_H0: tl.constexpr, TWO: tl.constexpr):  # fmt: skip
+    """The [BK, BV] tiles of both states at `p_state` of the initial states (zeros without them)."""
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    s2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        s1 += tl.load(h0 + p_state, mask=m_kv, other=0.0)
+        if TWO:
+            s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
+    return s1, s2
+
+
+@triton.jit
+def _sub_chunk(t0, eos, i_h, o_c, o_k, m_k, HK: tl.constexpr, K: tl.constexpr):
+    """The rows of the sub-chunk from token t0, clipped to the sequence's end: their tokens and mask, and the offsets
+    and mask of their [rows, K] tile in a [tokens, HK, K] tensor."""
+    t = t0 + o_c
+    m_t = t < eos
+    return t, m_t, (t[:, None] * HK + i_h) * K + o_k[None, :], m_t[:, None] & m_k[None, :]
+
+
+@triton.jit
+def _chunk_cumsum_kernel(g, b, starts, T_total, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr):  # fmt: skip
+    """b = cumulative sum of g inside each chunk of each sequence (chunks start at the sequence start)."""
+    p, m = _chunk_tile(starts, HK, K, BT, BK)
+    tl.store(b + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0), axis=0), mask=m)
 
 
 # One program per (sequence, KV head) and value block walks the sequence's chunks in order: inter-chunk term from
@@ -61,21 +109,11 @@ def _chunk_fwd_kernel(
     TWO: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STATES_ONLY: tl.constexpr,
     STORE_STATES: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HK, i_nh % HK
-    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    i_v, i_n, i_h, bos, eos, o_k, o_v, m_k, m_v = _state_tile(starts, HK, K, V, BK, BV)
     S: tl.constexpr = 2 if TWO else 1
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = ((i_n * S) * HK + i_h) * K * V + o_k[:, None] * V + o_v[None, :]  # state 0 of this head
-    s1 = tl.zeros([BK, BV], dtype=tl.float32)
-    s2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        s1 += tl.load(h0 + p_state, mask=m_kv, other=0.0)
-        if TWO:
-            s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
+    s1, s2 = _initial_states(h0, p_state, m_kv, HK, K, V, BK, BV, USE_H0, TWO)
     o_c = tl.arange(0, BC)
     if STORE_STATES:  # for the backward: the state before each chunk, then the final state ([slots, S, HK, K, V])
         slot0 = tl.load(slots + i_n).to(tl.int64)  # int64 offsets into the saved states
@@ -88,10 +126,7 @@ def _chunk_fwd_kernel(
         if not STATES_ONLY:
             for p in range(0, BT // BC):
                 if t0 + p * BC < eos:  # sub-chunks wholly past the end are skipped
-                    tp = t0 + p * BC + o_c  # rows of query sub-chunk p
-                    m_p = tp < eos
-                    pk = (tp[:, None] * HK + i_h) * K + o_k[None, :]
-                    m_pk = m_p[:, None] & m_k[None, :]
+                    tp, m_p, pk, m_pk = _sub_chunk(t0 + p * BC, eos, i_h, o_c, o_k, m_k, HK, K)  # query rows
                     # rows past the end get -inf: every factor of theirs is exp(-inf) = 0, never exp(+large)
                     bp1 = tl.where(m_pk, tl.load(b1 + pk, mask=m_pk, other=0.0), float("-inf"))
                     bp2 = tl.zeros([BC, BK], dtype=tl.float32)
@@ -107,10 +142,7 @@ def _chunk_fwd_kernel(
                         ref2 += tl.load(b2 + (t_refv * HK + i_h) * K + o_k, mask=m_ref, other=0.0)
                     for gi in range(G):
                         h = i_h * G + gi
-                        w1 = tl.load(w + h * S) * scale
-                        w2 = 0.0
-                        if TWO:
-                            w2 = tl.load(w + h * S + 1) * scale
+                        w1, w2 = _mixing(w, h, scale, S, TWO)
                         qp = tl.load(q + (tp[:, None] * H + h) * K + o_k[None, :], mask=m_pk, other=0.0)
                         # states
                         acc = tl.dot(qp * tl.exp(bp1) * w1, s1)
@@ -120,10 +152,7 @@ def _chunk_fwd_kernel(
                         qf1 = qp * tl.exp(bp1 - ref1[None, :]) * w1
                         qf2 = qp * tl.exp(bp2 - ref2[None, :]) * w2
                         for r in range(0, p):
-                            tr = t0 + r * BC + o_c
-                            m_r = tr < eos
-                            rk = (tr[:, None] * HK + i_h) * K + o_k[None, :]
-                            m_rk = m_r[:, None] & m_k[None, :]
+                            tr, m_r, rk, m_rk = _sub_chunk(t0 + r * BC, eos, i_h, o_c, o_k, m_k, HK, K)
                             kr = tl.load(k + rk, mask=m_rk, other=0.0)
                             br1 = tl.load(b1 + rk, mask=m_rk, other=0.0)
                             a = tl.dot(qf1, tl.trans(kr * tl.exp(ref1[None, :] - br1)))

@@ -40,24 +40,16 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
 from .inputs import DSLAInputs
-from .triton_chunk import _forward, _next_pow2
+from .triton_chunk import _chunk_tile, _forward, _mixing, _next_pow2, _state_tile, _sub_chunk
 
 
 @triton.jit
 def _chunk_rev_cumsum_kernel(x, y, starts, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                              BK: tl.constexpr):  # fmt: skip
     """y = reverse cumulative sum of x inside each chunk of each sequence."""
-    i_c, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HK, i_nh % HK
-    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
-    t0 = bos + i_c * BT
-    if t0 < eos:
-        o_t = t0 + tl.arange(0, BT)
-        o_k = tl.arange(0, BK)
-        m = (o_t[:, None] < eos) & (o_k[None, :] < K)
-        p = (o_t[:, None] * HK + i_h) * K + o_k[None, :]
-        a = tl.load(x + p, mask=m, other=0.0)
-        tl.store(y + p, tl.sum(a, axis=0)[None, :] - tl.cumsum(a, axis=0) + a, mask=m)
+    p, m = _chunk_tile(starts, HK, K, BT, BK)
+    a = tl.load(x + p, mask=m, other=0.0)
+    tl.store(y + p, tl.sum(a, axis=0)[None, :] - tl.cumsum(a, axis=0) + a, mask=m)
 
 
 @triton.jit
@@ -68,14 +60,9 @@ def _bwd_states_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     TWO: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HK, i_nh % HK
-    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    i_v, i_n, i_h, bos, eos, o_k, o_v, m_k, m_v = _state_tile(starts, HK, K, V, BK, BV)
     slot0 = tl.load(slots + i_n).to(tl.int64)  # int64 offsets into the saved states
     S: tl.constexpr = 2 if TWO else 1
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_head = (i_h * K + o_k[:, None]) * V + o_v[None, :]  # state 0 of this head inside one [S, HK, K, V] slot
     d1 = tl.zeros([BK, BV], dtype=tl.float32)
@@ -173,10 +160,7 @@ def _bwd_dqk_kernel(
         qdq2 = tl.zeros([BC, BK], dtype=tl.float32)
         for gi in range(G):
             h = i_h * G + gi
-            w1 = tl.load(w + h * S) * scale
-            w2 = 0.0
-            if TWO:
-                w2 = tl.load(w + h * S + 1) * scale
+            w1, w2 = _mixing(w, h, scale, S, TWO)
             q_i = tl.load(q + (ti[:, None] * H + h) * K + o_k[None, :], mask=m_ik, other=0.0)
             # per-state dq without the mixing weight; the diagonal dA; the state term, V in blocks
             dq1 = tl.zeros([BC, BK], dtype=tl.float32)
@@ -236,10 +220,7 @@ def _bwd_dqk_kernel(
             # later query sub-chunks against these keys, factored around the start of the query sub-chunk
             for p in range(i_s + 1, NS):
                 if t0 + p * BC < eos:
-                    tp = t0 + p * BC + o_c
-                    m_p = tp < eos
-                    pk = (tp[:, None] * HK + i_h) * K + o_k[None, :]
-                    m_pk = m_p[:, None] & m_k[None, :]
+                    tp, m_p, pk, m_pk = _sub_chunk(t0 + p * BC, eos, i_h, o_c, o_k, m_k, HK, K)
                     q_p = tl.load(q + (tp[:, None] * H + h) * K + o_k[None, :], mask=m_pk, other=0.0)
                     dAp = tl.zeros([BC, BC], dtype=tl.float32)
                     for i_v in range(NV):
@@ -344,10 +325,7 @@ def _bwd_dv_kernel(
             acc += tl.dot(kd, tl.load(dhs + p_st + HK * K * V, mask=m_kv, other=0.0))
         for gi in range(G):
             h = i_h * G + gi
-            w1 = tl.load(w + h * S) * scale
-            w2 = 0.0
-            if TWO:
-                w2 = tl.load(w + h * S + 1) * scale
+            w1, w2 = _mixing(w, h, scale, S, TWO)
             q_i = tl.load(q + (ti[:, None] * H + h) * K + o_k[None, :], mask=m_ik, other=0.0)
             do_i = tl.load(do + (ti[:, None] * H + h) * V + o_v[None, :], mask=m_iv, other=0.0)
             # own sub-chunk, pairwise: column j of the mixed attention matrix gives row j of dv
@@ -366,10 +344,7 @@ def _bwd_dv_kernel(
             # later query sub-chunks, factored around their start
             for p in range(i_s + 1, NS):
                 if t0 + p * BC < eos:
-                    tp = t0 + p * BC + o_c
-                    m_p = tp < eos
-                    pk = (tp[:, None] * HK + i_h) * K + o_k[None, :]
-                    m_pk = m_p[:, None] & m_k[None, :]
+                    tp, m_p, pk, m_pk = _sub_chunk(t0 + p * BC, eos, i_h, o_c, o_k, m_k, HK, K)
                     q_p = tl.load(q + (tp[:, None] * H + h) * K + o_k[None, :], mask=m_pk, other=0.0)
                     t_pref = t0 + p * BC - 1 + o_k * 0
                     pref1 = tl.load(b1 + (t_pref * HK + i_h) * K + o_k, mask=m_k, other=0.0)

@@ -17,7 +17,7 @@ try:  # Transformers' remote-code check skips try blocks: a saved folder loads w
 except ImportError as error:
     raise ImportError("The DSLA Triton kernels need Triton: pip install triton") from error
 from .inputs import DSLAInputs
-from .triton_chunk import _next_pow2, _starts
+from .triton_chunk import _initial_states, _next_pow2, _starts, _state_tile
 
 
 @triton.jit
@@ -27,21 +27,11 @@ def _recurrent_kernel(
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, TWO: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // HK, i_nh % HK
-    bos, eos = tl.load(starts + i_n), tl.load(starts + i_n + 1)
+    i_v, i_n, i_h, bos, eos, o_k, o_v, m_k, m_v = _state_tile(starts, HK, K, V, BK, BV)
     S: tl.constexpr = 2 if TWO else 1
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = ((i_n * S) * HK + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-    s1 = tl.zeros([BK, BV], dtype=tl.float32)
-    s2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        s1 += tl.load(h0 + p_state, mask=m_kv, other=0.0)
-        if TWO:
-            s2 += tl.load(h0 + p_state + HK * K * V, mask=m_kv, other=0.0)
+    s1, s2 = _initial_states(h0, p_state, m_kv, HK, K, V, BK, BV, USE_H0, TWO)
     for t in range(bos, eos):
         kt = tl.load(k + (t * HK + i_h) * K + o_k, mask=m_k, other=0.0)
         vt = tl.load(v + (t * HK + i_h) * V + o_v, mask=m_v, other=0.0)
