@@ -75,6 +75,27 @@ def test_a_cache_started_from_a_checkpoint_continues_exactly(model, active):
     model.set_dsla_layers([])
 
 
+def test_a_row_checkpoint_of_a_batch_is_that_rows_cache(model):
+    """A finished request's row of the left-padded batch, checkpointed and restored, continues bitwise as the
+    request's own cache would have."""
+    model.set_dsla_layers([3, 2])
+    short, long = ids_of(30), ids_of(45, seed=5)
+    caches = [DSLACache(model.config), DSLACache(model.config)]
+    prefill(model, caches[0], short)
+    prefill(model, caches[1], long)
+    batch, _ = DSLACache.stack(caches, [None, None])  # the short row padded by 15 on the left
+    restored = DSLACache.from_checkpoint(batch.checkpoint(row=0, tokens=30))
+    assert restored.get_seq_length() == 30 and restored.memory_bytes == caches[0].memory_bytes
+    with torch.no_grad():
+        for token in (7, 8, 9):
+            mine = model(torch.tensor([[token]]), cache=restored, use_cache=True).logits
+            own = model(torch.tensor([[token]]), cache=caches[0], use_cache=True).logits
+            assert torch.equal(mine, own)
+    with pytest.raises(ValueError, match="row's own tokens"):
+        restored.checkpoint(tokens=20)  # fewer tokens than it has seen, but no row
+    model.set_dsla_layers([])
+
+
 def test_store_lookup_and_eviction(model):
     model.set_dsla_layers([3, 2])
     layers = (2, 3)
@@ -128,8 +149,8 @@ def serve(model, prompts, caching: bool):
 @pytest.mark.parametrize("active", [[3, 2], [3, 2, 1, 0]])
 def test_engine_outputs_with_the_prefix_cache_equal_those_without(model, active):
     """A repeated prompt (hit at its last chunk boundary), a follow-up turn that resends the previous prompt and
-    its answer (hit at the previous prompt's end) and a prompt sharing only its first chunk: the same greedy tokens
-    as an engine without the cache, with the cached tokens and vLLM's counters."""
+    its answer (hit after the answer) and a prompt sharing only its first chunk: the same greedy tokens as an engine
+    without the cache, with the cached tokens and vLLM's counters."""
     model.set_dsla_layers(active)
     first = ids_of(45)
     plain, _ = serve(model, [first], caching=False)
@@ -138,10 +159,11 @@ def test_engine_outputs_with_the_prefix_cache_equal_those_without(model, active)
     cold, _ = serve(model, prompts, caching=False)
     warm, engine = serve(model, prompts, caching=True)
     assert [tokens for tokens, _ in warm] == [tokens for tokens, _ in cold]
-    assert [cached for _, cached in warm] == [0, 32, 45, 16]
+    # the repeat: its last chunk boundary; the follow-up: the first turn's prompt and all but the last output token
+    assert [cached for _, cached in warm] == [0, 32, 45 + 5, 16]
     assert [cached for _, cached in cold] == [0, 0, 0, 0]
     metrics = engine.metrics
     assert metrics.get("vllm:prefix_cache_queries_total") == sum(map(len, prompts))
-    assert metrics.get("vllm:prefix_cache_hits_total") == 32 + 45 + 16
-    assert metrics.get("vllm:prompt_tokens_total") == sum(map(len, prompts)) - (32 + 45 + 16)
+    assert metrics.get("vllm:prefix_cache_hits_total") == 32 + 50 + 16
+    assert metrics.get("vllm:prompt_tokens_total") == sum(map(len, prompts)) - (32 + 50 + 16)
     model.set_dsla_layers([])

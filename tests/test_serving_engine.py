@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from dsla_hf import DSLACache
 from dsla_hf.serving.engine import Engine, EngineConfig, QueueFull
 from dsla_hf.serving.models import toy_model, toy_tokenizer
 from dsla_hf.serving.policy import AdaptivePolicy, StaticPolicy
@@ -90,6 +91,48 @@ def test_switching_under_load_is_exact_for_the_top_layer(toy):
         for j, token in enumerate(request.output_ids):
             layers = request.dsla_layers_at(j)
             assert token == reference_token(model, prompt + request.output_ids[:j], layers), (j, layers)
+
+
+def greedy_with_switches(model, prompt, request):
+    """Greedy tokens of `prompt` in a plain loop on one cache (no engine, no batch), switching the layers, and
+    folding the cache, before the same output tokens as `request` saw them switch."""
+    cache = DSLACache(model.config)
+    current = request.dsla_layers_at(0)
+    model.set_dsla_layers(list(current))
+    with torch.no_grad():
+        tokens = [int(model(torch.tensor([prompt]), cache=cache, use_cache=True).logits[0, -1].argmax())]
+        for j in range(1, len(request.output_ids)):
+            if request.dsla_layers_at(j) != current:
+                current = request.dsla_layers_at(j)
+                model.set_dsla_layers(list(current), caches=[cache])
+            tokens.append(int(model(torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1].argmax()))
+    return tokens
+
+
+def test_switching_a_lower_layer_under_load_equals_the_same_switch_without_the_engine():
+    """Conversion order bottom first: layer 0 becomes DSLA mid-flight. Its own states are folded exactly, but the
+    layers above keep the keys and values they computed from its softmax outputs, so the tokens after the switch
+    are not a fixed-configuration run's (that guarantee needs the switched layers above every other layer whose
+    kind changed, as in the test above). What holds for any order: each request's tokens equal a plain loop that
+    switches the same layers at the same token, folding its one cache."""
+    model, tok = toy_model(conversion_order=[0, 1, 2, 3]), toy_tokenizer()
+    policy = AdaptivePolicy(
+        num_layers=4, step=0.25, max_ratio=0.25, prompt_caps=((1e9, 0.25),), queue_high=3, queue_low=0, kv_high=1.0,
+        kv_low=1.0, prompt_high=None, prompt_low=None, cooldown_s=0.0,
+    )  # fmt: skip
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=policy)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = prompts_of([11, 4, 16, 9, 6, 14], seed=1)  # one prefill chunk each
+    requests = [engine.submit(p, params, lambda out: None) for p in prompts[:2]]
+    for _ in range(4):
+        engine.step()
+    more, _, _ = collect(engine, prompts[2:], params)
+    requests += more
+    assert engine.layer_switches >= 1 and any(r.dsla_layers_at(11) == (0,) for r in requests)
+    switched_mid_flight = [r for r in requests if len(r.modes) > 1]
+    assert switched_mid_flight, "no request saw a switch"
+    for request, prompt in zip(requests, prompts):
+        assert request.output_ids == greedy_with_switches(model, prompt, request)
 
 
 def test_sampling_is_reproducible_with_a_seed(toy):

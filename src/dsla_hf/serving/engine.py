@@ -538,6 +538,10 @@ class Engine:
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
         if len(keep) == len(self.running):
             return
+        if self.prefix_cache is not None:
+            for row, request in enumerate(self.running):
+                if request.finish_reason in ("stop", "length"):
+                    self._store_conversation(request, row)
         self.running = [self.running[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None
@@ -548,6 +552,16 @@ class Engine:
         if leading:
             self.cache.trim_left(leading)
             self.mask = self.mask[:, leading:]
+
+    def _store_conversation(self, request: Request, row: int) -> None:
+        """Keep what a finished request's row of the batch cache holds (its prompt and all but its last output
+        token) in the prefix cache: a conversation's next turn resends both."""
+        held = request.prompt_ids + request.output_ids[: request.cached - len(request.prompt_ids)]
+        try:
+            checkpoint = self.cache.checkpoint(row=row, tokens=request.cached)
+        except ValueError:  # a layer switched while it ran holds neither kind of state in full: nothing to keep
+            return
+        self.prefix_cache.store(held, tuple(self.model.config.active_dsla_layers), [checkpoint])
 
     def _update_gauges(self) -> None:
         m = self.metrics

@@ -1,13 +1,14 @@
 """Prefix caching across requests: a prompt that begins with tokens served before starts from a checkpoint of them.
 
 For each prompt it prefills, the engine stores checkpoints (:class:`~dsla_hf.models.dsla.cache_dsla.CacheCheckpoint`)
-at every chunk boundary and at the prompt's end. A softmax layer's part of a checkpoint is its keys and values (all
+at every chunk boundary and at the prompt's end, and for each request that finishes, one of its prompt and output
+(a conversation's next turn resends both). A softmax layer's part of a checkpoint is its keys and values (all
 checkpoints of one prompt share its final ones: a prefix is a slice); a DSLA layer's part is its states and window,
 the same size whatever the prefix length. A later prompt that starts with a stored prefix (under the same layer
 kinds) is prefilled from there: both kinds of layer skip the prefix.
 
 Checkpoints at chunk boundaries reproduce the uncached prefill exactly: the chunks after them are the ones an
-uncached run computes. A prompt-end checkpoint (a conversation's next turn resends the previous prompt) splits the
+uncached run computes. A checkpoint at a prompt's end, or after its output (computed token by token), splits the
 next prompt's prefill where an uncached run does not, so the states differ from it by the rounding of that split.
 
 Entries are found by SHA-256 over the token ids (and the layer kinds), held within a byte budget, and evicted whole

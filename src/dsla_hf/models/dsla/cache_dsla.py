@@ -285,26 +285,39 @@ class DSLACache(Cache):
         mask = torch.cat([_pad_left(m, total - n) for m, n in zip(masks, lengths)])
         return joined, mask
 
-    def checkpoint(self, keys_values: bool = True) -> CacheCheckpoint:
-        """A :class:`CacheCheckpoint` of this one-sequence, unpadded cache at the tokens it has seen. With
-        `keys_values=False` it refers to no keys and values yet (:meth:`CacheCheckpoint.sharing_keys_values` gives
-        them later), so checkpoints taken along a prefill do not keep each intermediate key tensor alive."""
-        if self.position_ids is None or self.position_ids.shape[0] != 1:
-            raise ValueError("A checkpoint is of one sequence that has seen tokens")
-        tokens = self.get_seq_length()
+    def checkpoint(
+        self, keys_values: bool = True, row: int | None = None, tokens: int | None = None
+    ) -> CacheCheckpoint:
+        """A :class:`CacheCheckpoint` at the tokens the cache has seen: of this one-sequence, unpadded cache, or of
+        batch `row`, whose last `tokens` positions are its own (left padding before them). With `keys_values=False`
+        it refers to no keys and values yet (:meth:`CacheCheckpoint.sharing_keys_values` gives them later), so
+        checkpoints taken along a prefill do not keep each intermediate key tensor alive. A row's keys and values
+        are copied (a view would keep the whole batch's alive)."""
+        if self.position_ids is None or (row is None and self.position_ids.shape[0] != 1):
+            raise ValueError("A checkpoint is of one sequence that has seen tokens (or of one row of a batch)")
+        seen = self.get_seq_length()
+        tokens = seen if tokens is None else tokens
+        if not 0 < tokens <= seen or (row is None and tokens != seen):
+            raise ValueError(f"A checkpoint of {tokens} tokens from a cache of {seen} (fewer: a row's own tokens)")
+        if row is None:
+            own = lambda t: t  # noqa: E731
+        else:  # the row's last `tokens` positions, copied: [B, H, T, D] keys and values, [B, T] positions
+            own = lambda t: t[row : row + 1, ..., seen - tokens :, :].clone()  # noqa: E731
         kv_layers, kvs, states = [], [], []
         for layer in self.layers:
-            if layer.seen_tokens != tokens:
+            if layer.seen_tokens != seen:
                 raise ValueError("Every layer of a checkpointed cache must have seen the same tokens")
-            has_kv = layer.kv_tokens == tokens
-            current = layer.state is not None and layer.state_tokens == tokens
+            has_kv = layer.kv_tokens == seen
+            current = layer.state is not None and layer.state_tokens == seen
             if not has_kv and not current:
                 raise ValueError("A layer holds neither its keys and values nor up-to-date states")
             kv_layers.append(has_kv)
-            kvs.append((layer.keys, layer.values) if has_kv else None)
-            window = tuple(t.clone() for t in layer.window) if current and layer.window is not None else None
-            states.append((layer.state.clone(), window) if current else None)
-        given = dict(keys_values=tuple(kvs), positions=self.position_ids) if keys_values else {}
+            kvs.append((own(layer.keys), own(layer.values)) if has_kv and keys_values else None)
+            pick = slice(None) if row is None else slice(row, row + 1)
+            window = tuple(t[pick].clone() for t in layer.window) if current and layer.window is not None else None
+            states.append((layer.state[pick].clone(), window) if current else None)
+        positions = self.position_ids if row is None else self.position_ids[row : row + 1, seen - tokens :].clone()
+        given = dict(keys_values=tuple(kvs), positions=positions) if keys_values else {}
         return CacheCheckpoint(tokens, self.keep_kv, tuple(kv_layers), tuple(states), **given)
 
     @classmethod
