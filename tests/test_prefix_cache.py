@@ -108,7 +108,8 @@ def test_store_lookup_and_eviction(model):
     store = PrefixCache(capacity_bytes=int(2.5 * size))
     store.store(ids, layers, taken)
     assert len(store) == 3 and store.used_bytes == size
-    assert store.lookup(ids, layers).tokens == 32  # one token at least is left to prefill (ids are 3 to 100: 2 never matches)
+    assert store.lookup(ids, layers).tokens == 32  # one token at least is left to prefill
+    # (prompt ids are 3 to 100: a 2 never matches)
     assert store.lookup(ids + [2, 2], layers).tokens == 40
     assert store.lookup(ids[:20] + [2] * 30, layers).tokens == 16
     assert store.lookup(ids[:15] + [2] * 30, layers) is None

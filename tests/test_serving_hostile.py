@@ -253,7 +253,7 @@ MULTIPART = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n-
         (C, BODY + '"prompt": "x", "model": "' + "m" * 10_000 + '"}', 404, "model"),
         (C, BODY + '"prompt": "x", "stream": "true"}', 400, "stream"),
         (C, BODY + '"prompt": "x", "stream": true, "stream_options": []}', 400, "stream_options"),
-        (C, BODY + '"prompt": "x", "stream": true, "stream_options": {"include_usage": 1}}', 400, "include_usage"),
+        (C, BODY + '"prompt": "x", "stream": true, "stream_options": {"include_usage": 1}}', 400, "stream_options"),
         (C, BODY + '"prompt": "x", "stop": [1]}', 400, "stop"),
         (C, BODY + '"prompt": "x", "stop": [null]}', 400, "stop"),
         (C, BODY + '"prompt": "x", "stop": [["a"]]}', 400, "stop"),

@@ -1,17 +1,19 @@
-"""The OpenAI API as DSLA-Serve speaks it: validation of request bodies (every mistake is a 4xx with an OpenAI-style
-error body, never a 5xx) and the shapes of responses, stream chunks and errors."""
+"""The OpenAI API as DSLA-Serve speaks it: request bodies (read under a nesting bound and checked as UTF-8 text, then
+parsed by strict pydantic models; every mistake is a 4xx with an OpenAI-style error body naming the field, never a
+5xx) and the shapes of responses, stream chunks and errors."""
 
 from __future__ import annotations
 
 import codecs
 import itertools
 import json
-import math
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
@@ -61,63 +63,110 @@ class ParsedRequest:
 # --- requests ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Field:
-    """A scalar field of a request body: its type (bool, int or float), default and bounds."""
+class StrictBody(BaseModel):
+    """JSON as OpenAI's API takes it: no coercion (a string is no number, a boolean no integer, a float no integer),
+    JSON null the same as an absent field, unknown fields ignored."""
 
-    kind: type
-    default: Any = None
-    low: float | None = None
-    high: float | None = None
-    strict_low: bool = False  # `low` itself is out of range
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_absent(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
-# JSON types each kind accepts (a JSON boolean is never a number here) and how errors name them.
-ACCEPTED = {bool: (bool,), int: (int,), float: (int, float)}
-TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
-
-# Scalar fields that go to SamplingParams as they are, and the request's own ones.
-SAMPLING_FIELDS = {
-    "temperature": Field(float, 1.0, low=0.0, high=2.0),
-    "top_p": Field(float, 1.0, low=0.0, high=1.0, strict_low=True),
-    "seed": Field(int, low=-(2**63), high=2**64 - 1),  # what torch.Generator.manual_seed takes
-    "min_tokens": Field(int, 0, low=0),
-    "ignore_eos": Field(bool, False),
-}
-REQUEST_FIELDS = {"n": Field(int, 1), "stream": Field(bool, False)}
-# Legacy completions: `logprobs` is the number of alternatives; chat: a switch, and `top_logprobs` the number.
-COMPLETION_FIELDS = {"echo": Field(bool, False), "logprobs": Field(int, low=0, high=MAX_LOGPROBS)}
-CHAT_FIELDS = {"logprobs": Field(bool, False), "top_logprobs": Field(int, low=0, high=MAX_LOGPROBS)}
-MAX_TOKENS = Field(int, low=0)  # 0 only with `echo` (the prompt scored alone, what lm-eval's loglikelihood asks)
-INCLUDE_USAGE = Field(bool, False)
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Tokens = Annotated[int, Field(ge=0)]
 MAX_STOP_STRINGS = 16
 
 
-def checked(body: dict, name: str, spec: Field):
-    """`body[name]` checked against `spec` (absent or null: the default)."""
-    value = body.get(name)
-    if value is None:
-        return spec.default
-    if not isinstance(value, ACCEPTED[spec.kind]) or (isinstance(value, bool) and spec.kind is not bool):
-        raise ProtocolError(f"'{name}' must be {TYPE_NAMES[spec.kind]}", param=name)
-    if spec.kind is float and not finite(value):  # NaN passes every bound check, and sampling with it fails
-        raise ProtocolError(f"'{name}' must be a finite number", param=name)
-    if spec.low is not None and (value <= spec.low if spec.strict_low else value < spec.low):
-        raise ProtocolError(f"'{name}' must be {'>' if spec.strict_low else '>='} {spec.low}, got {value}", param=name)
-    if spec.high is not None and value > spec.high:
-        raise ProtocolError(f"'{name}' must be <= {spec.high}, got {value}", param=name)
-    return spec.kind(value)
+class StreamOptions(StrictBody):
+    include_usage: bool = False
 
 
-def finite(value: int | float) -> bool:
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictBody):
+    role: str
+    content: str | list[TextPart]  # OpenAI's text content parts are joined
+
+    def as_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+class GenerationRequest(StrictBody):
+    """What completion and chat requests share. `model` is checked before (a 404 comes first)."""
+
+    model: str | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.Generator.manual_seed takes
+    min_tokens: Tokens = 0
+    ignore_eos: bool = False
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    max_tokens: Tokens | None = None  # 0 only with `echo` (the prompt scored alone: lm-eval's loglikelihood)
+
+    def sampling(self) -> dict[str, Any]:
+        """The fields that go to SamplingParams as they are."""
+        return self.model_dump(include={"temperature", "top_p", "seed", "min_tokens", "ignore_eos"})
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]  # a text or token ids, or a batch of either
+    echo: bool = False
+    logprobs: Logprobs | None = None  # legacy completions: the number of alternatives
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False  # chat: a switch, and `top_logprobs` the number of alternatives
+    top_logprobs: Logprobs | None = None
+    max_completion_tokens: Tokens | None = None
+
+
+class TokenizeRequest(StrictBody):
+    """vLLM's /tokenize: `prompt` or `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt; a chat template adds its own
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(StrictBody):
+    model: str | None = None
+    tokens: list[int]
+
+
+# Fields whose pydantic errors (one per member of a union, or deep inside) say less than a sentence of ours.
+FIELD_ERRORS = {
+    "prompt": "'prompt' must be a non-empty string or list of token ids, or a list of either (a batch)",
+    "stop": f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings",
+    "messages": "'messages' must be a non-empty list of objects with a string 'role' and a string 'content' (or a "
+    "list of text parts, each {'type': 'text', 'text': <string>})",
+}
+Body = TypeVar("Body", bound=StrictBody)
+
+
+def validated(kind: type[Body], body: dict) -> Body:
+    """`body` as a `kind`, or a ProtocolError naming the top-level field at fault."""
     try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond any float
-        return False
-
-
-def checked_fields(body: dict, fields: dict[str, Field]) -> dict[str, Any]:
-    return {name: checked(body, name, spec) for name, spec in fields.items()}
+        return kind.model_validate(body)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        message = FIELD_ERRORS.get(name) or f"'{name}': {first['msg']}"
+        raise ProtocolError(message, param=name) from None
 
 
 # --- the body: JSON, not too deep, with valid text -------------------------------------------------------------------
@@ -202,49 +251,51 @@ def check_model(body: dict, served_model: str) -> str:
 
 def parse_request(body: dict, chat: bool, served_model: str, max_model_len: int) -> ParsedRequest:
     model = check_model(body, served_model)
-    own = checked_fields(body, REQUEST_FIELDS)
-    sampling = checked_fields(body, SAMPLING_FIELDS)
-    if own["n"] != 1:
+    request = validated(ChatCompletionRequest if chat else CompletionRequest, body)
+    if request.n != 1:
         raise ProtocolError("Only n=1 is supported (send a list of prompts for several completions)", param="n")
-    if body.get("best_of") not in (None, 1):
+    if request.best_of not in (None, 1):
         raise ProtocolError("Only best_of=1 is supported", param="best_of")
-    echo, logprobs = parse_logprobs(body, chat)
-    limit_name, max_tokens = parse_max_tokens(body, chat, max_model_len, echo)
-    stop = parse_stop(body.get("stop"))
-    include_usage = parse_include_usage(body.get("stream_options"), own["stream"])
+    echo, logprobs = parse_logprobs(request)
+    limit_name, max_tokens = parse_max_tokens(request, max_model_len, echo)
+    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    if request.stream_options is not None and not request.stream:
+        raise ProtocolError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     cap = max_tokens if max_tokens is not None else max_model_len
-    if sampling["min_tokens"] > cap:
-        message = f"'min_tokens' ({sampling['min_tokens']}) must not exceed '{limit_name}' ({cap})"
+    if request.min_tokens > cap:
+        message = f"'min_tokens' ({request.min_tokens}) must not exceed '{limit_name}' ({cap})"
         raise ProtocolError(message, param="min_tokens")
     # Until the prompt length is known (the server then sets the default of max_tokens), the context's length.
     scored = logprobs if echo else None
-    params = SamplingParams(max_tokens=cap, stop=stop, logprobs=logprobs, prompt_logprobs=scored, **sampling)
-    parsed = ParsedRequest(chat, model, params, own["stream"], include_usage, max_tokens_given=max_tokens is not None)
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    params = SamplingParams(max_tokens=cap, stop=stop, logprobs=logprobs, prompt_logprobs=scored, **request.sampling())
+    parsed = ParsedRequest(chat, model, params, request.stream, include_usage, max_tokens_given=max_tokens is not None)
     parsed.echo, parsed.logprobs = echo, logprobs
     if chat:
-        parsed.messages = parse_messages(body.get("messages"))
+        parsed.messages = [m.as_dict() for m in request.messages]
     else:
-        parsed.prompts = parse_prompts(body.get("prompt"))
+        parsed.prompts = parse_prompts(request.prompt)
     return parsed
 
 
-def parse_logprobs(body: dict, chat: bool) -> tuple[bool, int | None]:
+def parse_logprobs(request: CompletionRequest | ChatCompletionRequest) -> tuple[bool, int | None]:
     """(echo the prompt, the alternatives per token or None for no logprobs), in the completions or chat format."""
-    if not chat:
-        values = checked_fields(body, COMPLETION_FIELDS)
-        return values["echo"], values["logprobs"]
-    values = checked_fields(body, CHAT_FIELDS)
-    if not values["logprobs"]:
-        if values["top_logprobs"]:
+    if isinstance(request, CompletionRequest):
+        return request.echo, request.logprobs
+    if not request.logprobs:
+        if request.top_logprobs:
             raise ProtocolError("'top_logprobs' needs 'logprobs' to be true", param="top_logprobs")
         return False, None
-    return False, values["top_logprobs"] or 0
+    return False, request.top_logprobs or 0
 
 
-def parse_max_tokens(body: dict, chat: bool, max_model_len: int, echo: bool = False) -> tuple[str, int | None]:
+def parse_max_tokens(
+    request: CompletionRequest | ChatCompletionRequest, max_model_len: int, echo: bool = False
+) -> tuple[str, int | None]:
     """(the name the limit was given under, the limit or None); chat prefers `max_completion_tokens`."""
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    value = checked(body, name, MAX_TOKENS)
+    name, value = "max_tokens", request.max_tokens
+    if getattr(request, "max_completion_tokens", None) is not None:
+        name, value = "max_completion_tokens", request.max_completion_tokens
     if value == 0 and not echo:
         raise ProtocolError(f"'{name}' must be >= 1 (0 only with 'echo', to score the prompt alone)", param=name)
     if value is not None and value > max_model_len:
@@ -254,94 +305,33 @@ def parse_max_tokens(body: dict, chat: bool, max_model_len: int, echo: bool = Fa
     return name, value
 
 
-def parse_stop(stop) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > MAX_STOP_STRINGS:
-        raise ProtocolError(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
-    return stop
-
-
-def parse_include_usage(options, stream: bool) -> bool:
-    if options is not None and not isinstance(options, dict):
-        raise ProtocolError("'stream_options' must be an object", param="stream_options")
-    include_usage = checked(options or {}, "include_usage", INCLUDE_USAGE)
-    if include_usage and not stream:
-        raise ProtocolError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    return include_usage
-
-
-def parse_messages(messages) -> list[dict]:
-    """Chat messages as {"role", "content"} with text content (OpenAI's text content parts are joined)."""
-    if not isinstance(messages, list) or not messages:
-        raise ProtocolError("'messages' must be a non-empty list", param="messages")
-    parsed = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ProtocolError("Each message must be an object with a string 'role'", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ProtocolError("Only text content parts are supported", param="messages")
-            if not all(isinstance(p.get("text"), str) for p in content):
-                raise ProtocolError("Each text content part needs a string 'text'", param="messages")
-            content = "".join(p["text"] for p in content)
-        elif not isinstance(content, str):
-            raise ProtocolError("Each message's 'content' must be a string", param="messages")
-        parsed.append({"role": message["role"], "content": content})
-    return parsed
-
-
-def is_token_ids(value) -> bool:
-    """A non-empty list of integers (a JSON boolean is none)."""
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
-
-
-def parse_prompts(prompt) -> list[str | list[int]]:
-    """The prompts of a completion request: a non-empty text or list of token ids, or a non-empty list of either
-    (a batch: one choice each)."""
-    if (isinstance(prompt, str) and prompt) or is_token_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) and p for p in prompt) or all(is_token_ids(p) for p in prompt):
-            return list(prompt)
-    if prompt == "" or (isinstance(prompt, list) and "" in prompt):
+def parse_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request, one choice each: none of them empty."""
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
         raise ProtocolError("'prompt' must not be empty", param="prompt")
-    raise ProtocolError(
-        "'prompt' must be a non-empty string or list of token ids, or a list of either (a batch)", param="prompt"
-    )
+    return prompts
 
 
 def parse_tokenize(body: dict, served_model: str) -> tuple[str | list[dict], bool, bool, bool]:
     """/tokenize (vLLM's): `prompt` or `messages` -> (prompt text or messages, add_special_tokens,
     add_generation_prompt, return_token_strs)."""
     check_model(body, served_model)
-    chat = body.get("messages") is not None
-    if chat == (body.get("prompt") is not None):
+    request = validated(TokenizeRequest, body)
+    chat = request.messages is not None
+    if chat == (request.prompt is not None):
         raise ProtocolError("Give either 'prompt' (a string) or 'messages'", param="prompt")
-    fields = {
-        "add_special_tokens": Field(bool, not chat),  # a chat template adds its own
-        "add_generation_prompt": Field(bool, True),
-        "return_token_strs": Field(bool, False),
-    }
-    values = checked_fields(body, fields)
-    if chat:
-        source = parse_messages(body["messages"])
-    elif isinstance(body["prompt"], str):
-        source = body["prompt"]
-    else:
-        raise ProtocolError("'prompt' must be a string", param="prompt")
-    return source, values["add_special_tokens"], values["add_generation_prompt"], values["return_token_strs"]
+    if chat and not request.messages:
+        raise ProtocolError(FIELD_ERRORS["messages"], param="messages")
+    source = [m.as_dict() for m in request.messages] if chat else request.prompt
+    special = not chat if request.add_special_tokens is None else request.add_special_tokens
+    return source, special, request.add_generation_prompt, request.return_token_strs
 
 
 def parse_detokenize(body: dict, served_model: str, vocab_size: int) -> list[int]:
     """/detokenize (vLLM's): `tokens`, a list of token ids of the vocabulary."""
     check_model(body, served_model)
-    tokens = body.get("tokens")
-    if not (isinstance(tokens, list) and (not tokens or is_token_ids(tokens))):
-        raise ProtocolError("'tokens' must be a list of token ids", param="tokens")
+    tokens = validated(DetokenizeRequest, body).tokens
     if tokens and (min(tokens) < 0 or max(tokens) >= vocab_size):
         raise ProtocolError(f"Token ids must be in [0, {vocab_size})", param="tokens")
     return tokens
