@@ -512,9 +512,9 @@ def engine_check(entry: dict, plan: Plan, device: torch.device) -> None:
     while any(r.finish_reason is None for r in batch):
         engine.step()
     finished = all(r.finish_reason == "length" and len(r.output_ids) == 10 for r in batch)
-    entry.update(device=str(engine.device), matches_stepped_model=request.output_ids == expected,
+    entry.update(device=str(engine.runner.device), matches_stepped_model=request.output_ids == expected,
                  batch_finished=finished, batch_s=time.perf_counter() - start,
-                 kv_bytes_per_token_layer=engine.kv_bytes_per_token_layer)  # fmt: skip
+                 kv_bytes_per_token_layer=engine.runner.kv_bytes_per_token_layer)  # fmt: skip
     entry["ok"] = entry["matches_stepped_model"] and entry["batch_finished"]
     print("engine", entry)
 

@@ -129,11 +129,11 @@ def test_engine_counts_kv_bytes_in_the_models_dtype():
     tokenizer = toy_tokenizer()
     engines = {dtype: Engine(toy_model().to(dtype), tokenizer, EngineConfig(max_model_len=256)) for dtype in
                (torch.float32, torch.bfloat16)}  # fmt: skip
-    per_token = {dtype: e.kv_bytes_per_token_layer for dtype, e in engines.items()}
+    per_token = {dtype: e.runner.kv_bytes_per_token_layer for dtype, e in engines.items()}
     config = engines[torch.float32].model.config
     assert per_token[torch.float32] == 2 * config.num_key_value_heads * config.head_dim * 4
     assert per_token[torch.bfloat16] * 2 == per_token[torch.float32]
-    assert engines[torch.bfloat16].kv_budget * 2 == engines[torch.float32].kv_budget
+    assert engines[torch.bfloat16].runner.kv_budget * 2 == engines[torch.float32].runner.kv_budget
 
 
 def test_engine_serves_in_bf16_like_generate():

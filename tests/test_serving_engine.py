@@ -157,7 +157,7 @@ def test_stop_strings_min_tokens_and_eos(toy):
     # Pretend the third greedy token is the end of sequence: it ends the request, unless min_tokens forbids it.
     eos_id = free.output_ids[2]
     first = free.output_ids.index(eos_id)
-    engine.eos_ids = [eos_id]
+    engine.output.eos_ids = [eos_id]
     (eos,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0))
     assert eos.finish_reason == "stop" and len(eos.output_ids) == first + 1
     (forced,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0.0, min_tokens=5))
@@ -217,7 +217,7 @@ def test_engine_thread_serves_concurrent_submissions(toy):
 def test_a_failing_first_token_ends_its_request_and_the_engine_serves_on(toy, monkeypatch):
     """Sampling that raises at a request's first token (after its prefill) ends that request with an error: it is
     never left waiting for a token that will not come, and the next request is served."""
-    import dsla_hf.serving.engine as engine_module
+    import dsla_hf.serving.output_processor as engine_module
 
     model, tok = toy
     model.set_dsla_layers([])
