@@ -63,16 +63,20 @@ def test_batched_greedy_matches_each_request_alone(toy, active):
     model.set_dsla_layers([])
 
 
+def one_layer_when_queued() -> AdaptivePolicy:
+    """One DSLA layer (the first of the conversion order) once 3 requests wait, none again when none waits."""
+    return AdaptivePolicy(
+        num_layers=4, step=0.25, max_ratio=0.25, prompt_caps=((1e9, 0.25),), queue_high=3, queue_low=0, kv_high=1.0,
+        kv_low=1.0, prompt_high=None, prompt_low=None, cooldown_s=0.0,
+    )  # fmt: skip
+
+
 def test_switching_under_load_is_exact_for_the_top_layer(toy):
     """Layer 3 (the top layer) becomes DSLA while requests are in flight: its KV is folded, and every token equals
     a fresh forward with the layer kinds that the token was produced with (recorded per request and token)."""
     model, tok = toy
     model.set_dsla_layers([])
-    policy = AdaptivePolicy(
-        num_layers=4, step=0.25, max_ratio=0.25, prompt_caps=((1e9, 0.25),), queue_high=3, queue_low=0, kv_high=1.0,
-        kv_low=1.0, prompt_high=None, prompt_low=None, cooldown_s=0.0,
-    )  # fmt: skip
-    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=policy)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=one_layer_when_queued())
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = prompts_of([11, 4, 17, 9, 6, 14], seed=1)
     requests = [engine.submit(p, params, lambda out: None) for p in prompts[:2]]
@@ -116,11 +120,7 @@ def test_switching_a_lower_layer_under_load_equals_the_same_switch_without_the_e
     kind changed, as in the test above). What holds for any order: each request's tokens equal a plain loop that
     switches the same layers at the same token, folding its one cache."""
     model, tok = toy_model(conversion_order=[0, 1, 2, 3]), toy_tokenizer()
-    policy = AdaptivePolicy(
-        num_layers=4, step=0.25, max_ratio=0.25, prompt_caps=((1e9, 0.25),), queue_high=3, queue_low=0, kv_high=1.0,
-        kv_low=1.0, prompt_high=None, prompt_low=None, cooldown_s=0.0,
-    )  # fmt: skip
-    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=policy)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16), policy=one_layer_when_queued())
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = prompts_of([11, 4, 16, 9, 6, 14], seed=1)  # one prefill chunk each
     requests = [engine.submit(p, params, lambda out: None) for p in prompts[:2]]
