@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -62,15 +63,16 @@ def chat_turn(client: httpx.Client, messages: list[dict], max_tokens: int) -> di
 def run_ratio(model, tokenizer, ratio: float, args) -> dict:
     layers = ratio_to_layers(ratio, model.config.num_hidden_layers)
     model.set_dsla_layers(float(ratio))
-    servers = {}
-    for name, caching in (("cold", False), ("warm", True)):
-        config = EngineConfig(max_num_seqs=4, prefill_chunk=args.prefill_chunk, enable_prefix_caching=caching)
-        engine = Engine(model, tokenizer, config, StaticPolicy(layers), Metrics("model")).start()
-        servers[name] = (engine, ServerThread(build_app(engine, tokenizer, "model")).__enter__())
     texts = passages(tokenizer, args.conversations * args.turns, args.turn_tokens)
     turns = []
-    try:
-        clients = {name: httpx.Client(base_url=thread.url, timeout=600) for name, (_, thread) in servers.items()}
+    with ExitStack() as stack:
+        clients = {}
+        for name, caching in (("cold", False), ("warm", True)):
+            config = EngineConfig(max_num_seqs=4, prefill_chunk=args.prefill_chunk, enable_prefix_caching=caching)
+            engine = Engine(model, tokenizer, config, StaticPolicy(layers), Metrics("model")).start()
+            stack.callback(engine.stop)
+            thread = stack.enter_context(ServerThread(build_app(engine, tokenizer, "model")))
+            clients[name] = stack.enter_context(httpx.Client(base_url=thread.url, timeout=600))
         for c in range(args.conversations):
             messages: list[dict] = []
             for t in range(args.turns):
@@ -86,12 +88,6 @@ def run_ratio(model, tokenizer, ratio: float, args) -> dict:
                 })  # fmt: skip
                 messages.append({"role": "assistant", "content": results["warm"]["text"]})
                 print(json.dumps(turns[-1]), flush=True)
-    finally:
-        for client in clients.values():
-            client.close()
-        for engine, thread in servers.values():
-            thread.__exit__(None, None, None)
-            engine.stop()
     follow = [r for r in turns if r["turn"] > 0]
     first = [r for r in turns if r["turn"] == 0]
 

@@ -75,15 +75,15 @@ class Scheduler:
         prefilled leave the scheduler now, running ones when the engine removes finished rows."""
         out = []
         for request in list(self.waiting):
-            reason = ended(request, now)
+            reason = end_reason(request, now)
             if reason:
                 self.waiting.remove(request)
                 self._dequeued()
                 out.append((request, reason))
-        if self.prefilling is not None and (reason := ended(self.prefilling, now)):
+        if self.prefilling is not None and (reason := end_reason(self.prefilling, now)):
             out.append((self.prefilling, reason))
             self.prefilling = None
-        out += [(r, reason) for r in self.running if r.finish_reason is None and (reason := ended(r, now))]
+        out += [(r, reason) for r in self.running if r.finish_reason is None and (reason := end_reason(r, now))]
         return out
 
     def admit(self, fits: Callable[[Request], bool]) -> Request | None:
@@ -111,7 +111,8 @@ class Scheduler:
             self._waiting_count -= 1
 
 
-def ended(request: Request, now: float) -> str | None:
+def end_reason(request: Request, now: float) -> str | None:
+    """Why a request ends now ("abort": cancelled, "timeout": past its deadline), or None."""
     if request.cancelled.is_set():
         return "abort"
     if request.deadline is not None and now > request.deadline:

@@ -19,6 +19,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndFullAttentionLayer
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def __init__(self, keep_kv: bool = False):
         super().__init__(number_of_states=1)
@@ -137,7 +141,7 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         if self.state is not None:
             tensors.append(self.state)
         tensors += list(self.window or ())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(tensors)
 
 
 @dataclass(frozen=True)
@@ -168,14 +172,12 @@ class CacheCheckpoint:
     @property
     def state_bytes(self) -> int:
         """Bytes of the states and windows (the copies this checkpoint owns)."""
-        tensors = [t for entry in self.states if entry is not None for t in (entry[0], *(entry[1] or ()))]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(t for entry in self.states if entry is not None for t in (entry[0], *(entry[1] or ())))
 
     @property
     def keys_values_bytes(self) -> int:
         """Bytes of the keys and values it refers to (in full, past `tokens` too)."""
-        tensors = [t for kv in self.keys_values or () if kv is not None for t in kv]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(t for kv in self.keys_values or () if kv is not None for t in kv)
 
 
 def _pad_left(t: torch.Tensor, count: int) -> torch.Tensor:
@@ -299,10 +301,11 @@ class DSLACache(Cache):
         tokens = seen if tokens is None else tokens
         if not 0 < tokens <= seen or (row is None and tokens != seen):
             raise ValueError(f"A checkpoint of {tokens} tokens from a cache of {seen} (fewer: a row's own tokens)")
+        rows = slice(None) if row is None else slice(row, row + 1)
         if row is None:
             own = lambda t: t  # noqa: E731
         else:  # the row's last `tokens` positions, copied: [B, H, T, D] keys and values, [B, T] positions
-            own = lambda t: t[row : row + 1, ..., seen - tokens :, :].clone()  # noqa: E731
+            own = lambda t: t[rows, ..., seen - tokens :, :].clone()  # noqa: E731
         kv_layers, kvs, states = [], [], []
         for layer in self.layers:
             if layer.seen_tokens != seen:
@@ -313,10 +316,9 @@ class DSLACache(Cache):
                 raise ValueError("A layer holds neither its keys and values nor up-to-date states")
             kv_layers.append(has_kv)
             kvs.append((own(layer.keys), own(layer.values)) if has_kv and keys_values else None)
-            pick = slice(None) if row is None else slice(row, row + 1)
-            window = tuple(t[pick].clone() for t in layer.window) if current and layer.window is not None else None
-            states.append((layer.state[pick].clone(), window) if current else None)
-        positions = self.position_ids if row is None else self.position_ids[row : row + 1, seen - tokens :].clone()
+            window = tuple(t[rows].clone() for t in layer.window) if current and layer.window is not None else None
+            states.append((layer.state[rows].clone(), window) if current else None)
+        positions = self.position_ids if row is None else self.position_ids[rows, seen - tokens :].clone()
         given = dict(keys_values=tuple(kvs), positions=positions) if keys_values else {}
         return CacheCheckpoint(tokens, self.keep_kv, tuple(kv_layers), tuple(states), **given)
 
