@@ -95,3 +95,28 @@ def test_stack_rejects_inconsistent_caches(tiny_teacher):
         DSLACache.stack([a, b], [None, None])
     with pytest.raises(ValueError, match="Nothing"):
         DSLACache.stack([], [])
+
+
+def test_decoding_writes_keys_in_place_and_leaves_earlier_views_alone(tiny_teacher):
+    """Decode steps write each key and value into the layer's spare room instead of copying all of them (one buffer
+    across steps, grown by half when full); a view taken before (as a prefix-cache checkpoint holds) keeps its
+    values; the logits equal a forward with no cache."""
+    model = convert(tiny_teacher, layers="all").eval()
+    model.set_dsla_layers([1])
+    ids = torch.randint(3, 101, (2, 60))
+    cache = DSLACache(model.config)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        layer = cache.layers[0]
+        earlier = layer.keys
+        snapshot = earlier.clone()
+        buffers = {layer.keys.untyped_storage().data_ptr()}
+        for step in range(20, 60):
+            logits = model(ids[:, step : step + 1], cache=cache).logits[:, -1]
+            buffers.add(layer.keys.untyped_storage().data_ptr())
+        reference = model(ids, use_cache=False).logits[:, -1]
+    assert layer.kv_tokens == 60 and torch.equal(earlier, snapshot)
+    assert len(buffers) == 2  # room for 52 tokens after the prompt's 20, then for 79
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert cache.layers[1].kv_tokens == 0  # the DSLA layer keeps states, not keys
+

@@ -31,6 +31,10 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         self.state_tokens = 0
         # Softmax window of a DSLA layer: raw (un-rotated) keys [B, W, HK, D], values, validity [B, W].
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Key and value buffers with room to grow, allocated here, and the views of them that `keys` and `values`
+        # were last set to (any other assignment, a batch operation's, makes them no longer this layer's to extend).
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -50,6 +54,12 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
+    @property
+    def owns_buffers(self) -> bool:
+        """Whether `keys` and `values` are still the views of this layer's buffers that `extend_kv` set."""
+        views = self._views
+        return views is not None and self.keys is views[0] and self.values is views[1]
+
     # --- softmax attention ---------------------------------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -59,9 +69,31 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
                 "tokens, so it cannot run as softmax attention again for this request. Create the cache with "
                 "`DSLACache(config, keep_kv=True)` to make reverts exact."
             )
-        keys, values = super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.extend_kv(key_states, value_states)
         self.seen_tokens += key_states.shape[-2]
-        return keys, values
+        return self.keys, self.values
+
+    def extend_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write keys and values [B, HK, T, D] after the cached ones, into the spare room of buffers this layer
+        allocated (grown by half when full). `torch.cat` would copy every cached key and value at each decode step:
+        at batch 8 and 4k tokens that costs more than the attention itself. Views handed out before (a prefix-cache
+        checkpoint's) stay valid, since only positions past their end are ever written."""
+        n, t = self.kv_tokens, key_states.shape[-2]
+        if not self.owns_buffers or self._buffers[0].shape[-2] < n + t:
+            capacity = n + t + max(n + t, 64) // 2
+            buffers = []
+            for cached, new in ((self.keys, key_states), (self.values, value_states)):
+                buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+                if n:
+                    buffer[..., :n, :] = cached
+                buffers.append(buffer)
+            self._buffers = tuple(buffers)
+        keys, values = self._buffers
+        keys[..., n : n + t, :] = key_states
+        values[..., n : n + t, :] = value_states
+        self._views = self.keys, self.values = keys[..., : n + t, :], values[..., : n + t, :]
 
     # --- DSLA ----------------------------------------------------------------------------------------------------
 
@@ -93,11 +125,11 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         if self.kv_tokens == self.seen_tokens - key_states.shape[-2]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.extend_kv(key_states, value_states)
 
     def free_kv(self) -> None:
         self.keys = self.values = None
+        self._buffers = self._views = None
         self.is_initialized = False
 
     # --- batch operations on both kinds of state -----------------------------------------------------------------
@@ -137,7 +169,9 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
 
     @property
     def memory_bytes(self) -> int:
-        tensors = [self.keys, self.values] if self.kv_tokens else []
+        tensors = []
+        if self.kv_tokens:  # the buffers' spare room counts too, while they are this layer's
+            tensors = list(self._buffers if self.owns_buffers else (self.keys, self.values))
         if self.state is not None:
             tensors.append(self.state)
         tensors += list(self.window or ())
