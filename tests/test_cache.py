@@ -1,5 +1,7 @@
 """The hybrid cache under continuous batching: requests of different lengths joined, decoded together, removed."""
 
+import copy
+
 import pytest
 import torch
 
@@ -120,3 +122,39 @@ def test_decoding_writes_keys_in_place_and_leaves_earlier_views_alone(tiny_teach
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     assert cache.layers[1].kv_tokens == 0  # the DSLA layer keeps states, not keys
 
+
+@pytest.mark.parametrize("active", [[1, 3], []])
+def test_groups_in_one_forward_match_each_group_alone(tiny_teacher, active):
+    """`forward_groups` (a server's step: a left-padded batch's decode tokens and another request's prompt chunk,
+    each in its own cache) gives each group the logits and cache it gets from a forward of its own."""
+    from dsla_hf.models.dsla.modeling_dsla import SequenceGroup
+
+    model = convert(tiny_teacher, layers="all").eval()
+    model.set_dsla_layers(active)
+    prompts = [torch.randint(3, 101, (1, n)) for n in (9, 5, 11)]
+    with torch.no_grad():
+        caches = [DSLACache(model.config) for _ in prompts]
+        for prompt, cache in zip(prompts, caches):
+            model(prompt, cache=cache)
+        batch, mask = DSLACache.stack(caches[:2], [None, None])
+        tokens, chunk = torch.tensor([[7], [8]]), torch.randint(3, 101, (1, 6))
+        mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+        positions = torch.tensor([[9], [5]])
+        alone_batch, alone_chunk = copy.deepcopy(batch), copy.deepcopy(caches[2])
+        groups = [
+            SequenceGroup(tokens, batch, attention_mask=mask, position_ids=positions),
+            SequenceGroup(chunk, caches[2], logits_to_keep=0),
+        ]
+        together = model.forward_groups(groups)
+        decode = model(tokens, attention_mask=mask, position_ids=positions, cache=alone_batch).logits[:, -1:]
+        prefill = model(chunk, cache=alone_chunk).logits
+    vocab = model.config.vocab_size
+    assert together[0].shape == (2, 1, vocab) and together[1].shape == (1, 6, vocab)
+    torch.testing.assert_close(together[0], decode, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[1], prefill, rtol=1e-5, atol=1e-5)
+    for mine, alone in ((batch, alone_batch), (caches[2], alone_chunk)):
+        for layer, reference in zip(mine.layers, alone.layers):
+            assert layer.seen_tokens == reference.seen_tokens
+            for a, b in ((layer.keys, reference.keys), (layer.state, reference.state)):
+                if b is not None and b.numel():
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

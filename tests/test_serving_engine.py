@@ -305,18 +305,23 @@ def test_max_tokens_zero_scores_the_prompt_alone_and_others_keep_one_logit(toy):
     """`max_tokens=0` (echo): the prompt scored, nothing generated. Only a scored prompt computes every position's
     logits: every other prefill keeps the last one."""
     model, tok = toy
-    kept = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+    kept, forward_groups = [], model.forward_groups
+
+    def recording(groups):
+        kept.append([group.logits_to_keep for group in groups])
+        return forward_groups(groups)
+
+    model.forward_groups = recording
     try:
         engine = Engine(model, tok, EngineConfig(prefill_chunk=8))
         prompt = prompts_of([19], seed=6)
         (plain,), _, _ = collect(engine, prompt, SamplingParams(max_tokens=2, temperature=0.0))
-        assert kept == [1, 1, 1, None] and plain.finish_reason  # three prefill chunks, then a decode step
+        assert kept == [[1], [1], [1], [1]] and plain.finish_reason  # three prefill chunks, then a decode step
         kept.clear()
         (scored,), (outs,), _ = collect(engine, prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
-        assert kept == [0, 0, 0]
+        assert kept == [[0], [0], [0]]
     finally:
-        hook.remove()
+        del model.forward_groups
     assert scored.finish_reason == "length" and scored.output_ids == [] and len(outs) == 1
     assert outs[0].completion_tokens == 0 and outs[0].prompt_tokens == 19 and outs[0].text == ""
     ref = reference_logprobs(model, prompt[0], [])
@@ -404,3 +409,46 @@ def test_incremental_detokenizer_equals_a_whole_decode_on_smollm2(smollm2_tokeni
     for stop in (["東京タ"], ["😀👍"], ["é —", "zzz"], ["\n"]):
         deltas, _ = stream_text(tok, real, stop)
         assert "".join(deltas) == expected_text(tok, real, stop) and not any(s in "".join(deltas) for s in stop)
+
+
+def test_a_step_is_one_forward_with_decode_tokens_and_prompt_chunks(toy):
+    """Each step runs the batch's decode tokens and prompt chunks of waiting requests as one forward (one MLP call
+    per layer over all of them) within the token budget: running requests get a token at every step while a long
+    prompt is prefilled, two short prompts start in the same step, and every token equals a fresh forward's."""
+    model, tok = toy
+    model.set_dsla_layers([3, 2])
+    config = EngineConfig(max_num_seqs=4, prefill_chunk=8, max_num_batched_tokens=10)
+    engine = Engine(model, tok, config, policy=StaticPolicy(2))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    calls = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        first = engine.submit(prompts_of([5])[0], params, lambda _: None)
+        engine.step()  # its whole prompt: 5 tokens, then its first output token
+        assert engine.running == [first] and len(first.output_ids) == 1
+        long, short_a, short_b = prompts_of([30, 3, 4], seed=1)
+        late = [engine.submit(p, params, lambda _: None) for p in (long, short_a, short_b)]
+        calls.clear()
+        engine.step()  # 1 decode token + 8 of the long prompt (a chunk ends at a multiple of 8) + 1 of short_a
+        assert calls == [10] and len(first.output_ids) == 2
+        assert late[0].prefilled == 8 and late[1].prefilled == 1 and not late[2].prefilled
+        for _ in range(4):
+            before, calls[:] = len(first.output_ids), []
+            engine.step()
+            assert len(calls) == 1 and calls[0] <= 10 and len(first.output_ids) == before + 1
+        assert all(r.output_ids for r in late)
+        while not all(r.finish_reason for r in [first, *late]):
+            engine.step()
+    finally:
+        hook.remove()
+    for request in [first, *late]:
+        assert request.finish_reason == "length"
+        for j, token in enumerate(request.output_ids):
+            assert token == reference_token(model, request.prompt_ids + request.output_ids[:j], [2, 3]), j
+    model.set_dsla_layers([])
+
+
+def test_the_token_budget_must_leave_room_for_prompts():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_seqs=8, max_num_batched_tokens=8)
+    assert EngineConfig(max_num_seqs=4, prefill_chunk=100).max_num_batched_tokens == 104

@@ -524,7 +524,7 @@ def test_many_slow_clients_do_not_block_the_others(hostile):
 
 def wait_idle(engine, within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
-    while engine.running or engine.prefilling is not None or engine.num_waiting:
+    while engine.running or engine.prefilling or engine.num_waiting:
         assert time.monotonic() < deadline, "a request of a client that went away kept running"
         time.sleep(0.02)
 

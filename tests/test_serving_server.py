@@ -297,7 +297,7 @@ def test_disconnect_cancels_and_full_queue_answers_429():
                     if line.startswith("data: "):
                         break  # one chunk, then hang up
         for _ in range(200):
-            if not engine.running and engine.prefilling is None:
+            if not engine.running and not engine.prefilling:
                 break
             threading.Event().wait(0.02)
         assert not engine.running, "the disconnected request kept running"

@@ -61,7 +61,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together at most")
     group.add_argument("--max-queue", type=int, default=128, help="waiting requests at most (then 429)")
     group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--prefill-chunk", type=int, default=512)
+    group.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt chunks end at its multiples (prefix-cache blocks)"
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step: decode tokens first, prompt chunks after (default: prefill-chunk + max-num-seqs)",
+    )
     group.add_argument("--request-timeout", type=float, default=600.0)
     group.add_argument(
         "--kv-cache-gb", type=float, default=None, help="KV budget (default: max-num-seqs full contexts)"
@@ -82,6 +90,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
         prefill_chunk=args.prefill_chunk,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         request_timeout_s=args.request_timeout,
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
         keep_kv=args.keep_kv,
@@ -142,13 +151,17 @@ def run(args: argparse.Namespace) -> int:
     from ..serving.server import build_app, uvicorn_options
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = engine_config(args)  # checked before the model loads
+    except ValueError as error:
+        raise SystemExit(f"dsla serve: {error}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     model, tokenizer, name = load_model(args.model, dtype, device)
     logger.info("Serving %s on %s in %s", args.model, device, str(dtype).removeprefix("torch."))
     name = args.served_model_name or name
-    engine = Engine(model, tokenizer, engine_config(args), make_policy(args, model), Metrics(name)).start()
+    engine = Engine(model, tokenizer, config, make_policy(args, model), Metrics(name)).start()
     app = build_app(engine, tokenizer, name, http_limits(args))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options(app))

@@ -4,17 +4,18 @@
    their deadline;
 2. the policy says how many layers should run as DSLA, and the model runner (`model_runner.py`) switches between
    two forwards only: layers that become DSLA have the keys and values of every request in flight folded into
-   states at once (exact for the default preset); a layer returns to softmax attention only when every request in
-   flight still has its keys and values (otherwise the decrease waits, and prefills that lost them restart);
-3. the scheduler admits a waiting request when the batch has room and the memory allows, and the model runner
-   prefills at most `prefill_chunk` tokens of it in its own cache (chunked prefill, chunks ending at multiples of
-   `prefill_chunk`), starting after the longest prefix of its prompt in the prefix cache (`prefix_cache.py`); when
-   the prompt is done, the output processor (`output_processor.py`) samples its first token (or ends it, with
-   `max_tokens=0`) and the runner joins its cache to the running batch (`DSLACache.stack`, left-padded; the batch
-   is never drained for it);
-4. the model runner runs one decode step for the whole batch (one token per request, explicit positions, 2-D
-   padding mask), the output processor samples each request with its own parameters, and the runner removes
-   finished rows (their prompt and output kept in the prefix cache).
+   states at once (exact for the default preset); a layer returns to softmax attention only when every running
+   request still has its keys and values (otherwise the decrease waits, and prefills that lost them restart);
+3. the step's tokens are chosen under a budget of `max_num_batched_tokens` (vLLM's rule): one decode token for
+   every running request first, then prompt chunks of the requests being prefilled, in arrival order, admitting
+   waiting requests while the batch has room, the memory allows and tokens remain. A chunk ends at a multiple of
+   `prefill_chunk` (where the prefix cache keeps checkpoints) and a prompt starts after its longest prefix in the
+   prefix cache (`prefix_cache.py`);
+4. the model runner runs all of it as one forward (`forward_groups`: the running batch's rows and each prompt
+   chunk attend in their own caches, and share every layer's MLP), so decoding never waits for a prompt chunk of
+   its own; the output processor (`output_processor.py`) samples each request with its own parameters. A prompt
+   that is done samples its first token (or ends, with `max_tokens=0`) and joins the running batch
+   (`DSLACache.stack`, left-padded); finished rows leave it (their prompt and output kept in the prefix cache).
 
 All requests of the batch share the model's current layer kinds, which each request records per token
 (`Request.modes`). Nothing here logs prompt text or tokens.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.dsla.modeling_dsla import SequenceGroup
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -48,10 +50,13 @@ class EngineStopped(Exception):
 @dataclass
 class EngineConfig:
     """Args:
-    max_num_seqs: requests decoded together at most (running plus the one being prefilled).
+    max_num_seqs: requests in flight at most (running plus being prefilled).
     max_queue: waiting requests at most; more are refused (QueueFull).
     max_model_len: prompt plus output tokens at most (default: the model's `max_position_embeddings`).
-    prefill_chunk: prompt tokens prefilled per step (chunked prefill keeps decode steps going meanwhile).
+    prefill_chunk: prompt chunks end at its multiples (where the prefix cache keeps checkpoints): a prompt takes
+        at most this many tokens of a step.
+    max_num_batched_tokens: tokens per step at most, decode tokens first, prompt chunks after (default:
+        `prefill_chunk + max_num_seqs`, so a whole chunk fits beside a full batch's decode tokens).
     request_timeout_s: a request still unfinished after this long ends with finish_reason "timeout".
     kv_cache_bytes: the KV budget that `kv_usage` is a fraction of; also bounds admission (default: what
         `max_num_seqs` requests of `max_model_len` tokens take with every layer as softmax attention).
@@ -64,11 +69,23 @@ class EngineConfig:
     max_queue: int = 128
     max_model_len: int | None = None
     prefill_chunk: int = 512
+    max_num_batched_tokens: int | None = None
     request_timeout_s: float | None = 600.0
     kv_cache_bytes: int | None = None
     keep_kv: bool = False
     enable_prefix_caching: bool = True
     prefix_cache_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.prefill_chunk < 1:
+            raise ValueError("max_num_seqs and prefill_chunk must be at least 1")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = self.prefill_chunk + self.max_num_seqs
+        if self.max_num_batched_tokens <= self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_num_seqs "
+                f"({self.max_num_seqs}): a full batch's decode tokens would leave no prompt any token of a step"
+            )
 
 
 class Engine:
@@ -171,32 +188,74 @@ class Engine:
                 message = f"Internal engine error: {type(error).__name__}"
                 for request in self.scheduler.in_flight():
                     self.output.finish(request, "error", error=message)
-                self.scheduler.running, self.scheduler.prefilling = [], None
+                self.scheduler.running, self.scheduler.prefilling = [], []
                 self.runner.reset()
         for request in list(self.scheduler.waiting) + self.scheduler.in_flight():
             self.output.finish(request, "abort", error="The server is shutting down")
 
     @torch.no_grad()
     def step(self) -> None:
-        """One iteration: intake, deadlines, policy (switch), prefill chunk, one batched decode step."""
+        """One iteration: intake, deadlines, policy (switch), one forward over the batch's decode tokens and the
+        prompt chunks that fit the token budget, sampling, removal of finished rows."""
         now = time.monotonic()
-        self.scheduler.intake()
-        for request, reason in self.scheduler.ended(now):
+        scheduler = self.scheduler
+        scheduler.intake()
+        for request, reason in scheduler.ended(now):
             self.output.finish(request, reason)
         self._remove_finished()
         count = self.policy.decide(self.snapshot(), now)
-        if self.runner.set_layers(count, self.scheduler.prefilling):
+        if self.runner.set_layers(count, scheduler.prefilling):
             self.policy.commit(now)
-        self._prefill()
-        running = self.scheduler.running
-        if running:
-            logits = self.runner.decode(running)
-            layers = self.runner.layers
-            for row, request in enumerate(running):
-                self.output.accept(request, logits[row], layers)
+        running = list(scheduler.running)
+        groups = [self.runner.decode_group(running)] if running else []
+        chunks = self._prefill_chunks(self.config.max_num_batched_tokens - len(running))
+        groups += [group for _, group in chunks]
+        if groups:
+            logits = self.runner.forward(groups)
+            if running:
+                layers = self.runner.layers
+                for request, row in zip(running, self.runner.decoded(running, logits[0])):
+                    self.output.accept(request, row, layers)
+            for (request, _), chunk_logits in zip(chunks, logits[len(groups) - len(chunks) :]):
+                self._prefilled(request, chunk_logits)
         self._remove_finished()
         self.steps += 1
         self._update_gauges()
+
+    def _prefill_chunks(self, budget: int) -> list[tuple[Request, SequenceGroup]]:
+        """The prompt chunks of this step, within `budget` tokens: those of requests being prefilled, then of
+        waiting requests admitted while tokens remain."""
+        scheduler, chunks = self.scheduler, []
+        pending = iter(list(scheduler.prefilling))
+        fits = lambda request: self.runner.fits(request, scheduler.prefilling)  # noqa: E731
+        while budget > 0:
+            request = next(pending, None) or scheduler.admit(fits)
+            if request is None:
+                break
+            group = self.runner.prefill_group(request, budget)
+            chunks.append((request, group))
+            budget -= group.input_ids.shape[1]
+        return chunks
+
+    def _prefilled(self, request: Request, logits: torch.Tensor) -> None:
+        """After a request's prompt chunk ran: once its prompt is done, its first token (and its row in the batch)."""
+        last = self.runner.prefilled(request, logits)
+        if last is None:  # more chunks to come
+            return
+        request.cached = len(request.prompt_ids)
+        if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
+            self.scheduler.prefilling.remove(request)
+            request.cache = None
+            self.output.finish(request, "length")
+            return
+        # Still prefilling while its first token is sampled: if that fails, the step's failure handler ends it.
+        self.output.accept(request, last, self.runner.layers)
+        self.scheduler.prefilling.remove(request)
+        if request.finish_reason is not None:
+            request.cache = None
+            return
+        self.runner.join(request)
+        self.scheduler.running.append(request)
 
     def snapshot(self) -> LoadSnapshot:
         """The load the policy decides on."""
@@ -211,27 +270,6 @@ class Engine:
     def kv_usage(self) -> float:
         """The memory the running batch and the prefill in progress take, as a fraction of the KV budget."""
         return self.runner.kv_bytes(self.scheduler.prefilling) / self.runner.kv_budget
-
-    def _prefill(self) -> None:
-        request = self.scheduler.admit(self.runner.fits)
-        if request is None:
-            return
-        logits = self.runner.prefill(request)
-        if logits is None:  # more chunks to come
-            return
-        request.cached = len(request.prompt_ids)
-        if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
-            self.scheduler.prefilling, request.cache = None, None
-            self.output.finish(request, "length")
-            return
-        # Still `prefilling` while its first token is sampled: if that fails, the step's failure handler ends it.
-        self.output.accept(request, logits, self.runner.layers)
-        self.scheduler.prefilling = None
-        if request.finish_reason is not None:
-            request.cache = None
-            return
-        self.runner.join(request)
-        self.scheduler.running.append(request)
 
     def _remove_finished(self) -> None:
         running = self.scheduler.running

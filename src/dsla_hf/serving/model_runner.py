@@ -1,6 +1,7 @@
-"""What runs the model: the running batch's cache (left-padded rows, `DSLACache.stack` to join, `batch_select_indices`
-and `trim_left` to leave), one prefill chunk of a request in its own cache, one decode step of the batch, the
-switches of layer kinds (caches in flight folded at once), the prefix cache, and the memory all of it takes."""
+"""What runs the model: one forward per step over groups of rows that each have their own cache (the running
+batch's decode tokens, left-padded rows joined with `DSLACache.stack` and left with `batch_select_indices` and
+`trim_left`; and a prompt chunk of each request being prefilled, in its own cache), the switches of layer kinds
+(caches in flight folded at once), the prefix cache, and the memory all of it takes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import torch
 
 from ..models.dsla.cache_dsla import DSLACache
+from ..models.dsla.modeling_dsla import SequenceGroup
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .request import Request
@@ -55,24 +57,28 @@ class ModelRunner:
 
     # --- memory --------------------------------------------------------------------------------------------------
 
-    def kv_bytes(self, prefilling: Request | None = None) -> int:
+    def kv_bytes(self, prefilling: list[Request] = ()) -> int:
+        """The bytes the running batch's cache and the prefilling requests' caches take now."""
         total = self.cache.memory_bytes if self.cache is not None else 0
-        if prefilling is not None and prefilling.cache is not None:
-            total += prefilling.cache.memory_bytes
-        return total
+        return total + sum(r.cache.memory_bytes for r in prefilling if r.cache is not None)
 
-    def fits(self, request: Request) -> bool:
-        """Whether a waiting request's keys and values (prompt and output, in the softmax layers) fit the budget
-        beside the running batch's."""
+    def kv_need(self, request: Request) -> int:
+        """The keys and values a request's prompt and output take in the softmax layers, at most."""
         softmax_layers = self.num_layers - len(self.layers)
-        need = (len(request.prompt_ids) + request.params.max_tokens) * softmax_layers * self.kv_bytes_per_token_layer
-        return self.kv_bytes() + need <= self.kv_budget
+        return (len(request.prompt_ids) + request.params.max_tokens) * softmax_layers * self.kv_bytes_per_token_layer
+
+    def fits(self, request: Request, prefilling: list[Request] = ()) -> bool:
+        """Whether a waiting request's keys and values fit the budget beside the running batch's and what the
+        requests being prefilled will take once their prompts are done."""
+        reserved = sum(self.kv_need(r) for r in prefilling)
+        return self.kv_bytes() + reserved + self.kv_need(request) <= self.kv_budget
 
     # --- layer kinds ---------------------------------------------------------------------------------------------
 
-    def set_layers(self, count: int, prefilling: Request | None = None, force: bool = False) -> bool:
+    def set_layers(self, count: int, prefilling: list[Request] = (), force: bool = False) -> bool:
         """Run the first `count` layers of the conversion order as DSLA. Returns whether the model now has them:
-        a decrease waits while requests in flight lost the keys and values of the layers it reverts."""
+        a decrease waits while running requests lost the keys and values of the layers it reverts (a prefill that
+        lost them starts again)."""
         order = self.model.config.conversion_order
         count = max(0, min(count, len(order)))
         target = sorted(order[:count])
@@ -84,12 +90,12 @@ class ModelRunner:
             if self.cache is not None and not self.cache.can_revert(reverted):
                 self.deferred_decreases += 1
                 return False  # requests in flight lost these keys and values: wait until they leave
-            if prefilling is not None and prefilling.cache is not None and not prefilling.cache.can_revert(reverted):
-                prefilling.cache = None  # nothing was sent yet: prefill again
+            for request in prefilling:
+                if request.cache is not None and not request.cache.can_revert(reverted):
+                    request.cache = None  # nothing was sent yet: prefill again
         # Caches in flight are folded now, so that each holds the same kind of state per layer (to stack them).
         in_flight = [(self.cache, self.mask)] if self.cache is not None else []
-        if prefilling is not None and prefilling.cache is not None:
-            in_flight.append(prefilling.cache)
+        in_flight += [r.cache for r in prefilling if r.cache is not None]
         self.model.set_dsla_layers(target, caches=in_flight)
         if not force:
             self.layer_switches += 1
@@ -97,28 +103,37 @@ class ModelRunner:
         logger.info("DSLA layers: %d of %d (%s)", len(target), self.num_layers, target)
         return True
 
-    # --- prefill -------------------------------------------------------------------------------------------------
+    # --- one step ------------------------------------------------------------------------------------------------
 
-    def prefill(self, request: Request) -> torch.Tensor | None:
-        """One chunk of the request's prompt into its own cache (chunks end at multiples of the chunk size; every
-        position's logits only when its prompt logprobs are asked for). Returns the last position's logits (fp32,
-        on the CPU) once the prompt is done, after its checkpoints went to the prefix cache; else None."""
-        scored = request.params.prompt_logprobs
-        layers = self.layers
+    def forward(self, groups: list[SequenceGroup]) -> list[torch.Tensor]:
+        """One forward over the step's groups: each group's kept logits [rows, kept, vocab]."""
+        return self.model.forward_groups(groups)
+
+    def prefill_group(self, request: Request, budget: int) -> SequenceGroup:
+        """The request's next prompt chunk: at most `budget` tokens, ending at the next multiple of the chunk size
+        (where prefix-cache checkpoints are taken) or at the prompt's end. Starts its cache if it has none."""
         if request.cache is None:
-            self.start_prefill(request, layers)
+            self.start_prefill(request)
         start, size = request.prefilled, self.config.prefill_chunk
-        chunk = request.prompt_ids[start : (start // size + 1) * size]
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        end = min(len(request.prompt_ids), (start // size + 1) * size, start + budget)
+        ids = torch.tensor([request.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         # Every position's logits only when the prompt is scored: the others pay for the last position's alone.
-        logits = self.model(ids, cache=request.cache, logits_to_keep=1 if scored is None else 0, use_cache=True).logits
+        return SequenceGroup(ids, request.cache, logits_to_keep=1 if request.params.prompt_logprobs is None else 0)
+
+    def prefilled(self, request: Request, logits: torch.Tensor) -> torch.Tensor | None:
+        """After the request's chunk ran (`logits` [1, kept, vocab]): its prompt logprobs and checkpoints. Returns
+        the last position's logits (fp32, on the CPU) once the prompt is done, after its checkpoints went to the
+        prefix cache; else None."""
+        scored, layers = request.params.prompt_logprobs, self.layers
+        start, size = request.prefilled, self.config.prefill_chunk
+        end = request.cache.get_seq_length()
         if scored is not None:  # position i predicts prompt token i + 1 (the last one of the prompt: the output)
-            targets = request.prompt_ids[start + 1 : start + len(chunk) + 1]
+            targets = request.prompt_ids[start + 1 : end + 1]
             request.prompt_logprobs += token_logprobs(logits[0, : len(targets)], targets, scored)
-        request.prefilled += len(chunk)
-        self.metrics.inc("vllm:prompt_tokens_total", len(chunk))
-        if request.prefilled < len(request.prompt_ids):
-            if self.prefix_cache is not None and request.prefilled % size == 0:
+        request.prefilled = end
+        self.metrics.inc("vllm:prompt_tokens_total", end - start)
+        if end < len(request.prompt_ids):
+            if self.prefix_cache is not None and end % size == 0:
                 request.checkpoints.append((layers, request.cache.checkpoint(keys_values=False)))
             return None
         if self.prefix_cache is not None:
@@ -127,14 +142,14 @@ class ModelRunner:
         request.checkpoints = []
         return logits[0, -1].float().cpu()
 
-    def start_prefill(self, request: Request, layers: tuple[int, ...]) -> None:
+    def start_prefill(self, request: Request) -> None:
         """A fresh cache for the request: from the longest prefix in the prefix cache, or empty. Prompts whose
         logprobs are asked for start empty (every position's logits are needed)."""
         scored = request.params.prompt_logprobs
         request.checkpoints, request.cached_tokens = [], 0
         hit = None
         if self.prefix_cache is not None and scored is None:
-            hit = self.prefix_cache.lookup(request.prompt_ids, layers)
+            hit = self.prefix_cache.lookup(request.prompt_ids, self.layers)
             self.metrics.inc("vllm:prefix_cache_queries_total", len(request.prompt_ids))
         if hit is not None:
             request.cache, request.prefilled = DSLACache.from_checkpoint(hit), hit.tokens
@@ -154,21 +169,20 @@ class ModelRunner:
             self.cache, self.mask = DSLACache.stack([self.cache, request.cache], [self.mask, None])
         request.cache = None
 
-    # --- decode --------------------------------------------------------------------------------------------------
-
-    def decode(self, running: list[Request]) -> torch.Tensor:
-        """One token for each row of the batch (each request's last output token, at its own position): the next
-        token's logits [rows, vocab], fp32 on the CPU (sampled there, with each request's own generator)."""
+    def decode_group(self, running: list[Request]) -> SequenceGroup:
+        """One token for each row of the batch: each request's last output token, at its own position."""
         batch = len(running)
         tokens = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.cached] for r in running], dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
-        logits = self.model(
-            tokens, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
-        ).logits[:, -1]
+        return SequenceGroup(tokens, self.cache, attention_mask=self.mask, position_ids=positions)
+
+    def decoded(self, running: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """After the batch's decode tokens ran (`logits` [rows, 1, vocab]): the next token's logits [rows, vocab],
+        fp32 on the CPU (sampled there, with each request's own generator)."""
         for request in running:
             request.cached += 1
-        return logits.float().cpu()
+        return logits[:, -1].float().cpu()
 
     def remove(self, running: list[Request], keep: list[int]) -> None:
         """Drop the rows of the batch not in `keep` (the finished requests'; those that ended normally leave their

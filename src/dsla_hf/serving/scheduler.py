@@ -1,5 +1,6 @@
 """Which request runs when: the waiting queue (fed from any thread, bounded), deadlines and cancellations, and
-admission to the running batch (one prefill at a time, while the batch has room and the memory allows)."""
+admission to prefill (several requests at once, in arrival order, while the batch has room and the memory allows);
+prefilled requests join the running batch."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class QueueFull(Exception):
 
 class Scheduler:
     """Args:
-    max_num_seqs: requests decoded together at most (running plus the one being prefilled).
+    max_num_seqs: requests in flight at most (running plus being prefilled).
     max_queue: waiting requests at most; more are refused (QueueFull).
     """
 
@@ -25,7 +26,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
-        self.prefilling: Request | None = None
+        self.prefilling: list[Request] = []  # admitted, prompt not done yet, in arrival order
         self.running: list[Request] = []  # in the order of the running batch's rows
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._waiting_count = 0  # waiting requests including those still in the inbox (guarded by _lock)
@@ -80,28 +81,32 @@ class Scheduler:
                 self.waiting.remove(request)
                 self._dequeued()
                 out.append((request, reason))
-        if self.prefilling is not None and (reason := end_reason(self.prefilling, now)):
-            out.append((self.prefilling, reason))
-            self.prefilling = None
+        for request in list(self.prefilling):
+            if reason := end_reason(request, now):
+                self.prefilling.remove(request)
+                out.append((request, reason))
         out += [(r, reason) for r in self.running if r.finish_reason is None and (reason := end_reason(r, now))]
         return out
 
     def admit(self, fits: Callable[[Request], bool]) -> Request | None:
-        """The request being prefilled: the one already started, or the next waiting one when the batch has room
-        and `fits(request)` says the memory takes it (always, with nothing running)."""
-        if self.prefilling is None and self.waiting and len(self.running) < self.max_num_seqs:
-            if not self.running or fits(self.waiting[0]):
-                self.prefilling = self.waiting.popleft()
-                self._dequeued()
-        return self.prefilling
+        """Start prefilling the next waiting request, when the batch has room and `fits(request)` says the memory
+        takes it (always, with nothing in flight). Returns it, or None."""
+        if not self.waiting or len(self.running) + len(self.prefilling) >= self.max_num_seqs:
+            return None
+        if self.in_flight() and not fits(self.waiting[0]):
+            return None
+        request = self.waiting.popleft()
+        self._dequeued()
+        self.prefilling.append(request)
+        return request
 
     def in_flight(self) -> list[Request]:
-        return self.running + ([self.prefilling] if self.prefilling is not None else [])
+        return self.running + self.prefilling
 
     def prompt_lengths(self) -> list[int]:
         """The tokens of each request's context, as the policy sees them (waiting, running, being prefilled)."""
         lengths = [len(r.prompt_ids) for r in self.waiting] + [r.cached for r in self.running]
-        return lengths + ([len(self.prefilling.prompt_ids)] if self.prefilling is not None else [])
+        return lengths + [len(r.prompt_ids) for r in self.prefilling]
 
     def queued_now(self) -> int:
         return len(self.waiting) + self._inbox.qsize()

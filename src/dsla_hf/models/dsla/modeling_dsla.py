@@ -569,6 +569,32 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        hidden_states = self.attend(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            padding_mask=padding_mask,
+            cu_seqlens=cu_seqlens,
+            **kwargs,
+        )
+        return self.feed_forward(hidden_states)
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: DSLACache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The attention half of the layer, residual included: DSLA or softmax attention, as the layer runs now."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == LINEAR_ATTENTION:
@@ -589,11 +615,24 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP half of the layer, residual included (token by token: any tokens can go through it together)."""
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+@dataclass
+class SequenceGroup:
+    """Rows that share one cache, for :meth:`DSLALlamaForCausalLM.forward_groups`: `input_ids` [rows, T],
+    `attention_mask` (2-D padding mask over past and new tokens, or None), `position_ids` [rows, T] (default: after
+    the cache's tokens), and the positions whose logits are wanted (the last `logits_to_keep`; 0: all)."""
+
+    input_ids: torch.LongTensor
+    cache: DSLACache
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.LongTensor | None = None
+    logits_to_keep: int = 1
 
 
 @dataclass
@@ -753,13 +792,29 @@ class DSLALlamaModel(DSLAPreTrainedModel):
                 f"DSLA models need a `DSLACache` (got {type(cache).__name__}): create one with "
                 "`DSLACache(model.config)`, or let the model or `generate()` create it."
             )
+        inputs = self.layer_inputs(inputs_embeds, attention_mask, position_ids, cache, padded)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, use_cache=use_cache, cu_seqlens=cu_seqlens, **inputs, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return DSLAModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def layer_inputs(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: DSLACache | None,
+        padded: bool,
+    ) -> dict:
+        """What each decoder layer takes beside the hidden states, for rows sharing `cache`; their positions are
+        recorded in it (a fold needs them to undo RoPE on cached keys)."""
         batch_size, length = inputs_embeds.shape[:2]
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0) + past_seen
         if cache is not None:
             cache.record_positions(position_ids, batch_size)
-
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -767,25 +822,40 @@ class DSLALlamaModel(DSLAPreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
-        # DSLA layers read padding from the 2-D mask (past and current tokens); None when nothing is padded.
-        padding_mask = attention_mask if padded else None
+        return dict(
+            attention_mask=causal_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
+            # DSLA layers read padding from the 2-D mask (past and current tokens); None when nothing is padded.
+            padding_mask=attention_mask if padded else None,
+        )
 
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+    def forward_groups(self, groups: list[SequenceGroup]) -> list[torch.Tensor]:
+        """One forward over groups of rows that each have their own cache (a server's step: the running batch's
+        decode tokens and prompt chunks of other requests). Attention runs group by group; the norms and MLPs run
+        once over the tokens of all groups, so a step reads their weights once. Returns each group's hidden states
+        after the final norm, [rows, T, hidden]. Nothing is recorded (see `forward` for outputs)."""
+        if not groups:
+            raise ValueError("forward_groups needs at least one group")
+        hidden, inputs = [], []
+        for group in groups:
+            if not isinstance(group.cache, DSLACache) or group.input_ids.dim() != 2:
+                raise ValueError("Each group needs input_ids [rows, tokens] and its own DSLACache")
+            embeds = self.embed_tokens(group.input_ids)
+            mask = group.attention_mask
+            padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.all()
+            if self.config.active_dsla_layers:
+                announce_kernels(embeds.device)
+                self.packed_documents(embeds, mask, padded, group.position_ids, group.cache, True, {})  # refusals
+            hidden.append(embeds)
+            inputs.append(self.layer_inputs(embeds, mask, group.position_ids, group.cache, padded))
+        sizes = [h.shape[0] * h.shape[1] for h in hidden]
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                padding_mask=padding_mask,
-                cu_seqlens=cu_seqlens,
-                **kwargs,
-            )
-        hidden_states = self.norm(hidden_states)
-        return DSLAModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+            attended = [layer.attend(h, use_cache=True, **kw) for h, kw in zip(hidden, inputs)]
+            mixed = layer.feed_forward(torch.cat([a.flatten(0, 1) for a in attended]))
+            hidden = [part.view_as(a) for part, a in zip(mixed.split(sizes), attended)]
+        return [self.norm(h) for h in hidden]
 
     def packed_documents(
         self,
@@ -905,6 +975,15 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def forward_groups(self, groups: list[SequenceGroup]) -> list[torch.Tensor]:
+        """Logits of each group's last `logits_to_keep` positions, [rows, kept, vocab], from one forward over all
+        groups (:meth:`DSLALlamaModel.forward_groups`) and one `lm_head` product over what every group keeps."""
+        hidden = self.model.forward_groups(groups)
+        kept = [h[:, -g.logits_to_keep :] if g.logits_to_keep else h for h, g in zip(hidden, groups)]
+        logits = self.lm_head(torch.cat([k.flatten(0, 1) for k in kept]))
+        parts = logits.split([k.shape[0] * k.shape[1] for k in kept])
+        return [part.view(*k.shape[:2], -1) for part, k in zip(parts, kept)]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -950,4 +1029,5 @@ __all__ = [
     "DSLALlamaForCausalLM",
     "DSLALlamaModel",
     "DSLAPreTrainedModel",
+    "SequenceGroup",
 ]
