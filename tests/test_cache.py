@@ -158,3 +158,24 @@ def test_groups_in_one_forward_match_each_group_alone(tiny_teacher, active):
             for a, b in ((layer.keys, reference.keys), (layer.state, reference.state)):
                 if b is not None and b.numel():
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_of_different_layer_kinds_in_one_forward(tiny_teacher):
+    """Each group runs its own DSLA layers (the paper's mixed batches): a group with layers 1 and 3 and a group
+    with none, in one forward, each equal to a forward of its own with the model switched to its kinds. A group
+    asking for a layer that has no DSLA weights is refused."""
+    from dsla_hf.models.dsla.modeling_dsla import SequenceGroup
+
+    model = convert(tiny_teacher, layers=[1, 3]).eval()
+    prompts = [torch.randint(3, 101, (1, n)) for n in (7, 12)]
+    kinds = [(1, 3), ()]
+    with torch.no_grad():
+        groups = [
+            SequenceGroup(p, DSLACache(model.config), logits_to_keep=0, dsla_layers=k) for p, k in zip(prompts, kinds)
+        ]
+        together = model.forward_groups(groups)
+        for prompt, layers, logits in zip(prompts, kinds, together):
+            model.set_dsla_layers(list(layers))
+            torch.testing.assert_close(logits, model(prompt, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"Layers \[0\] have no DSLA weights"):
+            model.forward_groups([SequenceGroup(prompts[0], DSLACache(model.config), dsla_layers=(0, 1))])

@@ -109,3 +109,13 @@ def test_invalid_configuration(kwargs):
 
 def test_static_policy():
     assert StaticPolicy(5).decide(LoadSnapshot(num_waiting=100), now=0.0) == 5
+
+
+def test_each_request_is_capped_by_its_own_prompt_length():
+    """The poster's caps per request: of the 16 layers (50 %) the load asks for, a 1k-token context gets 12.5 %,
+    3k 25 %, 5k 37.5 %, 9k all 16; with `per_request=False` every request gets what the longest prompt allows."""
+    policy = AdaptivePolicy(num_layers=32)
+    assert [policy.request_layers(16, n) for n in (1000, 3000, 5000, 9000)] == [4, 8, 12, 16]
+    assert policy.request_layers(6, 9000) == 6  # never more than the load asks for
+    assert AdaptivePolicy(num_layers=32, per_request=False).request_layers(16, 1000) == 16
+    assert StaticPolicy(5).request_layers(5, 10) == 5

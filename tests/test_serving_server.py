@@ -62,7 +62,8 @@ def test_routes_completion_and_chat(server):
         body = {"model": "toy", "prompt": "def f(x):", "max_tokens": 7, "temperature": 0, "ignore_eos": True}
         reply = client.post("/v1/completions", json=body).json()
         assert reply["object"] == "text_completion" and reply["choices"][0]["finish_reason"] == "length"
-        assert reply["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+        modes = [[{"from_token": 0, "dsla_layers": []}]]  # every token by softmax layers only
+        assert reply["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16, "dsla_modes": modes}
         text = reply["choices"][0]["text"]
         # Streaming gives the same text, in chunks, then a usage chunk, then [DONE].
         events = stream_events(
@@ -182,7 +183,7 @@ def test_echo_of_token_ids_and_batches_of_them(server):
     reply = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
     assert [c["text"] for c in reply["choices"]] == [tok.decode([5, 6, 7]), tok.decode([40, 41])]
     assert [len(c["logprobs"]["tokens"]) for c in reply["choices"]] == [3, 2]
-    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5, "dsla_modes": [[], []]}
 
 
 def test_tokenizer_routes_and_version(server):
@@ -359,6 +360,10 @@ def test_switching_under_load_over_http_is_exact():
     engine.stop()
     assert all(r.status_code == 200 for r in replies)
     assert engine.layer_switches >= 1 and any(len(r.modes) > 1 or r.modes[0][1] for r in recorded)
+    # Each response says which layers produced its tokens (the request's own modes).
+    modes = {tuple(r.prompt_ids): [{"from_token": i, "dsla_layers": list(m)} for i, m in r.modes] for r in recorded}
+    for reply, i in zip(replies, range(6)):
+        assert reply.json()["usage"]["dsla_modes"] == [modes[tuple([5 + i] * (4 + 3 * i))]]
     model = engine.model
     for request in recorded:
         for j, token in enumerate(request.output_ids):

@@ -53,7 +53,7 @@ def test_smollm2_chat_and_exact_switch_under_load(smollm2):
     engine.stop()
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     assert all(r.json()["choices"][0]["message"]["content"] for r in replies)
-    assert engine.layer_switches == 1 and model.config.active_dsla_layers == [n - 2, n - 1]
+    assert engine.layer_switches == 1 and engine.runner.layers == (n - 2, n - 1)
     # Every token equals a fresh forward with the layers it was produced with (the switch folded KV exactly).
     for request in recorded:
         for j, token in enumerate(request.output_ids):

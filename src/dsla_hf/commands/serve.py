@@ -34,10 +34,16 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--length-scale", type=float, default=1.0, help="multiplies the prompt-length bounds (scaled-down traces)"
     )
+    group.add_argument(
+        "--per-request",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cap each request by its own context length (mixed batches); off: one ratio set by the longest prompt",
+    )
 
 
 # Options that set the AdaptivePolicy field of the same name.
-POLICY_OPTIONS = ("max_ratio", "queue_high", "queue_low", "kv_high", "kv_low", "length_scale")
+POLICY_OPTIONS = ("max_ratio", "queue_high", "queue_low", "kv_high", "kv_low", "length_scale", "per_request")
 
 
 def make_policy(args: argparse.Namespace, model) -> AdaptivePolicy | StaticPolicy:

@@ -2,23 +2,26 @@
 
 1. the scheduler (`scheduler.py`) takes new and cancelled requests from thread-safe queues and ends requests past
    their deadline;
-2. the policy says how many layers should run as DSLA, and the model runner (`model_runner.py`) switches between
-   two forwards only: layers that become DSLA have the keys and values of every request in flight folded into
-   states at once (exact for the default preset); a layer returns to softmax attention only when every running
-   request still has its keys and values (otherwise the decrease waits, and prefills that lost them restart);
+2. the policy says how many layers the load asks for, and each request's share of them: its own context length
+   caps it (the poster's caps, per request; `AdaptivePolicy.request_layers`). The model runner (`model_runner.py`)
+   gives every request in flight its layers: a request whose DSLA layers grow has its own keys and values folded
+   into the new layers' states (exact for the default preset); one whose layers shrink needs the keys and values
+   of the layers it reverts (`keep_kv`), so without them a running request keeps its layers until it leaves (a
+   deferred decrease) and a prefill starts again;
 3. the step's tokens are chosen under a budget of `max_num_batched_tokens` (vLLM's rule): one decode token for
    every running request first, then prompt chunks of the requests being prefilled, in arrival order, admitting
    waiting requests while the batch has room, the memory allows and tokens remain. A chunk ends at a multiple of
    `prefill_chunk` (where the prefix cache keeps checkpoints) and a prompt starts after its longest prefix in the
    prefix cache (`prefix_cache.py`);
-4. the model runner runs all of it as one forward (`forward_groups`: the running batch's rows and each prompt
-   chunk attend in their own caches, and share every layer's MLP), so decoding never waits for a prompt chunk of
-   its own; the output processor (`output_processor.py`) samples each request with its own parameters. A prompt
-   that is done samples its first token (or ends, with `max_tokens=0`) and joins the running batch
-   (`DSLACache.stack`, left-padded); finished rows leave it (their prompt and output kept in the prefix cache).
+4. the model runner runs all of it as one forward (`forward_groups`): running requests decode in one batch per
+   set of DSLA layers (the paper's mixed batches), each batch and each prompt chunk attend in their own caches
+   with their own layer kinds, and all share every layer's MLP, so decoding never waits for a prompt chunk of its
+   own. The output processor (`output_processor.py`) samples each request with its own parameters. A prompt that
+   is done samples its first token (or ends, with `max_tokens=0`) and joins the batch of its layers
+   (`DSLACache.stack`, left-padded); finished rows leave (their prompt and output kept in the prefix cache).
 
-All requests of the batch share the model's current layer kinds, which each request records per token
-(`Request.modes`). Nothing here logs prompt text or tokens.
+Each request records the DSLA layers of every output token (`Request.modes`, in the response's
+`usage.dsla_modes`). Nothing here logs prompt text or tokens.
 """
 
 from __future__ import annotations
@@ -107,9 +110,11 @@ class Engine:
         self.runner = ModelRunner(self.model, self.config, self.max_model_len, self.metrics)
         self.output = OutputProcessor(sorted(eos), self.max_model_len, self.metrics, self.config.request_timeout_s)
         self.steps = 0
+        self.count = 0  # DSLA layers the load asks for (each request gets its share: `target_layers`)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.runner.set_layers(self.policy.decide(self.snapshot(), time.monotonic()), force=True)
+        self.count = self.policy.decide(self.snapshot(), time.monotonic())
+        self.runner.set_layers(self.count, initial=True)
         self.policy.commit(time.monotonic())
 
     # --- public API (any thread) ----------------------------------------------------------------------------------
@@ -169,6 +174,7 @@ class Engine:
     running = property(lambda self: self.scheduler.running)
     prefilling = property(lambda self: self.scheduler.prefilling)
     cache = property(lambda self: self.runner.cache)
+    batches = property(lambda self: self.runner.batches)
     layer_switches = property(lambda self: self.runner.layer_switches)
     deferred_decreases = property(lambda self: self.runner.deferred_decreases)
     tokens_by_layers = property(lambda self: self.output.tokens_by_layers)
@@ -195,32 +201,37 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One iteration: intake, deadlines, policy (switch), one forward over the batch's decode tokens and the
-        prompt chunks that fit the token budget, sampling, removal of finished rows."""
+        """One iteration: intake, deadlines, policy (each request's layer kinds), one forward over the running
+        batches' decode tokens and the prompt chunks that fit the token budget, sampling, removal of finished rows."""
         now = time.monotonic()
         scheduler = self.scheduler
         scheduler.intake()
         for request, reason in scheduler.ended(now):
             self.output.finish(request, reason)
         self._remove_finished()
-        count = self.policy.decide(self.snapshot(), now)
-        if self.runner.set_layers(count, scheduler.prefilling):
-            self.policy.commit(now)
-        running = list(scheduler.running)
-        groups = [self.runner.decode_group(running)] if running else []
-        chunks = self._prefill_chunks(self.config.max_num_batched_tokens - len(running))
-        groups += [group for _, group in chunks]
+        self.count = self.policy.decide(self.snapshot(), now)
+        self.runner.set_layers(self.count)
+        self.policy.commit(now)
+        self.runner.retarget(scheduler.prefilling, self.target_layers)
+        decoding = self.runner.decode_groups()
+        chunks = self._prefill_chunks(self.config.max_num_batched_tokens - len(scheduler.running))
+        groups = [group for _, group in decoding + chunks]
         if groups:
             logits = self.runner.forward(groups)
-            if running:
-                layers = self.runner.layers
-                for request, row in zip(running, self.runner.decoded(running, logits[0])):
-                    self.output.accept(request, row, layers)
-            for (request, _), chunk_logits in zip(chunks, logits[len(groups) - len(chunks) :]):
+            for (batch, _), batch_logits in zip(decoding, logits):
+                for request, row in zip(batch.requests, self.runner.decoded(batch, batch_logits)):
+                    self.output.accept(request, row, batch.layers)
+            for (request, _), chunk_logits in zip(chunks, logits[len(decoding) :]):
                 self._prefilled(request, chunk_logits)
         self._remove_finished()
         self.steps += 1
         self._update_gauges()
+
+    def target_layers(self, request: Request) -> tuple[int, ...]:
+        """The DSLA layers a request should run now: the policy's share for its context length (the poster's
+        caps per request) of the layers the load asks for."""
+        tokens = request.cached if request.output_ids else len(request.prompt_ids)
+        return self.runner.layers_of(self.policy.request_layers(self.count, tokens))
 
     def _prefill_chunks(self, budget: int) -> list[tuple[Request, SequenceGroup]]:
         """The prompt chunks of this step, within `budget` tokens: those of requests being prefilled, then of
@@ -229,9 +240,12 @@ class Engine:
         pending = iter(list(scheduler.prefilling))
         fits = lambda request: self.runner.fits(request, scheduler.prefilling)  # noqa: E731
         while budget > 0:
-            request = next(pending, None) or scheduler.admit(fits)
+            request = next(pending, None)
             if request is None:
-                break
+                request = scheduler.admit(fits)
+                if request is None:
+                    break
+                request.dsla_layers = self.target_layers(request)
             group = self.runner.prefill_group(request, budget)
             chunks.append((request, group))
             budget -= group.input_ids.shape[1]
@@ -249,7 +263,7 @@ class Engine:
             self.output.finish(request, "length")
             return
         # Still prefilling while its first token is sampled: if that fails, the step's failure handler ends it.
-        self.output.accept(request, last, self.runner.layers)
+        self.output.accept(request, last, request.dsla_layers)
         self.scheduler.prefilling.remove(request)
         if request.finish_reason is not None:
             request.cache = None
@@ -272,11 +286,8 @@ class Engine:
         return self.runner.kv_bytes(self.scheduler.prefilling) / self.runner.kv_budget
 
     def _remove_finished(self) -> None:
-        running = self.scheduler.running
-        keep = [i for i, r in enumerate(running) if r.finish_reason is None]
-        if len(keep) < len(running):
-            self.runner.remove(running, keep)
-            self.scheduler.running = [running[i] for i in keep]
+        self.runner.remove_finished()
+        self.scheduler.running = [r for r in self.scheduler.running if r.finish_reason is None]
 
     def _update_gauges(self) -> None:
         m = self.metrics

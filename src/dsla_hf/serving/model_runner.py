@@ -1,11 +1,18 @@
-"""What runs the model: one forward per step over groups of rows that each have their own cache (the running
-batch's decode tokens, left-padded rows joined with `DSLACache.stack` and left with `batch_select_indices` and
-`trim_left`; and a prompt chunk of each request being prefilled, in its own cache), the switches of layer kinds
-(caches in flight folded at once), the prefix cache, and the memory all of it takes."""
+"""What runs the model: one forward per step over groups of rows that each have their own cache and their own
+layer kinds (the paper's mixed batches), the moves of requests between kinds (a request's keys and values folded
+for its own new DSLA layers), the prefix cache, and the memory all of it takes.
+
+Running requests decode in batches, one per set of DSLA layers: a left-padded cache whose rows hold the same kind
+of state per layer (`DSLACache.stack` to join, `batch_select_indices` and `trim_left` to leave). A request being
+prefilled has a cache of its own. A step's groups (each batch's decode tokens, each prompt chunk) attend in their
+own caches with their own kinds, and share every layer's MLP (`forward_groups`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +24,46 @@ from .request import Request
 from .sampling import TokenLogprob, token_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Running requests that decode together: their DSLA layers, one left-padded cache (rows in the order of
+    `requests`) and its 2-D padding mask."""
+
+    layers: tuple[int, ...]
+    cache: DSLACache
+    mask: torch.Tensor
+    requests: list[Request]
+
+    def split(self, rows: list[int]) -> Batch:
+        """These rows as a batch of their own (copied); the others stay in this one."""
+        if len(rows) == len(self.requests):
+            part = Batch(self.layers, self.cache, self.mask, self.requests)
+            self.requests = []
+            return part
+        index = torch.tensor(rows, device=self.mask.device)
+        rest = torch.tensor([i for i in range(len(self.requests)) if i not in rows], device=self.mask.device)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_select_indices(index)
+        part = Batch(self.layers, cache, self.mask[index], [self.requests[i] for i in rows])
+        self.cache.batch_select_indices(rest)
+        self.mask, self.requests = self.mask[rest], [self.requests[i] for i in rest.tolist()]
+        part.trim()
+        self.trim()
+        return part
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every other row, and the columns that are then padding in every row."""
+        self.cache.batch_select_indices(torch.tensor(rows, device=self.mask.device))
+        self.mask, self.requests = self.mask[rows], [self.requests[i] for i in rows]
+        self.trim()
+
+    def trim(self) -> None:
+        leading = int((self.mask.cumsum(1) == 0).all(0).sum())
+        if leading:
+            self.cache.trim_left(leading)
+            self.mask = self.mask[:, leading:]
 
 
 class ModelRunner:
@@ -33,6 +80,7 @@ class ModelRunner:
         self.metrics = metrics
         text_config = model.config
         self.num_layers = text_config.num_hidden_layers
+        self.order = list(text_config.conversion_order)
         # Requests' tensors live where the model's weights are; keys and values take the bytes of its dtype.
         self.device = model.device
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -45,63 +93,109 @@ class ModelRunner:
         if config.enable_prefix_caching:
             capacity = config.prefix_cache_bytes
             self.prefix_cache = PrefixCache(self.kv_budget // 4 if capacity is None else capacity)
-        self.cache: DSLACache | None = None  # the running batch's
-        self.mask: torch.Tensor | None = None  # its 2-D padding mask
+        self.batches: list[Batch] = []
+        self.layers: tuple[int, ...] = tuple(text_config.active_dsla_layers)  # the policy's, for new requests
         self.layer_switches = 0
         self.deferred_decreases = 0
 
+    def layers_of(self, count: int) -> tuple[int, ...]:
+        """The first `count` layers of the conversion order, sorted."""
+        return tuple(sorted(self.order[: max(0, min(count, len(self.order)))]))
+
     @property
-    def layers(self) -> tuple[int, ...]:
-        """The layers that run as DSLA now."""
-        return tuple(self.model.config.active_dsla_layers)
+    def cache(self) -> DSLACache | None:
+        """The running batch's cache when there is one batch (None when nothing runs)."""
+        if len(self.batches) > 1:
+            raise RuntimeError("Requests run in several batches of different layer kinds: see `batches`")
+        return self.batches[0].cache if self.batches else None
 
     # --- memory --------------------------------------------------------------------------------------------------
 
     def kv_bytes(self, prefilling: list[Request] = ()) -> int:
-        """The bytes the running batch's cache and the prefilling requests' caches take now."""
-        total = self.cache.memory_bytes if self.cache is not None else 0
+        """The bytes the running batches' caches and the prefilling requests' caches take now."""
+        total = sum(b.cache.memory_bytes for b in self.batches)
         return total + sum(r.cache.memory_bytes for r in prefilling if r.cache is not None)
 
     def kv_need(self, request: Request) -> int:
-        """The keys and values a request's prompt and output take in the softmax layers, at most."""
-        softmax_layers = self.num_layers - len(self.layers)
+        """The keys and values a request's prompt and output take in its softmax layers, at most."""
+        layers = self.layers if request.dsla_layers is None else request.dsla_layers
+        softmax_layers = self.num_layers - len(layers)
         return (len(request.prompt_ids) + request.params.max_tokens) * softmax_layers * self.kv_bytes_per_token_layer
 
     def fits(self, request: Request, prefilling: list[Request] = ()) -> bool:
-        """Whether a waiting request's keys and values fit the budget beside the running batch's and what the
+        """Whether a waiting request's keys and values fit the budget beside the running batches' and what the
         requests being prefilled will take once their prompts are done."""
         reserved = sum(self.kv_need(r) for r in prefilling)
         return self.kv_bytes() + reserved + self.kv_need(request) <= self.kv_budget
 
     # --- layer kinds ---------------------------------------------------------------------------------------------
 
-    def set_layers(self, count: int, prefilling: list[Request] = (), force: bool = False) -> bool:
-        """Run the first `count` layers of the conversion order as DSLA. Returns whether the model now has them:
-        a decrease waits while running requests lost the keys and values of the layers it reverts (a prefill that
-        lost them starts again)."""
-        order = self.model.config.conversion_order
-        count = max(0, min(count, len(order)))
-        target = sorted(order[:count])
-        current = self.model.config.active_dsla_layers
-        if target == current:
+    def set_layers(self, count: int, initial: bool = False) -> bool:
+        """The policy's DSLA layers for new requests: the first `count` of the conversion order. Returns whether
+        they changed (a switch, unless `initial`)."""
+        layers = self.layers_of(count)
+        if layers == self.layers:
+            return False
+        self.layers = layers
+        if initial:
             return True
-        reverted = [i for i in current if i not in target]
-        if reverted and not force:
-            if self.cache is not None and not self.cache.can_revert(reverted):
-                self.deferred_decreases += 1
-                return False  # requests in flight lost these keys and values: wait until they leave
-            for request in prefilling:
-                if request.cache is not None and not request.cache.can_revert(reverted):
-                    request.cache = None  # nothing was sent yet: prefill again
-        # Caches in flight are folded now, so that each holds the same kind of state per layer (to stack them).
-        in_flight = [(self.cache, self.mask)] if self.cache is not None else []
-        in_flight += [r.cache for r in prefilling if r.cache is not None]
-        self.model.set_dsla_layers(target, caches=in_flight)
-        if not force:
-            self.layer_switches += 1
-            self.metrics.inc("dsla:layer_switches_total")
-        logger.info("DSLA layers: %d of %d (%s)", len(target), self.num_layers, target)
+        self.layer_switches += 1
+        self.metrics.inc("dsla:layer_switches_total")
+        logger.info("DSLA layers: %d of %d (%s)", len(layers), self.num_layers, list(layers))
         return True
+
+    def retarget(self, prefilling: list[Request], target: Callable[[Request], tuple[int, ...]]) -> None:
+        """Give each request in flight the DSLA layers `target(request)` names. A request whose layers grow has its
+        keys and values folded into its new layers' states (exact for the default preset); one whose layers shrink
+        needs the keys and values of the layers it reverts (`keep_kv`): a running request that lost them keeps its
+        layers until it leaves (a deferred decrease), a prefill that lost them starts again."""
+        for request in prefilling:
+            want = target(request)
+            if request.cache is not None and want != request.dsla_layers:
+                if self.revertible(request.cache, request.dsla_layers, want):
+                    self.fold(request.cache, None, request.dsla_layers, want)
+                else:
+                    request.cache = None  # nothing was sent yet: prefill again
+            request.dsla_layers = want
+        for batch in list(self.batches):
+            wants = [target(r) for r in batch.requests]
+            if not self.revertible(batch.cache, batch.layers, *wants):
+                self.deferred_decreases += 1
+                wants = [w if self.revertible(batch.cache, batch.layers, w) else batch.layers for w in wants]
+            if all(w == batch.layers for w in wants):
+                continue
+            self.batches.remove(batch)
+            want_of = {id(r): w for r, w in zip(batch.requests, wants)}
+            for want in dict.fromkeys(w for w in wants if w != batch.layers):
+                part = batch.split([i for i, r in enumerate(batch.requests) if want_of[id(r)] == want])
+                self.fold(part.cache, part.mask, part.layers, want)
+                part.layers = want
+                for request in part.requests:
+                    request.dsla_layers = want
+                self.add(part)
+            if batch.requests:
+                self.add(batch)
+
+    @staticmethod
+    def revertible(cache: DSLACache, current: tuple[int, ...], *wants: tuple[int, ...]) -> bool:
+        """Whether the cache holds the keys and values of every layer of `current` that a `want` runs as softmax."""
+        return cache.can_revert(sorted({i for want in wants for i in current if i not in want}))
+
+    def fold(self, cache: DSLACache, mask: torch.Tensor | None, current: tuple[int, ...], want: tuple[int, ...]):
+        """Fold the keys and values of the layers `want` adds to `current` into their states now (so that the
+        cache holds the same kinds of state as the other caches of `want`, to stack with them)."""
+        added = [i for i in want if i not in current]
+        if added:
+            self.model.fold_caches([(cache, mask)], added)
+
+    def add(self, batch: Batch) -> None:
+        """A batch joins the running batch of its layers (stacked: both caches copied once), or runs alone."""
+        for other in self.batches:
+            if other.layers == batch.layers:
+                other.cache, other.mask = DSLACache.stack([other.cache, batch.cache], [other.mask, batch.mask])
+                other.requests += batch.requests
+                return
+        self.batches.append(batch)
 
     # --- one step ------------------------------------------------------------------------------------------------
 
@@ -118,13 +212,14 @@ class ModelRunner:
         end = min(len(request.prompt_ids), (start // size + 1) * size, start + budget)
         ids = torch.tensor([request.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         # Every position's logits only when the prompt is scored: the others pay for the last position's alone.
-        return SequenceGroup(ids, request.cache, logits_to_keep=1 if request.params.prompt_logprobs is None else 0)
+        keep = 1 if request.params.prompt_logprobs is None else 0
+        return SequenceGroup(ids, request.cache, logits_to_keep=keep, dsla_layers=request.dsla_layers)
 
     def prefilled(self, request: Request, logits: torch.Tensor) -> torch.Tensor | None:
         """After the request's chunk ran (`logits` [1, kept, vocab]): its prompt logprobs and checkpoints. Returns
         the last position's logits (fp32, on the CPU) once the prompt is done, after its checkpoints went to the
         prefix cache; else None."""
-        scored, layers = request.params.prompt_logprobs, self.layers
+        scored, layers = request.params.prompt_logprobs, request.dsla_layers
         start, size = request.prefilled, self.config.prefill_chunk
         end = request.cache.get_seq_length()
         if scored is not None:  # position i predicts prompt token i + 1 (the last one of the prompt: the output)
@@ -149,7 +244,7 @@ class ModelRunner:
         request.checkpoints, request.cached_tokens = [], 0
         hit = None
         if self.prefix_cache is not None and scored is None:
-            hit = self.prefix_cache.lookup(request.prompt_ids, self.layers)
+            hit = self.prefix_cache.lookup(request.prompt_ids, request.dsla_layers)
             self.metrics.inc("vllm:prefix_cache_queries_total", len(request.prompt_ids))
         if hit is not None:
             request.cache, request.prefilled = DSLACache.from_checkpoint(hit), hit.tokens
@@ -162,58 +257,59 @@ class ModelRunner:
             request.prompt_logprobs = [TokenLogprob(request.prompt_ids[0], None, None)]
 
     def join(self, request: Request) -> None:
-        """Add a prefilled request's cache to the running batch as its last row (left-padded)."""
-        if self.cache is None:
-            self.cache, self.mask = request.cache, torch.ones(1, request.cached, dtype=torch.long, device=self.device)
-        else:
-            self.cache, self.mask = DSLACache.stack([self.cache, request.cache], [self.mask, None])
+        """A prefilled request joins the running batch of its layers as its last row (left-padded)."""
+        mask = torch.ones(1, request.cached, dtype=torch.long, device=self.device)
+        self.add(Batch(request.dsla_layers, request.cache, mask, [request]))
         request.cache = None
 
-    def decode_group(self, running: list[Request]) -> SequenceGroup:
-        """One token for each row of the batch: each request's last output token, at its own position."""
-        batch = len(running)
-        tokens = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[r.cached] for r in running], dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
-        return SequenceGroup(tokens, self.cache, attention_mask=self.mask, position_ids=positions)
+    def decode_groups(self) -> list[tuple[Batch, SequenceGroup]]:
+        """One token for each running request, by batch: its last output token, at its own position."""
+        groups = []
+        for batch in self.batches:
+            running = batch.requests
+            tokens = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[r.cached] for r in running], dtype=torch.long, device=self.device)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(running), 1)], 1)
+            group = SequenceGroup(tokens, batch.cache, batch.mask, positions, dsla_layers=batch.layers)
+            groups.append((batch, group))
+        return groups
 
-    def decoded(self, running: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """After the batch's decode tokens ran (`logits` [rows, 1, vocab]): the next token's logits [rows, vocab],
+    def decoded(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """After a batch's decode tokens ran (`logits` [rows, 1, vocab]): the next token's logits [rows, vocab],
         fp32 on the CPU (sampled there, with each request's own generator)."""
-        for request in running:
+        for request in batch.requests:
             request.cached += 1
         return logits[:, -1].float().cpu()
 
-    def remove(self, running: list[Request], keep: list[int]) -> None:
-        """Drop the rows of the batch not in `keep` (the finished requests'; those that ended normally leave their
-        prompt and output in the prefix cache first) and the columns that are then padding in every row."""
-        if self.prefix_cache is not None:
-            for row, request in enumerate(running):
-                if request.finish_reason in ("stop", "length"):
-                    self.store_conversation(request, row)
-        if not keep:
-            self.cache, self.mask = None, None
-            return
-        self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
-        self.mask = self.mask[keep]
-        leading = int((self.mask.cumsum(1) == 0).all(0).sum())
-        if leading:
-            self.cache.trim_left(leading)
-            self.mask = self.mask[:, leading:]
+    def remove_finished(self) -> None:
+        """Drop the finished requests' rows (those that ended normally leave their prompt and output in the prefix
+        cache first), and batches left empty."""
+        for batch in list(self.batches):
+            keep = [i for i, r in enumerate(batch.requests) if r.finish_reason is None]
+            if len(keep) == len(batch.requests):
+                continue
+            if self.prefix_cache is not None:
+                for row, request in enumerate(batch.requests):
+                    if request.finish_reason in ("stop", "length"):
+                        self.store_conversation(batch, request, row)
+            if keep:
+                batch.keep(keep)
+            else:
+                self.batches.remove(batch)
 
-    def store_conversation(self, request: Request, row: int) -> None:
-        """Keep what a finished request's row of the batch cache holds (its prompt and all but its last output
-        token) in the prefix cache: a conversation's next turn resends both."""
+    def store_conversation(self, batch: Batch, request: Request, row: int) -> None:
+        """Keep what a finished request's row of its batch holds (its prompt and all but its last output token) in
+        the prefix cache: a conversation's next turn resends both."""
         held = request.prompt_ids + request.output_ids[: request.cached - len(request.prompt_ids)]
         try:
-            checkpoint = self.cache.checkpoint(row=row, tokens=request.cached)
+            checkpoint = batch.cache.checkpoint(row=row, tokens=request.cached)
         except ValueError:  # a layer switched while it ran holds neither kind of state in full: nothing to keep
             return
-        self.prefix_cache.store(held, self.layers, [checkpoint])
+        self.prefix_cache.store(held, batch.layers, [checkpoint])
 
     def reset(self) -> None:
-        """Forget the running batch (after a failed step)."""
-        self.cache, self.mask = None, None
+        """Forget the running batches (after a failed step)."""
+        self.batches = []
 
 
-__all__ = ["ModelRunner"]
+__all__ = ["Batch", "ModelRunner"]

@@ -344,8 +344,10 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage; `prompt_tokens_details.cached_tokens` (prompt tokens served by the prefix cache) when any."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, modes: list | None = None) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` (prompt tokens served by the prefix cache) when any;
+    `dsla_modes`, per choice, the DSLA layers its output tokens were produced with, from which token on (each
+    request's own kinds: they change when the load or its context length changes them)."""
     out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -353,6 +355,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
     if cached_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if modes is not None:
+        out["dsla_modes"] = [
+            [{"from_token": start, "dsla_layers": list(layers)} for start, layers in choice] for choice in modes
+        ]
     return out
 
 

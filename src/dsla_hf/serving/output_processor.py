@@ -110,6 +110,7 @@ class OutputProcessor:
                     logprobs=logprobs,
                     prompt_logprobs=request.take_prompt_logprobs(),
                     cached_tokens=request.cached_tokens,
+                    modes=list(request.modes),
                 )
             )
         except Exception:  # a consumer that went away must not stop the engine

@@ -49,6 +49,8 @@ class AdaptivePolicy:
         kv_high, kv_low: the same for the fraction of the KV budget in use.
         prompt_high, prompt_low: the same for the longest prompt (tokens, before `length_scale`); None: not a trigger.
         cooldown_s: minimum time between two switches.
+        per_request: cap each request by its own context length (True), or run every request with the layers
+            that the longest prompt allows (False: one ratio for the whole batch).
     """
 
     num_layers: int
@@ -65,6 +67,7 @@ class AdaptivePolicy:
     prompt_high: int | None = 4096
     prompt_low: int | None = 2048
     cooldown_s: float = 2.0
+    per_request: bool = True
     ratio: float = field(default=0.0, init=False)
     last_switch: float = field(default=-math.inf, init=False)
     pending: float | None = field(default=None, init=False)  # the last decision, until `commit`
@@ -131,6 +134,13 @@ class AdaptivePolicy:
         self.pending = self.target_ratio(load, now)
         return self.layers(self.pending)
 
+    def request_layers(self, count: int, context_tokens: int) -> int:
+        """A request's share of the `count` DSLA layers the load asks for: at most its own prompt length's cap
+        (the poster's caps, per request), unless `per_request` is off."""
+        if not self.per_request:
+            return count
+        return min(count, self.layers(max(self.min_ratio, self.cap(context_tokens))))
+
     def commit(self, now: float) -> None:
         """Record that the engine applied the last decision (starts the cool-down)."""
         pending = self.ratio if self.pending is None else self.pending
@@ -147,6 +157,9 @@ class StaticPolicy:
 
     def decide(self, load: LoadSnapshot, now: float) -> int:
         return self.count
+
+    def request_layers(self, count: int, context_tokens: int) -> int:
+        return count
 
     def commit(self, now: float) -> None:
         pass

@@ -25,6 +25,7 @@ class Output:
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
     prompt_logprobs: list[TokenLogprob] | None = None  # of every prompt token, with the request's first output
     cached_tokens: int = 0  # prompt tokens served by the prefix cache (with the last output)
+    modes: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # `Request.modes` (with the last output)
 
     @property
     def finished(self) -> bool:
@@ -51,6 +52,7 @@ class Request:
         self.cached_tokens = 0  # of them, those from the prefix cache
         self.checkpoints: list[tuple[tuple[int, ...], CacheCheckpoint]] = []  # (DSLA layers, checkpoint) by chunk
         self.cached = 0  # real tokens in the cache (prompt plus fed outputs): the next position
+        self.dsla_layers: tuple[int, ...] | None = None  # the layers it runs as DSLA now (set when admitted)
         # (index of the first output token produced with these layers, DSLA layers): the per-token layer modes.
         self.modes: list[tuple[int, tuple[int, ...]]] = []
         self.prompt_logprobs: list[TokenLogprob] | None = None  # filled while prefilling, when asked for

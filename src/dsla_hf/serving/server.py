@@ -136,6 +136,7 @@ class Submission:
             prompt_tokens=sum(o.prompt_tokens for o in finished),
             completion_tokens=sum(o.completion_tokens for o in finished),
             cached_tokens=sum(o.cached_tokens for o in finished),
+            modes=[o.modes for o in finished],
         )
 
 

@@ -592,12 +592,14 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
         cu_seqlens: torch.LongTensor | None = None,
+        as_dsla: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The attention half of the layer, residual included: DSLA or softmax attention, as the layer runs now."""
+        """The attention half of the layer, residual included: DSLA or softmax attention, as the layer runs now
+        (`as_dsla` None) or as asked (a request of its own kinds, in `forward_groups`)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        if self.layer_type == LINEAR_ATTENTION:
+        if self.layer_type == LINEAR_ATTENTION if as_dsla is None else as_dsla:
             hidden_states = self.linear_attn(
                 hidden_states=hidden_states,
                 position_embeddings=position_embeddings,
@@ -626,13 +628,16 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
 class SequenceGroup:
     """Rows that share one cache, for :meth:`DSLALlamaForCausalLM.forward_groups`: `input_ids` [rows, T],
     `attention_mask` (2-D padding mask over past and new tokens, or None), `position_ids` [rows, T] (default: after
-    the cache's tokens), and the positions whose logits are wanted (the last `logits_to_keep`; 0: all)."""
+    the cache's tokens), the positions whose logits are wanted (the last `logits_to_keep`; 0: all), and the layers
+    these rows run as DSLA (`dsla_layers`; None: the model's current ones), so groups of different kinds run in one
+    forward (the paper's mixed batches)."""
 
     input_ids: torch.LongTensor
     cache: DSLACache
     attention_mask: torch.Tensor | None = None
     position_ids: torch.LongTensor | None = None
     logits_to_keep: int = 1
+    dsla_layers: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -838,21 +843,27 @@ class DSLALlamaModel(DSLAPreTrainedModel):
         after the final norm, [rows, T, hidden]. Nothing is recorded (see `forward` for outputs)."""
         if not groups:
             raise ValueError("forward_groups needs at least one group")
-        hidden, inputs = [], []
+        hidden, inputs, kinds = [], [], []
         for group in groups:
             if not isinstance(group.cache, DSLACache) or group.input_ids.dim() != 2:
                 raise ValueError("Each group needs input_ids [rows, tokens] and its own DSLACache")
+            layers = self.config.active_dsla_layers if group.dsla_layers is None else group.dsla_layers
+            if not set(layers) <= set(self.config.dsla_layers):
+                raise ValueError(f"Layers {sorted(set(layers) - set(self.config.dsla_layers))} have no DSLA weights")
             embeds = self.embed_tokens(group.input_ids)
             mask = group.attention_mask
             padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.all()
-            if self.config.active_dsla_layers:
+            if layers:
                 announce_kernels(embeds.device)
                 self.packed_documents(embeds, mask, padded, group.position_ids, group.cache, True, {})  # refusals
             hidden.append(embeds)
             inputs.append(self.layer_inputs(embeds, mask, group.position_ids, group.cache, padded))
+            kinds.append(set(layers))
         sizes = [h.shape[0] * h.shape[1] for h in hidden]
-        for layer in self.layers:
-            attended = [layer.attend(h, use_cache=True, **kw) for h, kw in zip(hidden, inputs)]
+        for i, layer in enumerate(self.layers):
+            attended = [
+                layer.attend(h, use_cache=True, as_dsla=i in dsla, **kw) for h, kw, dsla in zip(hidden, inputs, kinds)
+            ]
             mixed = layer.feed_forward(torch.cat([a.flatten(0, 1) for a in attended]))
             hidden = [part.view_as(a) for part, a in zip(mixed.split(sizes), attended)]
         return [self.norm(h) for h in hidden]
