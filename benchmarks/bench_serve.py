@@ -109,20 +109,26 @@ def parse_args() -> argparse.Namespace:
 
 
 def policies(model, args) -> dict:
-    """The three configurations: the teacher, a static ratio, and the adaptive policy (named as in the report)."""
+    """The configurations: the teacher, a static ratio, and the adaptive policy with each request capped by its own
+    context length (the default) and with one ratio for all (named as in the report)."""
     n = model.config.num_hidden_layers
-    adaptive = AdaptivePolicy(
-        num_layers=n,
-        max_layers=len(model.config.conversion_order),
-        length_scale=min(1.0, args.length_scale) if args.policy_length_scale is None else args.policy_length_scale,
-        cooldown_s=args.cooldown,
-        queue_high=2,
-        queue_low=0,
-    )
+
+    def adaptive(per_request: bool) -> AdaptivePolicy:
+        return AdaptivePolicy(
+            num_layers=n,
+            max_layers=len(model.config.conversion_order),
+            length_scale=min(1.0, args.length_scale) if args.policy_length_scale is None else args.policy_length_scale,
+            cooldown_s=args.cooldown,
+            queue_high=2,
+            queue_low=0,
+            per_request=per_request,
+        )
+
     return {
         "teacher": StaticPolicy(0),
         f"static {args.static_ratio:.0%}": StaticPolicy(ratio_to_layers(args.static_ratio, n)),
-        "adaptive": adaptive,
+        "adaptive": adaptive(per_request=True),
+        "adaptive, one ratio": adaptive(per_request=False),
     }
 
 
@@ -167,7 +173,14 @@ def main() -> None:
         "model": args.model,
         "dsla_weights": "as given by --model (smollm2: untrained DSLA weights, quality is a lower bound)",
         "trace": trace_report(args, requests),
-        "engine": {"max_num_seqs": args.max_num_seqs, "prefill_chunk": args.prefill_chunk, "threads": args.threads},
+        "engine": {
+            "max_num_seqs": args.max_num_seqs,
+            "prefill_chunk": args.prefill_chunk,
+            "max_num_batched_tokens": EngineConfig(
+                args.max_num_seqs, prefill_chunk=args.prefill_chunk
+            ).max_num_batched_tokens,
+            "threads": args.threads,
+        },
         "adaptive_policy": {k: v for k, v in vars(configs["adaptive"]).items() if not k.startswith("_")},
         "runs": runs,
         "quality": quality(model, tokenizer, ratios),
@@ -191,7 +204,11 @@ def write_plot(details, runs, path):
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     names = list(runs)
-    axes[0].bar(names, [runs[k]["mean_latency_per_token_ms"] for k in names], color=["gray", "tab:blue", "tab:green"])
+    axes[0].bar(
+        names,
+        [runs[k]["mean_latency_per_token_ms"] for k in names],
+        color=["gray", "tab:blue", "tab:green", "tab:olive"][: len(names)],
+    )
     axes[0].set(ylabel="mean latency per output token (ms)", title="latency per output token")
     for name, (results, _) in details.items():
         ok = sorted(1000 * r.latency / max(1, r.output_tokens) for r in results if r.success)
