@@ -557,30 +557,9 @@ class DSLADecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: DSLACache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        padding_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        hidden_states = self.attend(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            padding_mask=padding_mask,
-            cu_seqlens=cu_seqlens,
-            **kwargs,
-        )
-        return self.feed_forward(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The whole layer: `attend` (its keyword arguments), then `feed_forward`."""
+        return self.feed_forward(self.attend(hidden_states, **kwargs))
 
     def attend(
         self,
