@@ -484,3 +484,21 @@ def test_each_request_runs_its_own_layers_in_mixed_batches(toy):
             layers = request.dsla_layers_at(j)
             assert token == reference_token(model, request.prompt_ids + request.output_ids[:j], layers), (j, layers)
     model.set_dsla_layers([])
+
+
+def test_with_kept_keys_and_values_running_requests_follow_a_decrease(toy):
+    """With `keep_kv`, a running request whose layers shrink goes back to softmax attention at once (its kept keys
+    and values are complete), so no decrease is deferred; every token still equals a fresh forward with the layers
+    it was produced with, and some request saw layer 3 come and go while it ran."""
+    model, tok = toy
+    config = EngineConfig(max_num_seqs=2, prefill_chunk=16, keep_kv=True)
+    engine = Engine(model, tok, config, policy=one_layer_when_queued())
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = prompts_of([11, 4, 17, 9, 6, 14], seed=1)
+    requests, _, _ = collect(engine, prompts, params)
+    assert engine.layer_switches >= 2 and engine.deferred_decreases == 0
+    assert any([layers for _, layers in r.modes][-2:] == [(3,), ()] for r in requests), [r.modes for r in requests]
+    for request, prompt in zip(requests, prompts):
+        for j, token in enumerate(request.output_ids):
+            layers = request.dsla_layers_at(j)
+            assert token == reference_token(model, prompt + request.output_ids[:j], layers), (j, layers)
