@@ -179,3 +179,34 @@ def test_groups_of_different_layer_kinds_in_one_forward(tiny_teacher):
             torch.testing.assert_close(logits, model(prompt, use_cache=False).logits, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match=r"Layers \[0\] have no DSLA weights"):
             model.forward_groups([SequenceGroup(prompts[0], DSLACache(model.config), dsla_layers=(0, 1))])
+
+
+def test_selected_rows_continue_as_the_batch_would(tiny_teacher):
+    """`select_rows` (a server's batch as requests leave: rows kept, the columns that are then padding dropped, one
+    copy into buffers with room) decodes exactly as `batch_select_indices` then `trim_left` on the same batch."""
+    model = convert(tiny_teacher, layers="all").eval()
+    model.set_dsla_layers([1, 3])
+    caches = [DSLACache(model.config) for _ in range(3)]
+    prompts = [torch.randint(3, 101, (1, n)) for n in (13, 6, 9)]
+    with torch.no_grad():
+        for prompt, cache in zip(prompts, caches):
+            model(prompt, cache=cache)
+        batch, mask = DSLACache.stack(caches, [None] * 3)
+        reference = copy.deepcopy(batch)
+        selected = batch.select_rows([1, 2], drop_left=4)  # rows of 6 and 9 tokens: 4 columns of padding in both
+        reference.batch_select_indices(torch.tensor([1, 2]))
+        reference.trim_left(4)
+        kept = mask[[1, 2], 4:]
+        assert selected.get_seq_length() == reference.get_seq_length() == 9
+        positions = torch.tensor([[6], [9]])
+        for token in (7, 8, 9):
+            kept = torch.cat([kept, kept.new_ones(2, 1)], 1)
+            ids = torch.tensor([[token], [token + 1]])
+            mine = model(ids, attention_mask=kept, position_ids=positions, cache=selected).logits
+            theirs = model(ids, attention_mask=kept, position_ids=positions, cache=reference).logits
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+            positions = positions + 1
+    assert selected.layers[0].owns_buffers  # room to grow: the decode steps above appended in place
+    with pytest.raises(ValueError, match="at least one row"):
+        batch.select_rows([])
+    model.set_dsla_layers([])

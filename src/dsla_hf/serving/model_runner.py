@@ -9,7 +9,6 @@ own caches with their own kinds, and share every layer's MLP (`forward_groups`).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,33 +36,21 @@ class Batch:
     requests: list[Request]
 
     def split(self, rows: list[int]) -> Batch:
-        """These rows as a batch of their own (copied); the others stay in this one."""
-        if len(rows) == len(self.requests):
-            part = Batch(self.layers, self.cache, self.mask, self.requests)
-            self.requests = []
-            return part
-        index = torch.tensor(rows, device=self.mask.device)
-        rest = torch.tensor([i for i in range(len(self.requests)) if i not in rows], device=self.mask.device)
-        cache = copy.deepcopy(self.cache)
-        cache.batch_select_indices(index)
-        part = Batch(self.layers, cache, self.mask[index], [self.requests[i] for i in rows])
-        self.cache.batch_select_indices(rest)
-        self.mask, self.requests = self.mask[rest], [self.requests[i] for i in rest.tolist()]
-        part.trim()
-        self.trim()
+        """These rows as a batch of their own; the others stay in this one (each cache copied once)."""
+        part = Batch(self.layers, self.cache, self.mask, self.requests)
+        part.keep(rows)
+        self.keep([i for i in range(len(self.requests)) if i not in rows])
         return part
 
     def keep(self, rows: list[int]) -> None:
-        """Drop every other row, and the columns that are then padding in every row."""
-        self.cache.batch_select_indices(torch.tensor(rows, device=self.mask.device))
-        self.mask, self.requests = self.mask[rows], [self.requests[i] for i in rows]
-        self.trim()
-
-    def trim(self) -> None:
-        leading = int((self.mask.cumsum(1) == 0).all(0).sum())
-        if leading:
-            self.cache.trim_left(leading)
-            self.mask = self.mask[:, leading:]
+        """Only these rows, without the columns that are then padding in every row (left empty: no rows)."""
+        if not rows:
+            self.requests = []
+            return
+        mask = self.mask[rows]
+        leading = int((mask.cumsum(1) == 0).all(0).sum())
+        self.cache = self.cache.select_rows(rows, drop_left=leading)
+        self.mask, self.requests = mask[:, leading:], [self.requests[i] for i in rows]
 
 
 class ModelRunner:

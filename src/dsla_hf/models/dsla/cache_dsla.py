@@ -23,6 +23,11 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def room_for(tokens: int) -> int:
+    """Positions a key buffer holding `tokens` is allocated with: half again, so appends are amortised."""
+    return tokens + max(tokens, 64) // 2
+
+
 class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def __init__(self, keep_kv: bool = False):
         super().__init__(number_of_states=1)
@@ -82,18 +87,43 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
         checkpoint's) stay valid, since only positions past their end are ever written."""
         n, t = self.kv_tokens, key_states.shape[-2]
         if not self.owns_buffers or self._buffers[0].shape[-2] < n + t:
-            capacity = n + t + max(n + t, 64) // 2
-            buffers = []
-            for cached, new in ((self.keys, key_states), (self.values, value_states)):
-                buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
-                if n:
-                    buffer[..., :n, :] = cached
-                buffers.append(buffer)
-            self._buffers = tuple(buffers)
+            self.gather_kv(
+                [(self.keys, self.values)] if n else [], n, room=room_for(n + t), like=(key_states, value_states)
+            )
         keys, values = self._buffers
         keys[..., n : n + t, :] = key_states
         values[..., n : n + t, :] = value_states
         self._views = self.keys, self.values = keys[..., : n + t, :], values[..., : n + t, :]
+
+    def gather_kv(
+        self,
+        parts: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: int,
+        room: int | None = None,
+        like: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Make `keys` and `values` the rows of `parts` (keys and values [B_i, HK, T_i, D], stacked by row), each
+        right-aligned to `tokens` positions after zeros (left padding), in new buffers of this layer's own with
+        room to grow. One copy of each part: `torch.cat` with padding would copy twice, into memory that the next
+        append would copy again. `like` gives the shape of a row when `parts` is empty."""
+        first = parts[0] if parts else like
+        rows = sum(k.shape[0] for k, _ in parts) if parts else first[0].shape[0]
+        room = room_for(tokens) if room is None else room
+        if not self.is_initialized:
+            self.lazy_initialization(*first)
+        buffers = []
+        for side in (0, 1):
+            buffer = first[side].new_empty(rows, first[side].shape[1], room, first[side].shape[-1])
+            row = 0
+            for part in parts:
+                tensor = part[side]
+                count, n = tensor.shape[0], tensor.shape[-2]
+                buffer[row : row + count, :, : tokens - n] = 0
+                buffer[row : row + count, :, tokens - n : tokens] = tensor
+                row += count
+            buffers.append(buffer)
+        self._buffers = tuple(buffers)
+        self._views = self.keys, self.values = buffers[0][..., :tokens, :], buffers[1][..., :tokens, :]
 
     # --- DSLA ----------------------------------------------------------------------------------------------------
 
@@ -304,10 +334,7 @@ class DSLACache(Cache):
             if len(has_kv) > 1:
                 raise ValueError(f"Layer {i} keeps keys and values for some requests only; fold them first")
             if has_kv.pop():
-                keys = torch.cat([_pad_left(p.keys, total - n) for p, n in zip(parts, lengths)])
-                values = torch.cat([_pad_left(p.values, total - n) for p, n in zip(parts, lengths)])
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
+                layer.gather_kv([(p.keys, p.values) for p in parts], total)
             current = [p.state is not None and p.state_tokens == p.seen_tokens for p in parts]
             if all(current):
                 windows = [p.window for p in parts]
@@ -375,6 +402,31 @@ class DSLACache(Cache):
                 layer.set_state(state[0].clone(), 0, window)
         cache.position_ids = checkpoint.positions[:, :n]
         return cache
+
+    def select_rows(self, rows: list[int], drop_left: int = 0) -> DSLACache:
+        """A new cache of these rows of the batch, without its first `drop_left` positions (padding in every row
+        kept): keys and values copied once into buffers with room to grow, states and windows indexed. For a
+        server's batch as requests leave it (`batch_select_indices` then `trim_left` would copy twice)."""
+        seen = self.get_seq_length()
+        if not 0 <= drop_left <= seen or not rows:
+            raise ValueError(f"Select at least one row and drop at most the {seen} positions seen")
+        index = torch.tensor(rows, device=self.position_ids.device if self.position_ids is not None else None)
+        out = type(self)(num_layers=len(self.layers), keep_kv=self.keep_kv)
+        for mine, layer in zip(out.layers, self.layers):
+            if layer.kv_tokens:
+                parts = [
+                    (layer.keys[i : i + 1, ..., drop_left:, :], layer.values[i : i + 1, ..., drop_left:, :])
+                    for i in rows
+                ]
+                mine.gather_kv(parts, layer.kv_tokens - drop_left)
+            if layer.state is not None:
+                window = None if layer.window is None else tuple(t.index_select(0, index) for t in layer.window)
+                mine.set_state(layer.state.index_select(0, index), 0, window)
+            mine.seen_tokens = layer.seen_tokens - drop_left
+            mine.state_tokens = max(0, layer.state_tokens - drop_left)
+        if self.position_ids is not None:
+            out.position_ids = self.position_ids.index_select(0, index)[:, drop_left:]
+        return out
 
     def trim_left(self, count: int) -> None:
         """Drop the first `count` positions, which must be padding in every row (after requests left the batch)."""
