@@ -282,7 +282,7 @@ class Engine:
         )
 
     def kv_usage(self) -> float:
-        """The memory the running batch and the prefill in progress take, as a fraction of the KV budget."""
+        """The memory the running batches and the prefills in progress take, as a fraction of the KV budget."""
         return self.runner.kv_bytes(self.scheduler.prefilling) / self.runner.kv_budget
 
     def _remove_finished(self) -> None:
