@@ -74,8 +74,6 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
                 "tokens, so it cannot run as softmax attention again for this request. Create the cache with "
                 "`DSLACache(config, keep_kv=True)` to make reverts exact."
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         self.extend_kv(key_states, value_states)
         self.seen_tokens += key_states.shape[-2]
         return self.keys, self.values
@@ -153,8 +151,6 @@ class DSLACacheLayer(LinearAttentionAndFullAttentionLayer):
     def append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Keep keys and values beside the states (for an exact revert), without counting the tokens again."""
         if self.kv_tokens == self.seen_tokens - key_states.shape[-2]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
             self.extend_kv(key_states, value_states)
 
     def free_kv(self) -> None:

@@ -114,6 +114,14 @@ def restarts_among_valid(position_ids: torch.LongTensor, mask: torch.Tensor) -> 
     return bool((valid[:, 1:] & (pos[:, 1:] <= seen[:, :-1])).any())
 
 
+def tokenwise(fn, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`fn` (token by token, as an MLP or the `lm_head`) over the tokens of several [rows, T, hidden] tensors in one
+    call, so its weights are read once; the results [rows, T, out] in the same order."""
+    out = fn(torch.cat([t.flatten(0, 1) for t in tensors]))
+    parts = out.split([t.shape[0] * t.shape[1] for t in tensors])
+    return [part.view(*t.shape[:2], -1) for part, t in zip(parts, tensors)]
+
+
 def tensors_key(*tensors: torch.Tensor | None) -> tuple:
     """What identifies these tensors' contents for a derived copy kept at inference (a merged LoRA weight, the fused
     step's weights): address, version (bumped by in-place updates) and dtype. A fused optimiser step changes
@@ -838,13 +846,11 @@ class DSLALlamaModel(DSLAPreTrainedModel):
             hidden.append(embeds)
             inputs.append(self.layer_inputs(embeds, mask, group.position_ids, group.cache, padded))
             kinds.append(set(layers))
-        sizes = [h.shape[0] * h.shape[1] for h in hidden]
         for i, layer in enumerate(self.layers):
             attended = [
                 layer.attend(h, use_cache=True, as_dsla=i in dsla, **kw) for h, kw, dsla in zip(hidden, inputs, kinds)
             ]
-            mixed = layer.feed_forward(torch.cat([a.flatten(0, 1) for a in attended]))
-            hidden = [part.view_as(a) for part, a in zip(mixed.split(sizes), attended)]
+            hidden = tokenwise(layer.feed_forward, attended)
         return [self.norm(h) for h in hidden]
 
     def packed_documents(
@@ -970,9 +976,7 @@ class DSLALlamaForCausalLM(DSLAPreTrainedModel, GenerationMixin):
         groups (:meth:`DSLALlamaModel.forward_groups`) and one `lm_head` product over what every group keeps."""
         hidden = self.model.forward_groups(groups)
         kept = [h[:, -g.logits_to_keep :] if g.logits_to_keep else h for h, g in zip(hidden, groups)]
-        logits = self.lm_head(torch.cat([k.flatten(0, 1) for k in kept]))
-        parts = logits.split([k.shape[0] * k.shape[1] for k in kept])
-        return [part.view(*k.shape[:2], -1) for part, k in zip(parts, kept)]
+        return tokenwise(self.lm_head, kept)
 
     def forward(
         self,
