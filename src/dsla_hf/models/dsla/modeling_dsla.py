@@ -460,11 +460,7 @@ class DSLAAttention(nn.Module):
             self.keep_kv(cache_layer, k, v, position_embeddings)
 
         if self.window:
-            if cache_layer is None:  # the new tokens' own positions (per document when packed) after W null entries
-                cos, sin = (F.pad(t, (0, 0, self.window, 0)) for t in position_embeddings)
-            else:
-                positions = self.pending_positions(cache, cache_layer.seen_tokens, T)
-                cos, sin = self.rotary_emb(hidden_states, positions)
+            cos, sin = self.pending_rope(cache, T, position_embeddings)
             doc_start = None if doc_start is None else doc_start + self.window  # as pending indices
             o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start)
             o = o.to(hidden_states.dtype)
@@ -542,6 +538,18 @@ class DSLAAttention(nn.Module):
         if queries is q and self.window:  # the window attention reads the raw queries after
             return None
         return queries[..., :value_dim]
+
+    def pending_rope(self, cache: DSLACache | None, T: int, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of the W + T pending tokens: the window's W past positions (from the cache, after this step's
+        update; null entries without one), then the new tokens' own tables (per document when packed), which the
+        model has computed already (recomputing them took 3 ms of a 16k-token prefill)."""
+        cos, sin = position_embeddings
+        if cache is None:
+            return F.pad(cos, (0, 0, self.window, 0)), F.pad(sin, (0, 0, self.window, 0))
+        past = self.pending_positions(cache, cache.layers[self.layer_idx].seen_tokens - T, 0)
+        past_cos, past_sin = self.rotary_emb(cos, past)
+        rows = past.shape[0]
+        return torch.cat([past_cos, cos.expand(rows, -1, -1)], 1), torch.cat([past_sin, sin.expand(rows, -1, -1)], 1)
 
     def pending_positions(self, cache: DSLACache, seen: int, T: int) -> torch.LongTensor:
         """Positions of the W + T pending tokens (the window's, then the new ones) from the cache; 0 for null entries.
