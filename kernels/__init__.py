@@ -9,6 +9,8 @@
   pending tokens enter the states and which stay in the window.
 - ``LinearGates``, ``HedgehogFeatures``: gates, and query and key features, given by their inputs and weights in
   place of tensors (the C++ kernel computes them chunk by chunk; the other backends materialise them).
+- ``scratch``: reusable CPU tensors for intermediates that die within a call (a long prompt's, above the mmap
+  threshold, would be fresh pages every time).
 
 Each entry point checks its inputs once (:func:`.inputs.check_inputs`: shapes, grouped heads, one gate tensor
 ``g`` [B, T, S, HK, K] for S = 1 or 2 states, the mixing weights as fp32 [H, S], the default scale, packing),
@@ -27,6 +29,7 @@ from .gates import LinearGates
 from .inputs import RECURRENT_MAX_TOKENS
 from .naive import naive_dsla
 from .window import advance_window, window_attention
+from .workspace import scratch
 
 __all__ = [
     "RECURRENT_MAX_TOKENS",
@@ -44,5 +47,6 @@ __all__ = [
     "hedgehog",
     "naive_decode_dsla",
     "naive_dsla",
+    "scratch",
     "window_attention",
 ]

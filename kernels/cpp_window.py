@@ -20,15 +20,19 @@ def _packed_entry(lib: ctypes.CDLL):
 
 
 @torch.no_grad()
-def window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=None):
-    """The C++ kernel (CPU inference, fp32); same arguments and result as the PyTorch path."""
+def window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=None, out=None):
+    """The C++ kernel (CPU inference, fp32); same arguments and result as the PyTorch path. `out` (fp32, checked by
+    the entry point) receives the result, written row by row after the kernel has read that row of `q`: it may be
+    `q` itself."""
     lib = loaded()
     B, T, H, D = q.shape
     W, HK = keys.shape[1] - T, keys.shape[2]
+    if out is not None and out.stride(-1) != 1:
+        return out.copy_(window_attention_cpp(q, keys, values, valid, cos, sin, lin, log_scale, doc_start))
     q, keys, values, lin = fp32_operand(q), fp32_operand(keys), fp32_operand(values), fp32_operand(lin)
     valid, log_scale = valid.float().contiguous(), log_scale.float().contiguous()
     cos, sin = cos.float().expand(B, -1, -1).contiguous(), sin.float().expand(B, -1, -1).contiguous()
-    out = torch.empty(B, T, H, D)
+    out = torch.empty(B, T, H, D) if out is None else out
     head = (
         q.data_ptr(), strides3(q), keys.data_ptr(), strides3(keys), values.data_ptr(), strides3(values),
         valid.data_ptr(), valid.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.stride(1),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import implementation, resolve_backend
+from .workspace import scratch
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,14 +76,27 @@ def advance_window(
     values: torch.Tensor,
     mask: torch.Tensor | None,
     window: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    reuse: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """T new raw keys and values [B, T, HK, D] (`mask` [B, T]: 0 at padding; None: none) join a window of W (raw
     keys, values, validity [B, W]): of the W + T pending tokens, the T oldest enter the states and the W newest form
     the next window. Returns (what enters the states, the pending tokens, the next window), each (keys, values,
-    validity), as views of the pending tokens."""
+    validity), as views of the pending tokens.
+
+    `reuse` (CPU inference, when the caller is done with the pending tokens before the next call): they are written
+    into :func:`.workspace.scratch` tensors, and the next window is copied out of them."""
     T = keys.shape[1]
     new_valid = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(keys.shape[0], T)
-    pending = tuple(torch.cat([old, new], 1) for old, new in zip(window, (keys, values, new_valid)))
+    parts = list(zip(window, (keys, values, new_valid)))
+    if reuse and keys.device.type == "cpu":
+        names = ("dsla_pending_keys", "dsla_pending_values", "dsla_pending_valid")
+        pending = tuple(
+            torch.cat([old, new], 1, out=scratch(name, (old.shape[0], old.shape[1] + T, *old.shape[2:]), old.device,
+                                                  torch.result_type(old, new)))
+            for name, (old, new) in zip(names, parts)
+        )  # fmt: skip
+        return tuple(t[:, :T] for t in pending), pending, tuple(t[:, T:].clone() for t in pending)
+    pending = tuple(torch.cat([old, new], 1) for old, new in parts)
     return tuple(t[:, :T] for t in pending), pending, tuple(t[:, T:] for t in pending)
 
 
@@ -97,6 +111,7 @@ def window_attention(
     log_scale: torch.Tensor,
     backend: str | None = None,
     doc_start: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the window beside the states' output (see the module docstring).
 
@@ -111,9 +126,11 @@ def window_attention(
             "cpp" or "torch".
         doc_start: [B, T] integers, or None. Packed sequences: the pending index of the first token of each query's
             document (``W`` + its index among the new tokens); the query skips the pending tokens before it.
+        out: (inference) an fp32 [B, T, H, D] tensor that receives the result, or None. It may be ``q`` itself when
+            nothing reads the queries after: each row of ``q`` is read before that row of ``out`` is written.
 
     Returns:
-        [B, T, H, D] fp32.
+        [B, T, H, D] fp32 (``out`` itself when given).
     """
     B, T, H, D = q.shape
     P = keys.shape[1]
@@ -124,9 +141,18 @@ def window_attention(
         raise ValueError("valid [B, W + T], cos/sin [B, W + T, D] and lin [B, T, H, D + 1] expected")
     if doc_start is not None and (doc_start.shape != (B, T) or doc_start.is_floating_point()):
         raise ValueError(f"doc_start must be an integer tensor of shape {(B, T)}, got {tuple(doc_start.shape)}")
+    if out is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values, lin, log_scale)):
+            raise ValueError("out= is for inference: autograd cannot differentiate through an output written in place")
+        if out.shape != q.shape or out.dtype != torch.float32 or out.device != q.device:
+            raise ValueError(f"out must be an fp32 {tuple(q.shape)} tensor on {q.device}, got {out.dtype} "
+                             f"{tuple(out.shape)} on {out.device}")  # fmt: skip
     backend = resolve_backend("window", q, backend, cpp=_cpp_inference(q, keys, values, lin, log_scale))
     run = implementation("window", backend)
-    return run(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=doc_start)
+    if backend == "cpp":
+        return run(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=doc_start, out=out)
+    o = run(q, keys, values, valid, cos, sin, lin, log_scale, doc_start=doc_start)
+    return o if out is None else out.copy_(o)
 
 
 def _cpp_inference(*tensors: torch.Tensor) -> bool:

@@ -73,9 +73,9 @@ def spy_cpp_kernels(monkeypatch) -> list[str]:
         calls.append("chunk" if x.cu_seqlens is not None else "chunk1")
         return chunk_fn(x, *args, **kwargs)
 
-    def window_spy(*args, doc_start=None):
+    def window_spy(*args, doc_start=None, **kwargs):
         calls.append("window" if doc_start is not None else "window1")
-        return window_fn(*args, doc_start=doc_start)
+        return window_fn(*args, doc_start=doc_start, **kwargs)
 
     monkeypatch.setattr(chunk, "chunk_dsla_cpp", chunk_spy)
     monkeypatch.setattr(window, "window_attention_cpp", window_spy)

@@ -50,6 +50,7 @@ from ...kernels import (
     fused_decode_dsla,
     fused_recurrent_dsla,
     hedgehog,
+    scratch,
     window_attention,
 )
 from .cache_dsla import DSLACache, DSLACacheLayer
@@ -320,8 +321,16 @@ class DSLAAttention(nn.Module):
         features = self.k_feature_map.lazy(keys, mask)
         gates = self.gates(keys if self.config.dsla_gate_source == "key" else hidden_states, mask)
         if self.normalizer == "sum":
-            values = torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
+            shape = (*values.shape[:-1], values.shape[-1] + 1)
+            out = scratch("dsla_values", shape, values.device, values.dtype) if self.reusable(values) else None
+            values = torch.cat([values, values.new_ones(*shape[:-1], 1)], dim=-1, out=out)
         return features, values, gates
+
+    @staticmethod
+    def reusable(x: torch.Tensor) -> bool:
+        """Whether this call's intermediates that die within it may live in CPU scratch tensors (inference on the CPU,
+        see :func:`~dsla_hf.kernels.scratch`) rather than fresh memory."""
+        return x.device.type == "cpu" and not torch.is_grad_enabled()
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         value_dim = self.head_dim + (self.normalizer == "sum")
@@ -351,7 +360,7 @@ class DSLAAttention(nn.Module):
             return (keys, values, mask), None, None
         B, T = keys.shape[:2]
         window = window if window is not None else self.empty_window(B, keys)
-        state_in, pending, next_window = advance_window(keys, values, mask, window)
+        state_in, pending, next_window = advance_window(keys, values, mask, window, reuse=self.reusable(keys))
         if doc_start is not None:
             own = torch.arange(-self.window, T - self.window, device=keys.device) >= doc_start
             state_in = (*state_in[:2], state_in[2] * own)
@@ -462,7 +471,8 @@ class DSLAAttention(nn.Module):
         if self.window:
             cos, sin = self.pending_rope(cache, T, position_embeddings)
             doc_start = None if doc_start is None else doc_start + self.window  # as pending indices
-            o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start)
+            out = q if not torch.is_grad_enabled() and q.dtype == torch.float32 else None  # nothing reads q after
+            o = window_attention(q, *pending, cos, sin, o, self.linear_log_scale, doc_start=doc_start, out=out)
             o = o.to(hidden_states.dtype)
         elif self.normalizer == "sum":
             o = o[..., :D] / (o[..., D:].float() + 1e-6).to(o.dtype)
@@ -528,12 +538,16 @@ class DSLAAttention(nn.Module):
             cache_layer.append_kv(k_rot, v.transpose(1, 2))
 
     def output_over_queries(self, queries: torch.Tensor, q: torch.Tensor, value_dim: int) -> torch.Tensor | None:
-        """Where the prefill's output can overlay the query features row for row (inference, when nothing reads them
-        after): a long prompt's output then takes no fresh memory, whose page faults are a quarter of the C++
-        kernel's time at 16k tokens. None where it cannot."""
-        if not isinstance(queries, torch.Tensor):  # computed inside the kernel: no tensor to overlay
+        """Where the prefill's output goes at inference, when nothing but this forward reads it: over the query
+        features row for row where they are a tensor nothing reads after, else (features computed inside the kernel)
+        a CPU scratch tensor reused by every layer and call. A long prompt's output then takes no fresh memory,
+        whose page faults are a quarter of the C++ kernel's time at 16k tokens. None where neither can be used."""
+        if torch.is_grad_enabled() or q.dtype != torch.float32:
             return None
-        if torch.is_grad_enabled() or queries.dtype != torch.float32 or queries.shape[-1] < value_dim:
+        if not isinstance(queries, torch.Tensor):
+            on_cpu = q.device.type == "cpu"
+            return scratch("dsla_states_output", (*q.shape[:3], value_dim), q.device) if on_cpu else None
+        if queries.dtype != torch.float32 or queries.shape[-1] < value_dim:
             return None
         if queries is q and self.window:  # the window attention reads the raw queries after
             return None
