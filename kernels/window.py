@@ -83,21 +83,18 @@ def advance_window(
     the next window. Returns (what enters the states, the pending tokens, the next window), each (keys, values,
     validity), as views of the pending tokens.
 
-    `reuse` (CPU inference, when the caller is done with the pending tokens before the next call): they are written
-    into :func:`.workspace.scratch` tensors, and the next window is copied out of them."""
-    T = keys.shape[1]
-    new_valid = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(keys.shape[0], T)
-    parts = list(zip(window, (keys, values, new_valid)))
-    if reuse and keys.device.type == "cpu":
-        names = ("dsla_pending_keys", "dsla_pending_values", "dsla_pending_valid")
-        pending = tuple(
-            torch.cat([old, new], 1, out=scratch(name, (old.shape[0], old.shape[1] + T, *old.shape[2:]), old.device,
-                                                  torch.result_type(old, new)))
-            for name, (old, new) in zip(names, parts)
-        )  # fmt: skip
-        return tuple(t[:, :T] for t in pending), pending, tuple(t[:, T:].clone() for t in pending)
-    pending = tuple(torch.cat([old, new], 1) for old, new in parts)
-    return tuple(t[:, :T] for t in pending), pending, tuple(t[:, T:] for t in pending)
+    `reuse` (CPU inference, when nothing reads the pending values after the caller's call): they are written into a
+    :func:`.workspace.scratch` tensor, and the next window's values are copied out of it. The keys and validity stay
+    fresh: the gates, which a model may record as outputs, keep views of them."""
+    B, T = keys.shape[:2]
+    new_valid = mask.to(window[2].dtype) if mask is not None else window[2].new_ones(B, T)
+    reuse = reuse and values.device.type == "cpu"
+    shape = (B, window[1].shape[1] + T, *values.shape[2:])
+    out = scratch("dsla_pending_values", shape, values.device, window[1].dtype) if reuse else None
+    pending_values = torch.cat([window[1], values], 1, out=out)
+    pending = (torch.cat([window[0], keys], 1), pending_values, torch.cat([window[2], new_valid], 1))
+    next_values = pending_values[:, T:].clone() if reuse else pending_values[:, T:]
+    return tuple(t[:, :T] for t in pending), pending, (pending[0][:, T:], next_values, pending[2][:, T:])
 
 
 def window_attention(

@@ -30,6 +30,8 @@ def test_recorded_dsla_outputs_and_gates_are_those_of_the_layers_that_ran(tiny_t
     ids = torch.randint(3, 101, (2, 12))
     with torch.no_grad():
         out = student(ids, output_attention_inputs=True, output_dsla_attentions=True, output_dsla_gates=True)
+    # Read before any other forward: what the recorded gates keep must not be reused by a later layer or call.
+    recorded = [g.materialize() for g in out.dsla_gates]
     assert len(out.attention_inputs) == 4 and len(out.dsla_attentions) == len(out.dsla_gates) == 2
     rotary = student.model.rotary_emb
     for j, i in enumerate([1, 3]):  # layer order
@@ -42,8 +44,8 @@ def test_recorded_dsla_outputs_and_gates_are_those_of_the_layers_that_ran(tiny_t
         assert out.dsla_gates[j].weight is block.linear_attn.gates.weight
         # the recorded gates are the state inputs' (keys delayed by the 4-token window): the last new key is in
         # the window, the first state input is a null entry (masked, no decay)
-        torch.testing.assert_close(out.dsla_gates[j].materialize()[:, 4:], gates.materialize()[:, :-4])
-        assert (out.dsla_gates[j].materialize()[:, :4] == 0).all()
+        torch.testing.assert_close(recorded[j][:, 4:], gates.materialize()[:, :-4])
+        assert (recorded[j][:, :4] == 0).all()
     assert student(ids).dsla_gates is None  # recorded only on request
 
 

@@ -37,6 +37,23 @@ def test_cpp_matches_torch(T, W, HK, isa):
         assert_close("o", window_attention(**x, backend="cpp"), window_attention(**x, backend="torch"), 1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_kernel)])
+def test_output_may_overlay_the_queries(backend):
+    """`out=q`: each block reads its queries before it writes their rows, so the result is that of a fresh output
+    (blocks of 32 queries and 3 heads per KV head: several blocks, rows of other heads beside each block's)."""
+    x = make_window(T=70, W=16, H=6, HK=2)
+    with torch.no_grad():
+        want = window_attention(**x, backend=backend)
+        q = x["q"].clone()
+        got = window_attention(**dict(x, q=q), backend=backend, out=q)
+    assert got.data_ptr() == q.data_ptr()
+    assert_close("o", got, want, 1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        window_attention(**x, out=torch.empty(2, 70, 6, 8))
+    with pytest.raises(ValueError, match="inference"):
+        window_attention(**dict(x, q=x["q"].requires_grad_()), out=torch.empty_like(x["q"]))
+
+
 def test_torch_path_is_softmax_over_the_window():
     x = make_window(B=1, T=12, W=4, H=2, HK=1, D=8)
     o = window_attention(**x, backend="torch")
