@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsla_hf import convert_llama_to_dsla
-from dsla_hf.kernels import scratch
-from dsla_hf.kernels import workspace
+from dsla_hf.kernels import scratch, workspace
 
 
 def test_scratch_reuses_memory_per_name_up_to_the_cap(monkeypatch):
