@@ -16,7 +16,9 @@
 // max(logsigmoid(x W^T + c) / tau, clamp) (gates.py), which saves writing them to memory and reading them back.
 //
 // Internal layouts pad the key width to a multiple of 8 and value and chunk widths to multiples of 16 with zeros,
-// so every product is made of whole 16-float vectors. Built and loaded by cpp_chunk.py; plain C ABI, no Python.
+// so every product is made of whole 16-float vectors. The sum normaliser's column of ones (`ones`: values given
+// without it, outputs and states with it) is summed apart: a 65th value column would pad the products to 80.
+// Built and loaded by cpp_chunk.py; plain C ABI, no Python.
 
 #include <algorithm>
 #include <cfloat>
@@ -63,7 +65,8 @@ struct Problem {
     LinearGates lg;
     FeatureMaps fm;
     const float* w;  // [HK, G, S], scale folded in
-    int S, HK, G, K, V, C;
+    int S, HK, G, K, V, C;  // V: value columns read from v
+    bool ones;  // an implicit last value column of ones: outputs and states have V + 1 columns
     int Kp, Vp, Cp, Mp, SK;
     float* o;  // [B, T, H, V], unit stride over V
     long o_sb, o_st, o_sh;
@@ -78,6 +81,7 @@ struct Item {  // one chunk of one sequence and KV head
 // What phase 1 leaves for phase 3 of one item, in the round's workspace.
 struct Shared {
     float* U;      // [SK, Vp]: the chunk's own state contribution, then (after the scan) the state before it
+    float* U1;     // [SK]: the same for the column of ones (p.ones)
     float* decay;  // [SK]: e^{b_C}
     float* eb;     // [S, C, Kp]: e^{b}
     float* kT;     // [SK, Cp]: k e^{-b} of the factored states, transposed (zero for the others)
@@ -85,10 +89,10 @@ struct Shared {
 };
 
 struct Scratch {  // per thread
-    std::vector<float> b, kf, kd, vloc, qe, A, O, x, z, kfeat, qfeat, raw, zf;
+    std::vector<float> b, kf, kd, vloc, qe, A, O, O1, ones, x, z, kfeat, qfeat, raw, zf;
     explicit Scratch(const Problem& p)
         : b(p.S * p.C * p.Kp), kf(p.C * p.SK), kd(p.C * p.SK), vloc(p.Cp * p.Vp), qe(p.Mp * p.SK), A(p.Mp * p.Cp),
-          O(p.Mp * p.Vp), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0),
+          O(p.Mp * p.Vp), O1(p.Mp), ones(p.Cp, 1.0f), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0),
           kfeat(p.fm.qm ? p.C * p.Kp : 0), qfeat(p.fm.qm ? p.G * p.C * p.Kp : 0),
           raw(p.fm.qm ? round_up(p.C, 8) * p.fm.Dx : 0), zf(p.fm.qm ? round_up(p.C, 8) * p.fm.F : 0) {}
 };
@@ -229,6 +233,14 @@ void chunk_state(const Problem& p, const Item& it, Scratch& s, Shared& sh) {
             for (int t = 0; t < it.len; ++t) kT[k * p.Cp + t] = s.kf[t * SK + st * Kp + k];
     }
     gemm<false>(SK, p.Vp, it.len, s.kd.data(), 1, SK, s.vloc.data(), p.Vp, sh.U, p.Vp);
+    if (p.ones) {  // the column of ones: sum_i k_i e^{b_C - b_i}
+        std::fill(sh.U1, sh.U1 + SK, 0.0f);
+        for (int t = 0; t < it.len; ++t) {
+            const float* kd = &s.kd[t * SK];
+#pragma omp simd
+            for (int k = 0; k < SK; ++k) sh.U1[k] += kd[k];
+        }
+    }
 }
 
 // Phase 3: outputs of the chunk's G * len query rows (row r = t * G + g), given the state before the chunk.
@@ -282,14 +294,21 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
         const int seen = std::min(it.len, (i + 7) / G + 1);
         gemm<true>(8, p.Vp, seen, &s.A[i * Cp], Cp, 1, s.vloc.data(), p.Vp, &s.O[i * p.Vp], p.Vp);
     }
+    if (p.ones) {  // the column of ones: qe U1 + the row sums of A (zero past the causal edge)
+        for (int r = 0; r < G * it.len; ++r)
+            s.O1[r] = dsla::dot(&s.qe[r * SK], sh.U1, SK) + dsla::dot(&s.A[r * Cp], s.ones.data(), Cp);
+    }
     // Each row (token, head) of o is written after the item has read that row of q: o may overlay q row for row.
-    const bool heads_together = p.Vp == p.V && p.o_sh == p.V;
+    const bool heads_together = p.Vp == p.V && p.o_sh == p.V && !p.ones;
     for (int t = 0; t < it.len; ++t) {
         float* dst = p.o + it.b * p.o_sb + (it.t0 + t) * p.o_st + (long)it.hk * G * p.o_sh;
         if (heads_together)
             std::memcpy(dst, &s.O[t * G * p.Vp], G * p.V * 4);
         else
-            for (int g = 0; g < G; ++g) std::memcpy(dst + g * p.o_sh, &s.O[(t * G + g) * p.Vp], p.V * 4);
+            for (int g = 0; g < G; ++g) {
+                std::memcpy(dst + g * p.o_sh, &s.O[(t * G + g) * p.Vp], p.V * 4);
+                if (p.ones) dst[g * p.o_sh + p.V] = s.O1[t * G + g];
+            }
     }
 }
 
@@ -297,9 +316,11 @@ void chunk_output(const Problem& p, const Item& it, Scratch& s, const Shared& sh
 
 extern "C" {
 
-// seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. h0 [N, S, HK, K, V] or null;
-// hT [N, S, HK, K, V] receives the final states, o [B, T, H, V] (strides o_strides) the outputs. The log decays come from g1 and g2, or
-// (gw not null, g1 and g2 null) from the gate inputs x: see LinearGates. Returns 0, or 1 on an allocation failure.
+// seq_b, seq_t0, seq_len [N]: each sequence's batch row, first token and length. v has V columns; with `ones`, the
+// outputs and states have a last column more, of the sums of a column of ones (Vo = V + ones columns in all). h0
+// [N, S, HK, K, Vo] or null; hT [N, S, HK, K, Vo] receives the final states, o [B, T, H, Vo] (strides o_strides)
+// the outputs. The log decays come from g1 and g2, or (gw not null, g1 and g2 null) from the gate inputs x: see
+// LinearGates. Returns 0, or 1 on an allocation failure.
 int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, const long* k_strides,
                        const float* v, const long* v_strides, const float* g1, const long* g1_strides,
                        const float* g2, const long* g2_strides, const float* x, const long* x_strides, int D,
@@ -307,7 +328,7 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
                        long mask_st, const float* w, int S, int HK, int G, int K, int V, int N, const long* seq_b,
                        const long* seq_t0, const long* seq_len, const float* h0, float* hT, float* o, const long* o_strides,
                        int C, int block, int threads, const float* qm, const float* km, const float* fmask, int Dx,
-                       int F) {
+                       int F, int ones) {
     Problem p;
     p.q = {q, q_strides[0], q_strides[1], q_strides[2]};
     p.k = {k, k_strides[0], k_strides[1], k_strides[2]};
@@ -317,12 +338,13 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
     p.lg = {{x, x_strides[0], x_strides[1], x_strides[2]}, gw, gc, mask, mask_sb, mask_st, inv_tau, clamp, D, 0};
     p.fm = {qm, km, fmask, Dx, F};
     p.w = w;
-    p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C;
+    p.S = S, p.HK = HK, p.G = G, p.K = K, p.V = V, p.C = C, p.ones = ones != 0;
+    const int Vo = V + p.ones;
     p.Kp = round_up(K, 8), p.Vp = round_up(V, 16), p.Cp = round_up(C, 16), p.Mp = round_up(G * C, 8);
     p.o = o, p.o_sb = o_strides[0], p.o_st = o_strides[1], p.o_sh = o_strides[2];
     const int SK = p.SK = S * p.Kp;
     p.lg.SKz = round_up(SK, 16);
-    const long state_size = (long)SK * p.Vp;
+    const long state_size = (long)SK * p.Vp + SK;  // the column of ones last (unused without p.ones)
     const long shared_size = state_size + SK + (long)S * C * p.Kp + (long)SK * p.Cp;
 
     // Rounds of up to `block` chunks of every sequence, each (sequence, head) a run of consecutive items in
@@ -358,9 +380,12 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
         for (int n = 0; n < N; ++n)
             for (int s = 0; s < S; ++s)
                 for (int hk = 0; hk < HK; ++hk)
-                    for (int kk = 0; kk < K; ++kk)
-                        std::memcpy(&state[(n * HK + hk) * state_size + (s * p.Kp + kk) * p.Vp],
-                                    h0 + (((long)(n * S + s) * HK + hk) * K + kk) * V, V * 4);
+                    for (int kk = 0; kk < K; ++kk) {
+                        float* row = &state[(n * HK + hk) * state_size];
+                        const float* src = h0 + (((long)(n * S + s) * HK + hk) * K + kk) * Vo;
+                        std::memcpy(row + (s * p.Kp + kk) * p.Vp, src, V * 4);
+                        if (p.ones) row[SK * p.Vp + s * p.Kp + kk] = src[V];
+                    }
     size_t widest = 0;
     for (const auto& items : rounds) widest = std::max(widest, items.size());
     // Up to 16 MiB is kept per calling thread between calls, so that long prompts do not fault in fresh pages every
@@ -385,7 +410,8 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
     }
     for (size_t i = 0; i < widest; ++i) {
         float* base = &workspace[i * shared_size];
-        shared[i] = {base, base + state_size, base + state_size + SK, base + state_size + SK + S * C * p.Kp, {}};
+        shared[i] = {base, base + SK * p.Vp, base + state_size, base + state_size + SK,
+                     base + state_size + SK + S * C * p.Kp, {}};
     }
 
 #pragma omp parallel num_threads(threads)
@@ -403,7 +429,9 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
             for (long row = 0; row < rows; ++row) {
                 const Run& run = round_runs[row / SK];
                 const int r = (int)(row % SK);
-                float* cur = &state[(run.seq * HK + run.hk) * state_size + r * p.Vp];
+                float* base = &state[(run.seq * HK + run.hk) * state_size];
+                float* cur = base + r * p.Vp;
+                float* cur1 = base + SK * p.Vp + r;
                 for (long c = 0; c < run.count; ++c) {
                     const Shared& sh = shared[run.first + c * run.stride];
                     float* u = sh.U + r * p.Vp;
@@ -412,6 +440,11 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
                         const float local = u[j];
                         u[j] = cur[j];
                         cur[j] = d * cur[j] + local;
+                    }
+                    if (p.ones) {
+                        const float local = sh.U1[r];
+                        sh.U1[r] = *cur1;
+                        *cur1 = d * *cur1 + local;
                     }
                 }
             }
@@ -422,9 +455,12 @@ int dsla_chunk_forward(const float* q, const long* q_strides, const float* k, co
     for (int n = 0; n < N; ++n)
         for (int s = 0; s < S; ++s)
             for (int hk = 0; hk < HK; ++hk)
-                for (int kk = 0; kk < K; ++kk)
-                    std::memcpy(hT + (((long)(n * S + s) * HK + hk) * K + kk) * V,
-                                &state[(n * HK + hk) * state_size + (s * p.Kp + kk) * p.Vp], V * 4);
+                for (int kk = 0; kk < K; ++kk) {
+                    const float* row = &state[(n * HK + hk) * state_size];
+                    float* dst = hT + (((long)(n * S + s) * HK + hk) * K + kk) * Vo;
+                    std::memcpy(dst, row + (s * p.Kp + kk) * p.Vp, V * 4);
+                    if (p.ones) dst[V] = row[SK * p.Vp + s * p.Kp + kk];
+                }
     return 0;
 }
 

@@ -173,6 +173,13 @@ def _feature_maps(q, k):
     return q.weight.float().contiguous(), k.weight.float().contiguous(), mask
 
 
+def ones_column(v: torch.Tensor) -> bool:
+    """Whether the values' last column is all ones (the sum normaliser's), which the kernel then sums apart: 64
+    value columns pad its products to 64, 65 to 80. The sums are the same whatever the values, so the column is
+    found rather than declared."""
+    return v.shape[-1] > 1 and bool((v[..., -1] == 1).all())
+
+
 @torch.no_grad()
 def chunk_dsla_cpp(
     x: DSLAInputs, chunk_size: int = INFERENCE_CHUNK, out: torch.Tensor | None = None
@@ -204,7 +211,8 @@ def chunk_dsla_cpp(
         g2 = g1 if S == 1 else fp32_operand(x.g[:, :, 1])
     w = (x.mix.reshape(HK, G, S) * x.scale).contiguous()  # the scale folded into the mixing weights
     q, k = (fp32_operand(q), fp32_operand(k)) if maps is None else (fp32_operand(q.x), fp32_operand(k.x))
-    v = fp32_operand(x.v)
+    ones = ones_column(x.v)
+    v = fp32_operand(x.v[..., : V - ones])
     q_map, k_map, feature_mask = maps or (None, None, None)
     gx, gw, gc, mask, tau, clamp = gates or (None, None, None, None, 1.0, None)
     strides = mask if mask is not None else feature_mask  # both [B, T] contiguous: one set of strides
@@ -223,10 +231,10 @@ def chunk_dsla_cpp(
         strides3(g2), _ptr(gx), strides3(gx), 0 if gx is None else gx.shape[-1], _ptr(gw), _ptr(gc),
         ctypes.c_float(1.0 / tau), ctypes.c_float(-FLT_MAX if clamp is None else clamp), _ptr(mask),
         ctypes.c_long(0 if strides is None else T), ctypes.c_long(0 if strides is None else 1),
-        _ptr(w), S, HK, G, K, V, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
+        _ptr(w), S, HK, G, K, V - ones, N, _ptr(seq_b.contiguous()), _ptr(seq_t0.contiguous()),
         _ptr(seq_len.contiguous()), _ptr(h0), _ptr(final), _ptr(o), strides3(o), chunk_size,
         max(1, BLOCK_TOKENS // chunk_size), torch.get_num_threads(), _ptr(q_map), _ptr(k_map), _ptr(feature_mask),
-        0 if maps is None else q.shape[-1], 0 if maps is None else q_map.shape[-1],
+        0 if maps is None else q.shape[-1], 0 if maps is None else q_map.shape[-1], int(ones),
     )  # fmt: skip
     if status:
         raise MemoryError("the C++ CPU kernel could not allocate its workspace")

@@ -67,6 +67,17 @@ void gemm(int M, int N, int P, const float* A, long ars, long aps, const float* 
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// sum_i a[i] b[i] over whole vectors, then a scalar tail (spelled out: GCC vectorises the plain loop with gathers).
+inline float dot(const float* a, const float* b, int n) {
+    vf acc{};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load(a + i) * load(b + i);
+    float sum = 0.0f;
+    for (int j = 0; j < LANES; ++j) sum += acc[j];
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
 // expf of an argument that may lie far below zero, in the vectorised exponential's fast range: below -80 (e^-80 =
 // 2e-35, nothing next to a softmax row's maximum or a 1e-6 floor) glibc's vector expf takes a scalar path per lane.
 inline float exp_floor(float x) { return expf(x < -80.0f ? -80.0f : x); }

@@ -233,6 +233,25 @@ def test_bad_outputs_are_refused():
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", ["plain", "pairwise", "rounds", "varlen"])
+def test_a_column_of_ones_is_summed_apart(case, monkeypatch, isa):
+    """Values whose last column is ones (the sum normaliser's) take the kernel's separate sums: outputs and final
+    states (that column included) match the naive recurrence, through initial states, strongly decaying states
+    (the pairwise path), rounds and packed sequences."""
+    monkeypatch.setattr(cpp_chunk, "BLOCK_TOKENS", 32)
+    gate = (0.0, 1e4) if case == "pairwise" else 0.5
+    T, B = (159, 1) if case == "varlen" else (100, 2)
+    x = make_inputs(B, T, 6, 2, 16, 17, gate=gate, requires_grad=False)
+    x["v"][..., -1] = 1.0
+    assert cpp_chunk.ones_column(x["v"]) and not cpp_chunk.ones_column(x["v"][..., :-1])
+    if case == "varlen":
+        x["initial_state"] = torch.randn(5, 2, 2, 16, 17)
+        check(x, cu_seqlens=torch.tensor([0, 1, 64, 64, 129, 159]), chunk_size=16)
+    else:
+        check(x, chunk_size=16 if case == "rounds" else None)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "T,strength,cu", [(70, 1.0, None), (5, 1.0, None), (100, 300.0, None), (90, 1.0, [0, 33, 90])]
 )
@@ -247,6 +266,7 @@ def test_kernel_features_match_naive(T, strength, cu, isa, monkeypatch):
     B, H, HK, D, F = (1 if cu else 2), 6, 2, 24, 16
     qx, kx = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, HK, D, generator=gen)
     v = torch.randn(B, T, HK, D + 1, generator=gen)
+    v[..., -1] = 1.0  # the sum normaliser's column, summed apart
     mask = torch.ones(B, T)
     mask[0, : T // 3] = 0
     gates = LinearGates(kx, torch.randn(2, HK, 2 * F, D, generator=gen) * 0.1,
