@@ -108,32 +108,35 @@ def test_gates_are_logsigmoid_over_tau(source):
 @pytest.mark.parametrize("preset", ["default", "paper"])
 def test_inference_output_over_the_queries_changes_nothing(tiny_teacher, preset, monkeypatch):
     """Under no_grad the prefill's output overlays the query features where they exist as a tensor (the paper
-    preset; the default preset's Hedgehog features are computed inside the kernel): the logits are those of a fresh
-    output tensor, and the gradient-enabled forward does not overlay."""
+    preset), else (the default preset's Hedgehog features are computed inside the kernel) goes to one CPU scratch
+    tensor for every layer: the logits are those of a fresh output tensor, and the gradient-enabled forward takes
+    neither."""
     from dsla_hf.models.dsla.modeling_dsla import DSLAAttention
 
     model = convert(tiny_teacher, layers="all", dsla_preset=preset).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 45))
-    overlaid = []
+    where = []
     original = DSLAAttention.output_over_queries
 
-    def spy(self, *args):
-        out = original(self, *args)
-        overlaid.append(out is not None)
+    def spy(self, queries, *args):
+        out = original(self, queries, *args)
+        overlay = out is not None and isinstance(queries, torch.Tensor) and out.data_ptr() == queries.data_ptr()
+        where.append(None if out is None else "queries" if overlay else out.data_ptr())
         return out
 
     monkeypatch.setattr(DSLAAttention, "output_over_queries", spy)
     with torch.no_grad():
         logits = model(ids).logits
-    assert overlaid and all(o == (preset == "paper") for o in overlaid)
+    assert len(where) == 4 and (all(w == "queries" for w in where) if preset == "paper" else len(set(where)) == 1)
+    assert None not in where
     monkeypatch.setattr(DSLAAttention, "output_over_queries", lambda self, *args: None)
     with torch.no_grad():
         fresh = model(ids).logits
     torch.testing.assert_close(logits, fresh, rtol=0, atol=1e-6)
-    overlaid.clear()
+    where.clear()
     monkeypatch.setattr(DSLAAttention, "output_over_queries", spy)
     model(ids)
-    assert overlaid and not any(overlaid)
+    assert where and all(w is None for w in where)
 
 
 @pytest.mark.parametrize("active", [[1, 3], [0, 1, 2, 3], []])
