@@ -92,7 +92,8 @@ struct Scratch {  // per thread
     std::vector<float> b, kf, kd, vloc, qe, A, O, O1, ones, x, z, kfeat, qfeat, raw, zf;
     explicit Scratch(const Problem& p)
         : b(p.S * p.C * p.Kp), kf(p.C * p.SK), kd(p.C * p.SK), vloc(p.Cp * p.Vp), qe(p.Mp * p.SK), A(p.Mp * p.Cp),
-          O(p.Mp * p.Vp), O1(p.Mp), ones(p.Cp, 1.0f), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0), z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0),
+          O(p.Mp * p.Vp), O1(p.Mp), ones(p.Cp, 1.0f), x(p.lg.gw ? round_up(p.C, 8) * p.lg.D : 0),
+          z(p.lg.gw ? round_up(p.C, 8) * p.lg.SKz : 0),
           kfeat(p.fm.qm ? p.C * p.Kp : 0), qfeat(p.fm.qm ? p.G * p.C * p.Kp : 0),
           raw(p.fm.qm ? round_up(p.C, 8) * p.fm.Dx : 0), zf(p.fm.qm ? round_up(p.C, 8) * p.fm.F : 0) {}
 };

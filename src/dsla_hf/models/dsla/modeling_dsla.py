@@ -559,8 +559,8 @@ class DSLAAttention(nn.Module):
         if torch.is_grad_enabled() or q.dtype != torch.float32:
             return None
         if not isinstance(queries, torch.Tensor):
-            on_cpu = q.device.type == "cpu"
-            return scratch("dsla_states_output", (*q.shape[:3], value_dim), q.device) if on_cpu else None
+            reusable = self.reusable(q)
+            return scratch("dsla_states_output", (*q.shape[:3], value_dim), q.device) if reusable else None
         if queries.dtype != torch.float32 or queries.shape[-1] < value_dim:
             return None
         if queries is q and self.window:  # the window attention reads the raw queries after
