@@ -18,7 +18,7 @@ AVX2_ENV = {
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
-KNOBS = (*AVX2_ENV, "DSLA_HF_CPP_KERNEL", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE")
+KNOBS = (*AVX2_ENV, "DSLA_HF_CPP_KERNEL", "DSLA_HF_ONEDNN_LINEAR", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE")
 
 
 def add_isa_argument(parser) -> None:
@@ -43,7 +43,7 @@ def machine(threads: int, device=None) -> dict:
     import torch
     import transformers
 
-    from dsla_hf.kernels import cpp_chunk
+    from dsla_hf.kernels import cpp_chunk, onednn_preferred
     from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpuinfo
 
     cpp = cpp_available()
@@ -54,6 +54,7 @@ def machine(threads: int, device=None) -> dict:
         "threads": threads,
         "dsla_kernel_isa": cpp_chunk.vector_isa() if cpp else None,
         "default_cpu_backend": "cpp" if cpp else "torch",
+        "cpu_projections": "onednn" if onednn_preferred() else "mkl",  # the library of `dsla_hf.kernels.linear`
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -93,7 +94,9 @@ def describe(meta: dict) -> str:
             f"{meta['dsla_backend']}; torch {meta['torch']}, transformers {meta['transformers']}"
         )
     kernel = f"C++ kernels on the {meta['dsla_kernel_isa']} path" if meta["dsla_kernel_isa"] else "PyTorch path"
+    projections = {"onednn": "oneDNN", "mkl": "MKL"}.get(meta.get("cpu_projections"), "MKL")
     return (
-        f"{meta['cpu']} ({meta['cpu_isa']}), {meta['threads']} threads; {kernel}, PyTorch on its "
-        f"{meta['torch_cpu_capability']} kernels; torch {meta['torch']}, transformers {meta['transformers']}"
+        f"{meta['cpu']} ({meta['cpu_isa']}), {meta['threads']} threads; {kernel}, projections by {projections}, "
+        f"PyTorch on its {meta['torch_cpu_capability']} kernels; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}"
     )

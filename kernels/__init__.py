@@ -9,6 +9,8 @@
   pending tokens enter the states and which stay in the window.
 - ``LinearGates``, ``HedgehogFeatures``: gates, and query and key features, given by their inputs and weights in
   place of tensors (the C++ kernel computes them chunk by chunk; the other backends materialise them).
+- ``linear`` (``Linear``, ``use_fast_linears``): dense projections, by oneDNN on CPUs where MKL would run
+  narrower code than the CPU has (AVX-512 CPUs not made by Intel).
 - ``scratch``: reusable CPU tensors for intermediates that die within a call (a long prompt's, above the mmap
   threshold, would be fresh pages every time).
 
@@ -21,6 +23,7 @@ the recurrence: :mod:`.inputs`; each entry point's arguments: its docstring.
 
 from .chunk import chunk_dsla
 from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
+from .dense import Linear, linear, onednn_preferred, use_fast_linears
 from .dispatch import backend_summary
 from .features import HedgehogFeatures, feature_tensor, hedgehog
 from .fold import fold_kv
@@ -35,6 +38,7 @@ __all__ = [
     "RECURRENT_MAX_TOKENS",
     "DecodeWeights",
     "HedgehogFeatures",
+    "Linear",
     "LinearGates",
     "advance_window",
     "backend_summary",
@@ -45,8 +49,11 @@ __all__ = [
     "fused_decode_dsla",
     "fused_recurrent_dsla",
     "hedgehog",
+    "linear",
     "naive_decode_dsla",
     "naive_dsla",
+    "onednn_preferred",
     "scratch",
+    "use_fast_linears",
     "window_attention",
 ]

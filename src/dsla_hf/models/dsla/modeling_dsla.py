@@ -50,7 +50,10 @@ from ...kernels import (
     fused_decode_dsla,
     fused_recurrent_dsla,
     hedgehog,
+    linear,
+    onednn_preferred,
     scratch,
+    use_fast_linears,
     window_attention,
 )
 from .cache_dsla import DSLACache, DSLACacheLayer
@@ -63,7 +66,8 @@ logger = logging.get_logger(__name__)
 @functools.cache
 def announce_kernels(device: torch.device) -> None:
     """Say once per device which kernels the DSLA layers run (remote code included)."""
-    logger.warning(f"DSLA layers on {device} run {backend_summary(device)}")
+    projections = "; the projections run oneDNN" if device.type == "cpu" and onednn_preferred() else ""
+    logger.warning(f"DSLA layers on {device} run {backend_summary(device)}{projections}")
 
 
 def undo_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -146,7 +150,7 @@ class LowRankDelta(nn.Module):
     def beside(self, proj: nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`proj(x) + self(x)`. At inference, one product with the merged weight `W + up @ down * scaling` (the
         teacher's `proj` stays untouched): two small matmuls and an add fewer per call, a fifth of a decoding step;
-        written into `out` when given (inference only).
+        written into `out` when given (inference; on the MKL path, see `linear`).
 
         The merged copy is rebuilt when a weight is replaced or changed in place, and dropped by every forward with
         gradients: an optimizer step may change the weights without bumping their version counters (the fused AdamW
@@ -159,10 +163,7 @@ class LowRankDelta(nn.Module):
         if self.merged is None or self.merged[0] != key:
             merged = torch.addmm(weight, self.up.to(weight.dtype), self.down.to(weight.dtype), alpha=self.scaling)
             self.merged = (key, merged)
-        if out is None:
-            return F.linear(x, self.merged[1], proj.bias)
-        torch.matmul(x, self.merged[1].t(), out=out)
-        return out if proj.bias is None else out.add_(proj.bias)
+        return linear(x, self.merged[1], proj.bias, out=out)
 
 
 class DSLAFeatureMap(nn.Module):
@@ -710,6 +711,10 @@ class DSLAPreTrainedModel(PreTrainedModel):
         "dsla_attentions": DSLAAttention,
         "dsla_gates": DSLAGates,
     }
+
+    def post_init(self):
+        super().post_init()
+        use_fast_linears(self)  # oneDNN projections at CPU inference where MKL would run narrower code
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

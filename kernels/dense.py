@@ -1,0 +1,99 @@
+"""Dense projections on CPUs: `linear` (and `Linear`, an ``nn.Linear`` that calls it) runs float32 products,
+forward and backward, through oneDNN where MKL, PyTorch's default, would leave the CPU's vector width unused.
+
+MKL picks its code by CPU vendor: on AMD it runs its AVX2 ("zen") sgemm even where the CPU has AVX-512, which
+oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 2.2-2.4x on SmolLM2's projections at 512-4096
+tokens, and 2.9x on its LM head at one token (`benchmarks/bench_linear.py`). On AVX2 code the two libraries tie
+(some shapes either way), and on Intel CPUs MKL runs its AVX-512 code, so there the default stays MKL.
+
+Like the rest of this package, the module imports nothing from ``dsla_hf``: saved models carry it as remote code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import cpu_isa, cpuinfo
+
+
+@functools.cache
+def onednn_preferred() -> bool:
+    """Whether float32 CPU products run `linear` through oneDNN. ``DSLA_HF_ONEDNN_LINEAR=1`` forces it (where
+    PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: a CPU with AVX-512 that is not Intel's (where MKL runs
+    AVX2 code), unless ``DSLA_HF_CPU_ISA=avx2`` asks for an AVX2 machine's code paths."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
+    if choice is not None:
+        return choice == "1"
+    if os.environ.get("DSLA_HF_CPU_ISA", "native").lower() == "avx2":
+        return False
+    return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """oneDNN's product forward and for the input's gradient; the weight's gradient (only for trained weights: most
+    projections stay frozen while a DSLA layer trains) by ``torch.mm``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)  # x stays alive only if needed
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = _onednn(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = rows.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on CPU float32 tensors outside autocast, by oneDNN where
+    :func:`onednn_preferred` (equal within float32 rounding: the two libraries sum in different orders), with
+    gradients too. `out` (inference only) receives the result on the MKL path; oneDNN's matmul has none, so use
+    the returned tensor."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and onednn_preferred()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn(x, weight, bias)
+    if out is None:
+        return F.linear(x, weight, bias)
+    torch.matmul(x, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear`: the same parameters, state dict and training behaviour."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_fast_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` under `module` a :class:`Linear`, in place (a subclass with no state of its
+    own, so the weights stay where they are and ``isinstance(m, nn.Linear)`` still holds). Returns `module`."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
