@@ -20,6 +20,10 @@ from torch import nn
 
 from .dispatch import cpu_isa, cpuinfo
 
+# Below this many multiply-adds oneDNN's fixed cost per call (~15 us on the Zen 5) loses to MKL: a decoding step's
+# q, k, v and o products at one token (0.33M and 0.11M) stay with MKL, its MLP and LM head go to oneDNN.
+ONEDNN_MIN_MACS = 800_000
+
 
 @functools.cache
 def onednn_preferred() -> bool:
@@ -64,13 +68,14 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on CPU float32 tensors outside autocast, by oneDNN where
-    :func:`onednn_preferred` (equal within float32 rounding: the two libraries sum in different orders), with
-    gradients too. `out` (inference only) receives the result on the MKL path; oneDNN's matmul has none, so use
-    the returned tensor."""
+    :func:`onednn_preferred` and the product has at least `ONEDNN_MIN_MACS` multiply-adds, with gradients too
+    (equal within float32 rounding: the two libraries sum in different orders). `out` (inference only) receives
+    the result on the MKL path; oneDNN's matmul has none, so use the returned tensor."""
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and x.numel() // max(1, x.shape[-1]) * weight.numel() >= ONEDNN_MIN_MACS
         and onednn_preferred()
         and not torch.is_autocast_enabled("cpu")
     ):

@@ -18,6 +18,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def library(request, monkeypatch):
     """Each library `linear` can run: MKL's path ("0") and oneDNN's ("1"), forced."""
     monkeypatch.setenv("DSLA_HF_ONEDNN_LINEAR", request.param)
+    monkeypatch.setattr(dense, "ONEDNN_MIN_MACS", 0)  # the small products of these tests too
     onednn_preferred.cache_clear()
     yield request.param
     onednn_preferred.cache_clear()
@@ -117,3 +118,18 @@ def test_model_projections_run_through_linear(library, tiny_teacher):
             m.__class__ = nn.Linear
         reference = student(ids).logits
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+def test_small_products_stay_with_mkl(monkeypatch):
+    """Under `ONEDNN_MIN_MACS` multiply-adds (a decoding step's attention projections) the product is MKL's."""
+    monkeypatch.setenv("DSLA_HF_ONEDNN_LINEAR", "1")
+    onednn_preferred.cache_clear()
+    try:
+        weight = torch.randn(576, 576, requires_grad=True)
+        small = linear(torch.randn(1, 576), weight)  # 0.33M multiply-adds
+        large = linear(torch.randn(8, 576), weight)  # 2.7M
+    finally:
+        onednn_preferred.cache_clear()
+    assert "OneDNN" not in type(small.grad_fn).__name__
+    assert "OneDNN" in type(large.grad_fn).__name__
