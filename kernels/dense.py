@@ -2,9 +2,10 @@
 forward and backward, through oneDNN where MKL, PyTorch's default, would leave the CPU's vector width unused.
 
 MKL picks its code by CPU vendor: on AMD it runs its AVX2 ("zen") sgemm even where the CPU has AVX-512, which
-oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 2.2-2.4x on SmolLM2's projections at 512-4096
-tokens, and 2.9x on its LM head at one token (`benchmarks/bench_linear.py`). On AVX2 code the two libraries tie
-(some shapes either way), and on Intel CPUs MKL runs its AVX-512 code, so there the default stays MKL.
+oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 1.8-2.3x on SmolLM2's projections at 512-4096
+tokens and 2.6x on its LM head at one token; with both libraries limited to AVX2 (an AVX2-only AMD's code),
+oneDNN is still 1.1-1.3x and 2.1x (`benchmarks/bench_linear.py`). On Intel CPUs MKL runs its AVX-512 code, so
+there the default stays MKL.
 
 Like the rest of this package, the module imports nothing from ``dsla_hf``: saved models carry it as remote code.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import cpu_isa, cpuinfo
+from .dispatch import cpu_has_avx2, cpuinfo
 
 # Below this many multiply-adds oneDNN's fixed cost per call (~15 us on the Zen 5) loses to MKL: a decoding step's
 # q, k, v and o products at one token (0.33M and 0.11M) stay with MKL, its MLP and LM head go to oneDNN.
@@ -28,16 +29,14 @@ ONEDNN_MIN_MACS = 800_000
 @functools.cache
 def onednn_preferred() -> bool:
     """Whether float32 CPU products run `linear` through oneDNN. ``DSLA_HF_ONEDNN_LINEAR=1`` forces it (where
-    PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: a CPU with AVX-512 that is not Intel's (where MKL runs
-    AVX2 code), unless ``DSLA_HF_CPU_ISA=avx2`` asks for an AVX2 machine's code paths."""
+    PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: an x86 CPU with AVX2 that is not Intel's (MKL's code
+    for other vendors lags oneDNN's on AVX-512 and on AVX2 alike)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
     if choice is not None:
         return choice == "1"
-    if os.environ.get("DSLA_HF_CPU_ISA", "native").lower() == "avx2":
-        return False
-    return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
+    return cpu_has_avx2() and cpuinfo().get("vendor_id") != "GenuineIntel"
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
