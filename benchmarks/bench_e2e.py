@@ -185,8 +185,10 @@ def main() -> None:
     parser.add_argument("--bound-tokens", type=int, nargs="*", default=[1024, 8192], help="prefills with a bound")
     parser.add_argument("--decode", nargs="*", default=["1x1024", "1x4096", "1x16384", "8x4096"],
                         help="decode setups, BATCHxCONTEXT")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    parser.add_argument("--repeats", type=int, default=2, help="prefill rounds after a warm-up")
+    parser.add_argument("--decode-repeats", type=int, default=8,
+                        help="decode rounds after a warm-up (steps of ~40 ms move by 10-30 %% on a shared VM)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=None, help="dsla_window of the converted layers (preset's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e[_ISA].json)")
@@ -217,7 +219,7 @@ def main() -> None:
     }
     for setup in args.decode:
         batch, context = (int(x) for x in setup.split("x"))
-        result["decode"].append(decode(model, batch, context, converted, args.steps, args.repeats))
+        result["decode"].append(decode(model, batch, context, converted, args.steps, args.decode_repeats))
         print(result["decode"][-1])
     for length in args.prefill_tokens:
         result["prefill"].append(prefill(model, length, converted, args.repeats, length in args.bound_tokens))

@@ -4,7 +4,7 @@ forward and backward, through oneDNN where MKL, PyTorch's default, would leave t
 MKL picks its code by CPU vendor: on AMD it runs its AVX2 ("zen") sgemm even where the CPU has AVX-512, which
 oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 1.8-2.3x on SmolLM2's projections at 512-4096
 tokens and 2.6x on its LM head at one token; with both libraries limited to AVX2 (an AVX2-only AMD's code),
-oneDNN is still 1.1-1.3x and 2.1x (`benchmarks/bench_linear.py`). On Intel CPUs MKL runs its AVX-512 code, so
+oneDNN is still 1.04-1.3x and 2.5x (`benchmarks/bench_linear.py`). On Intel CPUs MKL runs its AVX-512 code, so
 there the default stays MKL.
 
 Like the rest of this package, the module imports nothing from ``dsla_hf``: saved models carry it as remote code.
