@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
     parser.add_argument("--repeats", type=int, default=2, help="prefill rounds after a warm-up")
     parser.add_argument("--decode-repeats", type=int, default=8,
-                        help="decode rounds after a warm-up (steps of ~40 ms move by 10-30 %% on a shared VM)")  # fmt: skip
+                        help="decode rounds after a warm-up (a shared VM moves ~40 ms steps by 10-30 %%)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=None, help="dsla_window of the converted layers (preset's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e[_ISA].json)")
