@@ -3,9 +3,10 @@ forward and backward, through oneDNN where MKL, PyTorch's default, would leave t
 
 MKL picks its code by CPU vendor: on AMD it runs its AVX2 ("zen") sgemm even where the CPU has AVX-512, which
 oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 1.8-2.3x on SmolLM2's projections at 512-4096
-tokens and 2.6x on its LM head at one token; with both libraries limited to AVX2 (an AVX2-only AMD's code),
-oneDNN is still 1.04-1.3x and 2.5x (`benchmarks/bench_linear.py`). On Intel CPUs MKL runs its AVX-512 code, so
-there the default stays MKL.
+tokens and 2.6x on its LM head at one token (`benchmarks/bench_linear.py`). With both libraries limited to AVX2
+(an AVX2-only AMD's code) oneDNN is 1.04-1.3x on the products alone, but the default layer ran slower with it at
+512 and 16k tokens (0.86x and 7.27x against softmax, 0.92x and 8.13x with MKL), so AVX2 code keeps MKL. On Intel
+CPUs MKL runs its AVX-512 code, so there the default stays MKL too.
 
 Like the rest of this package, the module imports nothing from ``dsla_hf``: saved models carry it as remote code.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import cpu_has_avx2, cpuinfo
+from .dispatch import cpu_isa, cpuinfo
 
 # Below this many multiply-adds oneDNN's fixed cost per call (~15 us on the Zen 5) loses to MKL: a decoding step's
 # q, k, v and o products at one token (0.33M and 0.11M) stay with MKL, its MLP and LM head go to oneDNN.
@@ -29,14 +30,16 @@ ONEDNN_MIN_MACS = 800_000
 @functools.cache
 def onednn_preferred() -> bool:
     """Whether float32 CPU products run `linear` through oneDNN. ``DSLA_HF_ONEDNN_LINEAR=1`` forces it (where
-    PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: an x86 CPU with AVX2 that is not Intel's (MKL's code
-    for other vendors lags oneDNN's on AVX-512 and on AVX2 alike)."""
+    PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: a CPU with AVX-512 that is not Intel's (where MKL runs
+    AVX2 code), unless ``DSLA_HF_CPU_ISA=avx2`` asks for an AVX2 machine's code paths."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
     if choice is not None:
         return choice == "1"
-    return cpu_has_avx2() and cpuinfo().get("vendor_id") != "GenuineIntel"
+    if os.environ.get("DSLA_HF_CPU_ISA", "native").lower() == "avx2":  # an AVX2 machine's code paths
+        return False
+    return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

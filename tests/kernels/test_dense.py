@@ -70,18 +70,20 @@ def test_out_receives_the_result_on_the_mkl_path(library):
 
 
 @pytest.mark.parametrize(
-    "vendor, avx2, expected",
+    "vendor, isa, kernel_isa, expected",
     [
-        ("AuthenticAMD", True, True),  # MKL runs its AVX2 code on AMD, slower than oneDNN's on AVX-512 and AVX2
-        ("HygonGenuine", True, True),
-        ("AuthenticAMD", False, False),  # no AVX2: nothing measured, the default library
-        ("GenuineIntel", True, False),  # MKL runs its own widest code on Intel
+        ("AuthenticAMD", "avx512", "native", True),  # MKL would run its AVX2 code here
+        ("HygonGenuine", "avx512", "native", True),
+        ("AuthenticAMD", "avx512", "avx2", False),  # an AVX2 machine's code paths asked for
+        ("AuthenticAMD", "avx2", "native", False),  # AVX2 code: the layer was slower with oneDNN at 512 and 16k
+        ("GenuineIntel", "avx512", "native", False),  # MKL runs AVX-512 on Intel
     ],
 )
-def test_dispatch_rule(monkeypatch, vendor, avx2, expected):
+def test_dispatch_rule(monkeypatch, vendor, isa, kernel_isa, expected):
     monkeypatch.delenv("DSLA_HF_ONEDNN_LINEAR", raising=False)
+    monkeypatch.setenv("DSLA_HF_CPU_ISA", kernel_isa)
     monkeypatch.setattr(dense, "cpuinfo", lambda: {"vendor_id": vendor})
-    monkeypatch.setattr(dense, "cpu_has_avx2", lambda: avx2)
+    monkeypatch.setattr(dense, "cpu_isa", lambda: isa)
     onednn_preferred.cache_clear()
     try:
         assert onednn_preferred() is (expected and ONEDNN)
