@@ -52,7 +52,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x if weight.requires_grad else None, weight)  # x stays alive only if needed
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # x kept only for the weight's grad
         return _onednn(x, weight, bias)
 
     @staticmethod

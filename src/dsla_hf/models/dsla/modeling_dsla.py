@@ -714,7 +714,7 @@ class DSLAPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        use_fast_linears(self)  # oneDNN projections at CPU inference where MKL would run narrower code
+        use_fast_linears(self)  # oneDNN projections on CPUs where MKL would run narrower code (training too)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
