@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from dsla_hf.kernels import onednn_preferred
-    from dsla_hf.kernels.dense import ONEDNN_MIN_MACS
+    from dsla_hf.kernels.dense import ONEDNN_MIN_MACS, picks_onednn
 
     onednn = torch.ops.mkldnn._linear_pointwise
     rows = []
@@ -77,9 +77,7 @@ def main() -> None:
                         "gflops_mkl": 2 * tokens * n_out * n_in / mkl_s / 1e9,
                         "gflops_onednn": 2 * tokens * n_out * n_in / dnn_s / 1e9,
                         "relative_difference": error.item(),
-                        "rule_picks": "oneDNN"
-                        if onednn_preferred() and tokens * n_out * n_in >= ONEDNN_MIN_MACS
-                        else "MKL",
+                        "rule_picks": "oneDNN" if picks_onednn(tokens * n_out * n_in) else "MKL",
                     }
                 )
                 print(rows[-1])

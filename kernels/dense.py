@@ -42,6 +42,11 @@ def onednn_preferred() -> bool:
     return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
 
 
+def picks_onednn(multiply_adds: int) -> bool:
+    """Whether a float32 CPU product of this many multiply-adds runs oneDNN (the rule of `linear`)."""
+    return onednn_preferred() and multiply_adds >= ONEDNN_MIN_MACS
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -77,8 +82,7 @@ def linear(
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.numel() // max(1, x.shape[-1]) * weight.numel() >= ONEDNN_MIN_MACS
-        and onednn_preferred()
+        and picks_onednn(x.numel() // max(1, x.shape[-1]) * weight.numel())
         and not torch.is_autocast_enabled("cpu")
     ):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
