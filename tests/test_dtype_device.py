@@ -157,3 +157,18 @@ def test_engine_serves_in_bf16_like_generate():
             expected.append(int(logits[0, -1].float().argmax()))
             logits = model(torch.tensor([expected[-1:]]), cache=cache, use_cache=True).logits
     assert request.output_ids == expected
+
+
+def test_describe_records_the_threads_and_kernels_of_this_run():
+    from dsla_hf.devices import describe
+    from dsla_hf.kernels import backend_summary
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        where = describe(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert where["threads"] == 1
+    assert where["dsla_kernels"] == backend_summary(torch.device("cpu"))
+    assert where["cpu_projections"] in ("mkl", "onednn") and where["torch"] == torch.__version__

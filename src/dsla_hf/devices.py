@@ -46,6 +46,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def describe(device: torch.device) -> dict:
+    """Where timings on `device` come from, for result files: the CPU (model, widest vector ISA), torch's threads,
+    the kernels DSLA layers run and the projections' library there (or the GPU), and the versions."""
+    import platform
+
+    import transformers
+
+    from .kernels import backend_summary, onednn_preferred
+    from .kernels.dispatch import cpu_isa, cpuinfo
+
+    where = {"cpu": cpuinfo().get("model name") or platform.processor(), "cpu_isa": cpu_isa()}
+    where["threads"] = torch.get_num_threads()
+    where["dsla_kernels"] = backend_summary(device)
+    if device.type == "cuda":
+        where["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        where["cpu_projections"] = "onednn" if onednn_preferred() else "mkl"
+    return {**where, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
     """`--device`, and `--dtype` unless `dtype_default` is None (commands that train keep fp32 weights)."""
     parser.add_argument(
@@ -73,4 +93,12 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, resolve_dtype(getattr(args, "dtype", "float32"), device)
 
 
-__all__ = ["DTYPES", "add_device_arguments", "device_and_dtype", "resolve_device", "resolve_dtype", "synchronize"]
+__all__ = [
+    "DTYPES",
+    "add_device_arguments",
+    "describe",
+    "device_and_dtype",
+    "resolve_device",
+    "resolve_dtype",
+    "synchronize",
+]

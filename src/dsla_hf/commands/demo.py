@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..demo import DEMO_RECIPE, DemoRecipe, demo_datasets, train_chain
-from ..devices import add_device_arguments, device_and_dtype, synchronize
+from ..devices import add_device_arguments, describe, device_and_dtype, synchronize
 
 # docs/design.md §5: held-out perplexity within these factors of the teacher's ((ratio, context) -> factor); passkey
 # at 50 %.
@@ -301,8 +301,10 @@ def print_report(args, results: dict, rows: list[tuple], out: Path) -> None:
               f"{ood_ppl} | {m['passkey']['accuracy']:.2f} | {per} |")  # fmt: skip
     met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in results["targets"].items())
     print(f"\nQuality targets (docs/design.md §5): {met}")
-    print(f"\nspeed: held-out prompts, {args.new_tokens} greedy tokens, best of two interleaved rounds, "
-          f"{torch.get_num_threads()} threads\n")  # fmt: skip
+    where = results["machine"]
+    print(f"\nspeed: held-out prompts, {args.new_tokens} greedy tokens, best of two interleaved rounds; "
+          f"{where['cpu']} ({where['cpu_isa']}), {where['threads']} threads, DSLA layers on "
+          f"{where['dsla_kernels']}\n")  # fmt: skip
     print("| prompt | model | DSLA layers | prefill (s) | decode (ms/token) | cache (MiB) |")
     print("|---|---|---|---|---|---|")
     for length, label, s in rows:
@@ -357,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
     timings["speed_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - wall
     results["timings"] = timings
+    results["machine"] = describe(device)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, out / "results.png")
     print_report(args, results, rows, out)
