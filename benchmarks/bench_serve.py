@@ -221,7 +221,8 @@ def write_plot(details, runs, path):
     plt.close(fig)
     # Also one plot per run in replay's format.
     for name, (results, samples) in details.items():
-        plot(results, samples, path.with_name(path.stem + "_" + name.split()[0] + ".png"), title=name)
+        slug = "_".join(name.replace(",", "").split())  # "adaptive, one ratio" -> adaptive_one_ratio
+        plot(results, samples, path.with_name(f"{path.stem}_{slug}.png"), title=name)
 
 
 def markdown(report) -> str:
