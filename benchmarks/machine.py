@@ -44,11 +44,11 @@ def machine(threads: int, device=None) -> dict:
     import transformers
 
     from dsla_hf.kernels import cpp_chunk, onednn_preferred
-    from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpuinfo
+    from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpu_name
 
     cpp = cpp_available()
     return {
-        "cpu": cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "threads": threads,

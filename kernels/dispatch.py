@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import platform
 from collections.abc import Callable
 from types import ModuleType
 
@@ -59,6 +60,16 @@ def cpuinfo() -> dict[str, str]:
     except OSError:
         pass
     return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers: a VM often shows a bare "AMD EPYC", which names
+    Zen 1 (family 23) and Zen 5 (family 26) alike."""
+    info = cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 @functools.cache

@@ -172,3 +172,15 @@ def test_describe_records_the_threads_and_kernels_of_this_run():
     assert where["threads"] == 1
     assert where["dsla_kernels"] == backend_summary(torch.device("cpu"))
     assert where["cpu_projections"] in ("mkl", "onednn") and where["torch"] == torch.__version__
+
+
+def test_cpu_name_tells_cpu_generations_apart(monkeypatch):
+    # A VM's "AMD EPYC" is Zen 1 or Zen 5 alike: the family and model numbers say which.
+    from dsla_hf.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "cpuinfo", lambda: {"model name": "AMD EPYC", "cpu family": "23", "model": "1"})
+    assert dispatch.cpu_name() == "AMD EPYC (family 23, model 1)"
+    monkeypatch.setattr(dispatch, "cpuinfo", lambda: {"model name": "AMD EPYC", "cpu family": "26", "model": "2"})
+    assert dispatch.cpu_name() == "AMD EPYC (family 26, model 2)"
+    monkeypatch.setattr(dispatch, "cpuinfo", lambda: {})  # no /proc/cpuinfo: what platform knows
+    assert dispatch.cpu_name() and "family" not in dispatch.cpu_name()

@@ -49,14 +49,12 @@ def synchronize(device: torch.device) -> None:
 def describe(device: torch.device) -> dict:
     """Where timings on `device` come from, for result files: the CPU (model, widest vector ISA), torch's threads,
     the kernels DSLA layers run and the projections' library there (or the GPU), and the versions."""
-    import platform
-
     import transformers
 
     from .kernels import backend_summary, onednn_preferred
-    from .kernels.dispatch import cpu_isa, cpuinfo
+    from .kernels.dispatch import cpu_isa, cpu_name
 
-    where = {"cpu": cpuinfo().get("model name") or platform.processor(), "cpu_isa": cpu_isa()}
+    where = {"cpu": cpu_name(), "cpu_isa": cpu_isa()}
     where["threads"] = torch.get_num_threads()
     where["dsla_kernels"] = backend_summary(device)
     if device.type == "cuda":
