@@ -40,6 +40,10 @@ COMPILE = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC", "-c")
 # DSLA_HF_CPU_ISA selects the instruction set: "native" (this CPU's), "avx2" (x86-64-v3, which runs on every
 # AVX-512 CPU too: an AVX2-only machine's code measured here) or "avx512" (x86-64-v4).
 ISA_FLAGS = {"native": "-march=native", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4"}
+# GCC's tuning for AVX2-only AMD cores (znver1, znver2) vectorises the plain loops (features, exponentials, RoPE) with
+# 128-bit vectors and libmvec's SSE functions; generic tuning keeps 256 bits. On a Zen 1 EPYC the fused decoding call
+# took 129-134 us against 148-153 us with -march=native alone (interleaved, one thread); prefill was unchanged.
+AVX2_NATIVE_TUNE = "-mtune=generic"
 LINK = ("-shared", "-fopenmp")
 FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -ffast-math assumes no infinities
 
@@ -78,13 +82,19 @@ def library() -> ctypes.CDLL | None:
     return build(isa())
 
 
+def compile_flags(name: str) -> tuple[str, ...]:
+    """The compiler's flags for instruction set ``name`` on this CPU."""
+    tune = (AVX2_NATIVE_TUNE,) if name == "native" and cpu_isa() == "avx2" else ()
+    return (*COMPILE, ISA_FLAGS[name], *tune)
+
+
 @functools.cache
 def build(name: str) -> ctypes.CDLL | None:
     """The kernel compiled for instruction set ``name`` (a key of :data:`ISA_FLAGS`), built once per machine."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not all(source.is_file() for source in (*SOURCES, *HEADERS)):
         return None
-    flags = (*COMPILE, ISA_FLAGS[name])
+    flags = compile_flags(name)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
         texts = [source.read_text() for source in (*SOURCES, *HEADERS)]

@@ -174,6 +174,15 @@ def test_isa_choice(monkeypatch):
     assert cpp_chunk.vector_isa() == "generic"
 
 
+def test_native_builds_for_avx2_cpus_keep_256_bit_loops(monkeypatch):
+    # GCC's own tuning for AVX2-era AMD cores would vectorise the plain loops at 128 bits (slower, measured).
+    monkeypatch.setattr(cpp_chunk, "cpu_isa", lambda: "avx2")
+    assert cpp_chunk.compile_flags("native")[-2:] == ("-march=native", "-mtune=generic")
+    assert "-mtune=generic" not in cpp_chunk.compile_flags("avx2")  # x86-64-v3 is generic already
+    monkeypatch.setattr(cpp_chunk, "cpu_isa", lambda: "avx512")
+    assert cpp_chunk.compile_flags("native")[-1] == "-march=native"
+
+
 def test_build_into_a_fresh_cache_and_failure_falls_back(monkeypatch, tmp_path):
     """A fresh cache folder gets the library; a compiler that fails gives one warning and the PyTorch path."""
     monkeypatch.setenv("DSLA_HF_CACHE", str(tmp_path))
