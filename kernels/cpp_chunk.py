@@ -2,10 +2,11 @@
 
 The library (this kernel and the decoding step of ``cpp_decode.cpp``) is compiled once per machine and instruction
 set with the system C++ compiler (``$CXX`` or ``g++``), ``-O3``, the ``-march`` of ``$DSLA_HF_CPU_ISA`` (default
-``native``) and OpenMP, into ``$DSLA_HF_CACHE`` (default ``~/.cache/dsla_hf``) under a name that hashes the
-sources, the flags, the compiler and the CPU; later processes load it in milliseconds. It needs no Python or
-PyTorch headers. Where no compiler is found or the build fails, :func:`library` returns ``None`` (with one
-warning) and ``chunk_dsla`` uses the PyTorch path. The call releases the GIL.
+``native``, tuned generically on AVX2-only CPUs: :func:`compile_flags`) and OpenMP, into ``$DSLA_HF_CACHE``
+(default ``~/.cache/dsla_hf``) under a name that hashes the sources, the flags, the compiler and the CPU; later
+processes load it in milliseconds. It needs no Python or PyTorch headers. Where no compiler is found or the build
+fails, :func:`library` returns ``None`` (with one warning) and ``chunk_dsla`` uses the PyTorch path. The call
+releases the GIL.
 
 Forward only: training keeps the PyTorch path's autograd.
 """
@@ -16,7 +17,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import cpu_isa, cpuinfo
+from .dispatch import cpu_isa, cpu_name, cpuinfo
 from .features import HedgehogFeatures, feature_tensor
 from .gates import LinearGates
 from .inputs import BLOCK_TOKENS, INFERENCE_CHUNK, DSLAInputs
@@ -50,8 +50,7 @@ FLT_MAX = 3.4028234663852886e38  # the kernel's "no clamp": a finite bound, as -
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
-    info = cpuinfo()
-    return f"{info.get('model name', platform.processor())}\n{info.get('flags', '')}"
+    return f"{cpu_name()}\n{cpuinfo().get('flags', '')}"
 
 
 def _cache_dir() -> Path:
