@@ -116,9 +116,8 @@ def build(name: str) -> ctypes.CDLL | None:
         return None
     lib.dsla_chunk_forward.restype = ctypes.c_int
     lib.dsla_decode_step.restype = None
-    p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
-    lib.dsla_decode_step.argtypes = [p, n, p, n, p, n, p, p, p, p, p, p, f, f, p, i, f, i, i, i, i, i, i, i, p, p, p,
-                                     p, p, f, p, p, i]  # fmt: skip
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.dsla_decode_step.argtypes = [p, p, n, p, n, p, n, p, p, i, i, p, p, p, p, p, i]
     lib.dsla_window_attention.restype = None
     lib.dsla_window_attention.argtypes = [p, p, p, p, p, p, p, n, p, p, n, n, p, p, p, p, p, i, i, i, i, i, i, i]
     return lib

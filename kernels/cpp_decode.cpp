@@ -3,7 +3,8 @@
 // One work item per (sequence, KV head) does all of its group's work while the states' rows pass through cache
 // once: the entering token's features and gates, then, row by row of both states, the update
 // S = e^g S + phi^T [v, 1] and the G query heads' read of the new rows; then the window's move by one token and the
-// softmax over it. RoPE tables of the window's positions are made once per sequence. Plain C ABI; built with
+// softmax over it. RoPE tables of the window's positions are made once per sequence, and reused by the next call
+// when its positions are the same (every DSLA layer of a step has the same ones). Plain C ABI; built with
 // cpp_chunk.cpp into one library by cpp_chunk.py.
 
 #include <algorithm>
@@ -18,13 +19,7 @@ namespace {
 
 // [softmax(z), softmax(-z)] of z = x M (x [D], M [D, F] row-major) into out [2F].
 void hedgehog(const float* x, const float* M, int D, int F, float* z, float* out) {
-    std::fill(z, z + F, 0.0f);
-    for (int d = 0; d < D; ++d) {
-        const float xd = x[d];
-        const float* row = M + (long)d * F;
-#pragma omp simd
-        for (int f = 0; f < F; ++f) z[f] += xd * row[f];
-    }
+    dsla::vecmat<false>(D, x, M, F, F, z);
     float hi = -FLT_MAX, lo = FLT_MAX;  // finite: built with -ffast-math
     for (int f = 0; f < F; ++f) hi = std::max(hi, z[f]), lo = std::min(lo, z[f]);
     float sp = 0.0f, sn = 0.0f;
@@ -55,6 +50,38 @@ using dsla::load;
 using dsla::store;
 using dsla::vf;
 constexpr int BLOCK = LANES == 16 ? 4 : 2;  // column vectors by up to 4 heads: half the registers accumulate
+
+// out[g * stride] = x_g . y for the GB rows x_g [D] (D apart): y's loads shared by one accumulator per row, whose
+// chains hide the FMA latency that a dot product alone waits on.
+template <int GB>
+inline void dots(const float* x, const float* y, int D, float* out, long stride) {
+    vf acc[GB] = {};
+    int d = 0;
+    for (; d + LANES <= D; d += LANES) {
+        const vf yd = load(y + d);
+        for (int g = 0; g < GB; ++g) acc[g] += load(x + (long)g * D + d) * yd;
+    }
+    for (int g = 0; g < GB; ++g) {
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; ++l) sum += acc[g][l];
+        for (int e = d; e < D; ++e) sum += x[(long)g * D + e] * y[e];
+        out[g * stride] = sum;
+    }
+}
+
+// The G heads' scores against one key, heads in blocks of up to 4: out[g * stride] = q_g . k.
+void head_dots(const float* q, int G, const float* k, int D, float* out, long stride) {
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const float* x = q + (long)g0 * D;
+        float* o = out + g0 * stride;
+        switch (std::min(4, G - g0)) {
+            case 1: dots<1>(x, k, D, o, stride); break;
+            case 2: dots<2>(x, k, D, o, stride); break;
+            case 3: dots<3>(x, k, D, o, stride); break;
+            default: dots<4>(x, k, D, o, stride); break;
+        }
+    }
+}
 
 // Columns [c0, c0 + NV * LANES) of one state (rows [F2, V1]), for GB query heads: unless `read_only`, each row is
 // updated, row = a_j row + phi_j v, then lin[g] (+)= coef[j][g] row. Rows pass through registers once, and the
@@ -118,22 +145,48 @@ void state_read(float* st, int F2, int V1, int G, const float* a, const float* p
     }
 }
 
+// The RoPE tables of the last call's window positions, per calling thread: cos [D / 2] and sin [D / 2] for each of
+// B * (W + 1) positions, and what they were made from.
+struct RopeTables {
+    std::vector<long> pos;
+    std::vector<float> inv_freq;
+    float scale = 0.0f;
+    std::vector<float> table;
+
+    // Whether the tables are those of these inputs; if not, they are resized and keyed for them (to be filled).
+    bool holds(const long* p, long n, const float* f, int half, float s) {
+        const bool same = scale == s && (long)pos.size() == n && (int)inv_freq.size() == half &&
+                          std::equal(p, p + n, pos.begin()) && std::equal(f, f + half, inv_freq.begin());
+        if (!same) pos.assign(p, p + n), inv_freq.assign(f, f + half), scale = s, table.resize((size_t)n * half * 2);
+        return same;
+    }
+};
+thread_local RopeTables rope_memo;
+
 }  // namespace
 
 extern "C" {
 
+// What every step of one layer reads: its weights (fp32, contiguous) and sizes, made once per weights (cpp_decode.py).
+// Maps qm [H, D, F] and km [HK, D, F] (F2 = 2F); gates gw [HK, D, S F2] (per KV head, both states' weights as one
+// matrix the key multiplies) and gb [S, HK, F2]; mix [H, S] (mix_heads) or [S] mixing weights, or null (ones), times
+// scale; with a window, RoPE's inv_freq [D / 2] and rope_scale, and log_scale [H].
+struct DecodeLayer {
+    const float *qm, *km, *gw, *gb, *mix, *inv_freq, *log_scale;
+    float inv_tau, clamp, scale, rope_scale;
+    int mix_heads, S, HK, G, D, F;
+};
+
 // q [B, H, D], k and v [B, HK, D] (rows contiguous, strides per sequence q_sb, k_sb, v_sb); mask [B] or null;
-// state [B, S, HK, F2, D + 1] updated in place; maps qm [H, D, F] and km [HK, D, F] (F2 = 2F); gates gw
-// [S, HK, F2, D], gb [S, HK, F2]; w [H, S] mixing weights with the scale; window (W > 0): wk, wv [B, W, HK, D] and
-// valid [B, W], moved in place, pos [B, W + 1], inv_freq [D / 2], rope_scale, log_scale [H]; o [B, H, D].
-void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, const float* v, long v_sb,
-                      const float* mask, float* state, const float* qm, const float* km, const float* gw,
-                      const float* gb, float inv_tau, float clamp, const float* mix, int mix_heads, float scale,
-                      int B, int S, int HK, int G,
-                      int D, int F, int W, float* wk, float* wv, float* valid, const long* pos,
-                      const float* inv_freq, float rope_scale, const float* log_scale, float* o, int threads) {
-    const int H = HK * G, F2 = 2 * F, V1 = D + 1, half = D / 2;
-    std::vector<float> tables(W ? (size_t)B * (W + 1) * D : 0);  // per sequence and position: cos [D/2], sin [D/2]
+// state [B, S, HK, F2, D + 1] updated in place; window (W > 0): wk, wv [B, W, HK, D] and valid [B, W], moved in
+// place, and pos [B, W + 1]; o [B, H, D].
+void dsla_decode_step(const DecodeLayer* layer, const float* q, long q_sb, const float* k, long k_sb, const float* v,
+                      long v_sb, const float* mask, float* state, int B, int W, float* wk, float* wv, float* valid,
+                      const long* pos, float* o, int threads) {
+    const DecodeLayer& L = *layer;
+    const int S = L.S, HK = L.HK, G = L.G, D = L.D, F = L.F, H = HK * G, F2 = 2 * F, V1 = D + 1, half = D / 2;
+    const bool fresh = W && !rope_memo.holds(pos, (long)B * (W + 1), L.inv_freq, half, L.rope_scale);
+    float* const tables = rope_memo.table.data();  // the calling thread's (the team's threads have their own memo)
     // A second thread pays only from two work items each: with one sequence of 3 KV heads (SmolLM2) it saved nothing
     // (41-45 us per call with one thread, 41-54 with two), and it keeps the other core busy.
     const int team = std::max(1, std::min(threads, B * HK / 2));
@@ -143,16 +196,16 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
         std::vector<float> z(F), phi(F2), decay((size_t)S * F2), psi((size_t)G * F2), lin((size_t)G * V1),
             vext(V1), qrot((size_t)G * D), krow(D), scores((size_t)G * W), top(G), coef((size_t)F2 * G);
         std::vector<char> live(W);
-        if (W) {
+        if (fresh) {
 #pragma omp for schedule(static)
             for (long r = 0; r < (long)B * (W + 1); ++r) {
-                float* t = &tables[r * D];
+                float* t = tables + r * D;
                 const float p = (float)pos[r];
                 // Two loops: GCC would fuse one loop's cosf and sinf into scalar sincosf calls (ten times slower).
 #pragma omp simd
-                for (int i = 0; i < half; ++i) t[i] = cosf(p * inv_freq[i]) * rope_scale;
+                for (int i = 0; i < half; ++i) t[i] = cosf(p * L.inv_freq[i]) * L.rope_scale;
 #pragma omp simd
-                for (int i = 0; i < half; ++i) t[half + i] = sinf(p * inv_freq[i]) * rope_scale;
+                for (int i = 0; i < half; ++i) t[half + i] = sinf(p * L.inv_freq[i]) * L.rope_scale;
             }
         }
 #pragma omp for schedule(static)
@@ -163,34 +216,31 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
             const float* ke = W ? wk + ((long)b * W * HK + hk) * D : k + b * k_sb + (long)hk * D;
             const float* ve = W ? wv + ((long)b * W * HK + hk) * D : v + b * v_sb + (long)hk * D;
             const float me = W ? valid[(long)b * W] : new_valid;
-            hedgehog(ke, km + (long)hk * D * F, D, F, z.data(), phi.data());
+            hedgehog(ke, L.km + (long)hk * D * F, D, F, z.data(), phi.data());
             for (int j = 0; j < F2; ++j) phi[j] *= me;
+            // Both states' gates in one product, ke [D] @ gw[hk] [D, S F2], then the decays e^g.
+            dsla::vecmat<false>(D, ke, L.gw + (long)hk * D * S * F2, S * F2, S * F2, decay.data());
             for (int s = 0; s < S; ++s) {
                 float* u = &decay[(long)s * F2];
-                for (int j = 0; j < F2; ++j) {
-                    const float* row = gw + (((long)s * HK + hk) * F2 + j) * D;
-                    float acc = gb[((long)s * HK + hk) * F2 + j];
-#pragma omp simd reduction(+ : acc)
-                    for (int d = 0; d < D; ++d) acc += row[d] * ke[d];
-                    u[j] = acc;
-                }
+                const float* bias = L.gb + ((long)s * HK + hk) * F2;
 #pragma omp simd
                 for (int j = 0; j < F2; ++j) {  // a loop of its own, so that the exponentials are vectorised
-                    const float g = (std::fmin(u[j], 0.0f) - log1pf(dsla::exp_floor(-std::fabs(u[j])))) * inv_tau;
-                    u[j] = expf(std::fmax(g, clamp) * me);
+                    const float x = u[j] + bias[j];
+                    const float g = (std::fmin(x, 0.0f) - log1pf(dsla::exp_floor(-std::fabs(x)))) * L.inv_tau;
+                    u[j] = expf(std::fmax(g, L.clamp) * me);
                 }
             }
             std::memcpy(vext.data(), ve, D * 4);
             vext[D] = 1.0f;
             for (int g = 0; g < G; ++g)
-                hedgehog(q + b * q_sb + (long)(hk * G + g) * D, qm + (long)(hk * G + g) * D * F, D, F, z.data(),
+                hedgehog(q + b * q_sb + (long)(hk * G + g) * D, L.qm + (long)(hk * G + g) * D * F, D, F, z.data(),
                          &psi[(long)g * F2]);
             // Both states: the update and the group's read, column block by column block (see state_pass).
             for (int s = 0; s < S; ++s) {
                 float* st = state + (((long)b * S + s) * HK + hk) * F2 * V1;
                 for (int g = 0; g < G; ++g) {
                     const int h = hk * G + g;
-                    const float wg = scale * (mix ? mix[mix_heads ? h * S + s : s] : 1.0f);
+                    const float wg = L.scale * (L.mix ? L.mix[L.mix_heads ? h * S + s : s] : 1.0f);
                     for (int j = 0; j < F2; ++j) coef[(long)j * G + g] = wg * psi[(long)g * F2 + j];
                 }
                 state_read(st, F2, V1, G, &decay[(long)s * F2], phi.data(), vext.data(), coef.data(), lin.data(), s > 0);
@@ -228,14 +278,8 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
                 if (!live[j]) continue;
                 const float* t = tab + (long)(j + 1) * D;
                 rotate(keys + j * row_stride, t, t + half, D, krow.data());
-                for (int g = 0; g < G; ++g) {
-                    const float* qg = &qrot[(long)g * D];
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int d = 0; d < D; ++d) dot += qg[d] * krow[d];
-                    scores[(long)g * W + j] = dot;
-                    top[g] = std::max(top[g], dot);
-                }
+                head_dots(qrot.data(), G, krow.data(), D, &scores[j], W);
+                for (int g = 0; g < G; ++g) top[g] = std::max(top[g], scores[(long)g * W + j]);
             }
             for (int g = 0; g < G; ++g) {
                 float den = 0.0f, *p = &scores[(long)g * W];
@@ -246,14 +290,8 @@ void dsla_decode_step(const float* q, long q_sb, const float* k, long k_sb, cons
                     den += p[j];
                 }
                 float* out = dst + (long)g * D;
-                std::fill(out, out + D, 0.0f);
-                for (int j = 0; j < W; ++j) {
-                    const float* val = vals + j * row_stride;
-                    const float pj = p[j];
-#pragma omp simd
-                    for (int d = 0; d < D; ++d) out[d] += pj * val[d];
-                }
-                const float c = expf(log_scale[hk * G + g] - top[g]);
+                dsla::vecmat<false>(W, p, vals, row_stride, D, out);  // sum_j p_j v_j
+                const float c = expf(L.log_scale[hk * G + g] - top[g]);
                 const float* l = &lin[(long)g * V1];
                 const float inv = 1.0f / (den + c * l[D] + 1e-6f);
                 for (int d = 0; d < D; ++d) out[d] = (out[d] + c * l[d]) * inv;

@@ -65,6 +65,21 @@ void gemm(int M, int N, int P, const float* A, long ars, long aps, const float* 
     for (; j < N; j += LANES) panel<1, ACC>(M, P, A, ars, aps, B + j, ldb, C + j, ldc);
 }
 
+// out[N] (+)= x[P] @ B[P x N] (B's rows ldb apart), one row by a matrix: blocks of VEC vectors accumulate in
+// registers (independent chains, so FMA latency is hidden), then single vectors, then a scalar tail.
+template <bool ACC>
+inline void vecmat(int P, const float* x, const float* B, long ldb, int N, float* out) {
+    constexpr int VEC = LANES == 16 ? 8 : 4;
+    int j = 0;
+    for (; j + VEC * LANES <= N; j += VEC * LANES) micro<1, VEC, ACC>(P, x, 0, 1, B + j, ldb, out + j, 0);
+    for (; j + LANES <= N; j += LANES) micro<1, 1, ACC>(P, x, 0, 1, B + j, ldb, out + j, 0);
+    for (; j < N; ++j) {
+        float acc = ACC ? out[j] : 0.0f;
+        for (int p = 0; p < P; ++p) acc += x[p] * B[p * ldb + j];
+        out[j] = acc;
+    }
+}
+
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // sum_i a[i] b[i] over whole vectors, then a scalar tail (spelled out: GCC vectorises the plain loop with gathers).

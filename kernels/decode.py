@@ -74,7 +74,7 @@ class DecodeWeights:
         if self.inv_freq is not None and self.inv_freq.shape != (D // 2,):
             raise ValueError(f"inv_freq must be [{D // 2}], got {tuple(self.inv_freq.shape)}")
 
-    @property
+    @functools.cached_property
     def dims(self) -> tuple[int, int, int, int, int]:
         """(H, HK, D, F, S): query heads, key heads, head width, features per sign, states."""
         H, D, F = self.q_map.shape
@@ -85,6 +85,13 @@ class DecodeWeights:
         if self.mix is None:
             return torch.full((H, S), self.scale, device=self.q_map.device)
         return self.mix.float().expand(H, S) * self.scale
+
+    @functools.cached_property
+    def gates_by_key(self) -> torch.Tensor:
+        """fp32 [HK, D, S * 2F]: per KV head, both states' gate weights as one matrix that the key multiplies (the
+        C++ kernel's layout: one register-blocked product instead of S * 2F dot products), made once."""
+        S, HK, F2, D = self.gate_weight.shape
+        return self.gate_weight.detach().float().permute(1, 3, 0, 2).reshape(HK, D, S * F2).contiguous()
 
     @functools.cached_property
     def fp32(self) -> DecodeWeights:

@@ -73,6 +73,38 @@ def test_cpp_matches_reference(W, S, B, H, HK, mix, isa):
             assert torch.equal(a, b), name
 
 
+@needs_kernel
+@pytest.mark.parametrize("W", [0, 12])
+def test_cpp_matches_reference_at_smollm2_width(W, isa):
+    """SmolLM2's widths (64-wide heads, 64 features a sign, 9 query heads on 3 KV heads): the kernel's register
+    blocks of whole vectors, which the small cases above leave to the scalar tails."""
+    case = make_step(B=2, H=9, HK=3, D=64, F_=64, S=2, W=W, mask=True)
+    o, state, _ = run_steps("cpp", *case)
+    o_ref, state_ref, _ = run_steps("naive", *case)
+    assert_close("o", o, o_ref, 2e-6)
+    assert_close("state", state, state_ref, 2e-6)
+
+
+@needs_kernel
+def test_rope_tables_follow_the_positions(isa):
+    """Two layers' steps interleaved, one at positions twice as far apart (RoPE's scores see only distances): the
+    kernel's RoPE tables kept from the previous call must be those of each call's own positions."""
+    first, second = make_step(B=2, seed=1), make_step(B=2, seed=2)
+    second = (*second[:-1], second[-1] * 2)
+    runs = {}
+    for backend in ("cpp", "naive"):
+        states = [(c[1].clone(), tuple(t.clone() for t in c[2])) for c in (first, second)]
+        outs = []
+        for i in range(6):
+            for case, (state, window) in zip((first, second), states):
+                weights, _, _, tokens, _, positions = case
+                q, k, v = tokens[i]
+                outs.append(fused_decode_dsla(q, k, v, state, weights, window, positions[:, i : i + 6], None,
+                                              backend=backend))  # fmt: skip
+        runs[backend] = torch.stack(outs)
+    assert_close("o", runs["cpp"], runs["naive"], 2e-6)
+
+
 def test_reference_states_are_the_recurrence():
     """With no window, the reference's states after a few steps are the naive recurrence run on the Hedgehog
     features, log-sigmoid gates and [v, 1] values it describes, and its outputs that recurrence's normalised."""
