@@ -24,7 +24,7 @@ import torch
 from machine import machine
 
 from dsla_hf.kernels.cpp_chunk import loaded
-from dsla_hf.kernels.cpp_decode import cpp_decode_dsla, layer_of
+from dsla_hf.kernels.cpp_decode import cpp_decode_dsla, layer_address
 from dsla_hf.kernels.decode import DecodeWeights, check_step, fused_decode_dsla
 
 H, HK, D, F, S, W = 9, 3, 64, 64, 2, 64
@@ -43,7 +43,7 @@ def calls(calls_per_round: int) -> dict:
     state = rnd(1, S, HK, 2 * F, D + 1).abs()
     window = (rnd(1, W, HK, D, scale=1.0), rnd(1, W, HK, D, scale=1.0), torch.ones(1, W))
     positions = torch.arange(4096, 4096 + W + 1)[None]
-    lib, (_, layer), out = loaded(), layer_of(weights), torch.empty(1, H, D)
+    lib, layer, out = loaded(), layer_address(weights), torch.empty(1, H, D)
 
     def kernel(width: int):
         ptrs = (window[0].data_ptr(), window[1].data_ptr(), window[2].data_ptr(), positions.data_ptr())

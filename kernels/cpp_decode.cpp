@@ -51,34 +51,16 @@ using dsla::store;
 using dsla::vf;
 constexpr int BLOCK = LANES == 16 ? 4 : 2;  // column vectors by up to 4 heads: half the registers accumulate
 
-// out[g * stride] = x_g . y for the GB rows x_g [D] (D apart): y's loads shared by one accumulator per row, whose
-// chains hide the FMA latency that a dot product alone waits on.
-template <int GB>
-inline void dots(const float* x, const float* y, int D, float* out, long stride) {
-    vf acc[GB] = {};
-    int d = 0;
-    for (; d + LANES <= D; d += LANES) {
-        const vf yd = load(y + d);
-        for (int g = 0; g < GB; ++g) acc[g] += load(x + (long)g * D + d) * yd;
-    }
-    for (int g = 0; g < GB; ++g) {
-        float sum = 0.0f;
-        for (int l = 0; l < LANES; ++l) sum += acc[g][l];
-        for (int e = d; e < D; ++e) sum += x[(long)g * D + e] * y[e];
-        out[g * stride] = sum;
-    }
-}
-
 // The G heads' scores against one key, heads in blocks of up to 4: out[g * stride] = q_g . k.
 void head_dots(const float* q, int G, const float* k, int D, float* out, long stride) {
     for (int g0 = 0; g0 < G; g0 += 4) {
         const float* x = q + (long)g0 * D;
         float* o = out + g0 * stride;
         switch (std::min(4, G - g0)) {
-            case 1: dots<1>(x, k, D, o, stride); break;
-            case 2: dots<2>(x, k, D, o, stride); break;
-            case 3: dots<3>(x, k, D, o, stride); break;
-            default: dots<4>(x, k, D, o, stride); break;
+            case 1: dsla::dots<1>(x, k, D, o, stride); break;
+            case 2: dsla::dots<2>(x, k, D, o, stride); break;
+            case 3: dsla::dots<3>(x, k, D, o, stride); break;
+            default: dsla::dots<4>(x, k, D, o, stride); break;
         }
     }
 }

@@ -23,26 +23,25 @@ class DecodeLayer(ctypes.Structure):
 _layers: weakref.WeakKeyDictionary[DecodeWeights, tuple[DecodeLayer, int]] = weakref.WeakKeyDictionary()
 
 
-def layer_of(weights: DecodeWeights) -> tuple[DecodeLayer, int]:
-    """The kernel's view of `weights` and its address, made once per weights; its pointers are those of
-    ``weights.fp32``, which the weights hold for as long as this entry lives."""
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def layer_address(weights: DecodeWeights) -> int:
+    """The address of the kernel's view of `weights` (a :class:`DecodeLayer`, made once per weights and kept with
+    them); its pointers are those of ``weights.fp32``, which the weights hold for as long as the entry lives."""
     entry = _layers.get(weights)
     if entry is None:
         w = weights.fp32
         H, HK, D, F, S = weights.dims
-        ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
         layer = DecodeLayer(
-            qm=ptr(w.q_map), km=ptr(w.k_map), gw=ptr(w.gates_by_key), gb=ptr(w.gate_bias), mix=ptr(w.mix),
-            inv_freq=ptr(w.inv_freq), log_scale=ptr(w.window_log_scale), inv_tau=1.0 / w.tau,
+            qm=_ptr(w.q_map), km=_ptr(w.k_map), gw=_ptr(w.gates_by_key), gb=_ptr(w.gate_bias), mix=_ptr(w.mix),
+            inv_freq=_ptr(w.inv_freq), log_scale=_ptr(w.window_log_scale), inv_tau=1.0 / w.tau,
             clamp=-FLT_MAX if w.clamp is None else w.clamp, scale=w.scale, rope_scale=w.rope_scale,
             mix_heads=w.mix is not None and w.mix.dim() == 2, S=S, HK=HK, G=H // HK, D=D, F=F,
         )  # fmt: skip
         entry = _layers[weights] = (layer, ctypes.addressof(layer))
-    return entry
-
-
-def _ptr(x: torch.Tensor | None) -> int | None:
-    return None if x is None else x.data_ptr()
+    return entry[1]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,7 @@ def cpp_decode_dsla(q, k, v, state, weights, window=None, positions=None, mask=N
     keys, values, valid = window if window is not None else (None, None, None)
     if window is not None and not (keys.dtype == values.dtype == valid.dtype == torch.float32):
         raise ValueError("the C++ kernel moves an fp32 window in place")
-    (_, layer), dtype = layer_of(weights), q.dtype
+    layer, dtype = layer_address(weights), q.dtype
     # Every operand is held here until the call returns (a pointer to a temporary would dangle).
     q, k, v = _rows(q), _rows(k), _rows(v)
     mask = None if mask is None else mask.float().contiguous()

@@ -82,14 +82,29 @@ inline void vecmat(int P, const float* x, const float* B, long ldb, int N, float
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// sum_i a[i] b[i] over whole vectors, then a scalar tail (spelled out: GCC vectorises the plain loop with gathers).
-inline float dot(const float* a, const float* b, int n) {
-    vf acc{};
+// out[r * stride] = x_r . y for the R rows x_r [n] (n apart): whole vectors, y's loads shared by one accumulator per
+// row (their chains hide the FMA latency a lone dot product waits on), then a scalar tail (spelled out: GCC
+// vectorises the plain loop with gathers).
+template <int R>
+inline void dots(const float* x, const float* y, int n, float* out, long stride) {
+    vf acc[R] = {};
     int i = 0;
-    for (; i + LANES <= n; i += LANES) acc += load(a + i) * load(b + i);
-    float sum = 0.0f;
-    for (int j = 0; j < LANES; ++j) sum += acc[j];
-    for (; i < n; ++i) sum += a[i] * b[i];
+    for (; i + LANES <= n; i += LANES) {
+        const vf yi = load(y + i);
+        for (int r = 0; r < R; ++r) acc[r] += load(x + (long)r * n + i) * yi;
+    }
+    for (int r = 0; r < R; ++r) {
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; ++l) sum += acc[r][l];
+        for (int e = i; e < n; ++e) sum += x[(long)r * n + e] * y[e];
+        out[r * stride] = sum;
+    }
+}
+
+// sum_i a[i] b[i].
+inline float dot(const float* a, const float* b, int n) {
+    float sum;
+    dots<1>(a, b, n, &sum, 0);
     return sum;
 }
 
