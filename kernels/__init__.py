@@ -21,39 +21,59 @@ the registry :data:`.dispatch.REGISTRY`, which imports the Triton and C++ kernel
 the recurrence: :mod:`.inputs`; each entry point's arguments: its docstring.
 """
 
-from .chunk import chunk_dsla
-from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
-from .dense import Linear, linear, onednn_preferred, use_fast_linears
-from .dispatch import backend_summary
-from .features import HedgehogFeatures, feature_tensor, hedgehog
-from .fold import fold_kv
-from .fused_recurrent import fused_recurrent_dsla
-from .gates import LinearGates
-from .inputs import RECURRENT_MAX_TOKENS
-from .naive import naive_dsla
-from .window import advance_window, window_attention
-from .workspace import scratch
+if __name__ == "kernels":
+    # Imported as top-level ``kernels``: the repository root is on sys.path (``python -m``/``-c`` or pytest from a
+    # clone), and this folder shadows Hugging Face's ``kernels`` package, which transformers imports when it is
+    # installed. Hand the name over to the installed package; this folder is only ever ``dsla_hf.kernels``.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = [
-    "RECURRENT_MAX_TOKENS",
-    "DecodeWeights",
-    "HedgehogFeatures",
-    "Linear",
-    "LinearGates",
-    "advance_window",
-    "backend_summary",
-    "chunk_dsla",
-    "decode_backend",
-    "feature_tensor",
-    "fold_kv",
-    "fused_decode_dsla",
-    "fused_recurrent_dsla",
-    "hedgehog",
-    "linear",
-    "naive_decode_dsla",
-    "naive_dsla",
-    "onednn_preferred",
-    "scratch",
-    "use_fast_linears",
-    "window_attention",
-]
+    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ImportError(
+            f"no installed package named 'kernels' ({_here}/kernels is dsla-hf's, imported as dsla_hf.kernels)"
+        )
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import system returns what sys.modules holds once this body ends
+    _spec.loader.exec_module(_module)
+else:
+    from .chunk import chunk_dsla
+    from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
+    from .dense import Linear, linear, onednn_preferred, use_fast_linears
+    from .dispatch import backend_summary
+    from .features import HedgehogFeatures, feature_tensor, hedgehog
+    from .fold import fold_kv
+    from .fused_recurrent import fused_recurrent_dsla
+    from .gates import LinearGates
+    from .inputs import RECURRENT_MAX_TOKENS
+    from .naive import naive_dsla
+    from .window import advance_window, window_attention
+    from .workspace import scratch
+
+    __all__ = [
+        "RECURRENT_MAX_TOKENS",
+        "DecodeWeights",
+        "HedgehogFeatures",
+        "Linear",
+        "LinearGates",
+        "advance_window",
+        "backend_summary",
+        "chunk_dsla",
+        "decode_backend",
+        "feature_tensor",
+        "fold_kv",
+        "fused_decode_dsla",
+        "fused_recurrent_dsla",
+        "hedgehog",
+        "linear",
+        "naive_decode_dsla",
+        "naive_dsla",
+        "onednn_preferred",
+        "scratch",
+        "use_fast_linears",
+        "window_attention",
+    ]
