@@ -21,22 +21,25 @@ the registry :data:`.dispatch.REGISTRY`, which imports the Triton and C++ kernel
 the recurrence: :mod:`.inputs`; each entry point's arguments: its docstring.
 """
 
-if __name__ == "kernels":
-    # Imported as top-level ``kernels``: the repository root is on sys.path (``python -m``/``-c`` or pytest from a
-    # clone), and this folder shadows Hugging Face's ``kernels`` package, which transformers imports when it is
-    # installed. Hand the name over to the installed package; this folder is only ever ``dsla_hf.kernels``.
+
+def _installed_kernels():
+    """The spec of an installed top-level ``kernels`` package, looked up on sys.path without this repository."""
     import importlib.machinery
-    import importlib.util
     import os
     import sys
 
-    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None:
-        raise ImportError(
-            f"no installed package named 'kernels' ({_here}/kernels is dsla-hf's, imported as dsla_hf.kernels)"
-        )
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    return importlib.machinery.PathFinder.find_spec("kernels", path)
+
+
+# Imported as top-level ``kernels``, this folder is shadowing Hugging Face's package of that name (the repository root
+# is on sys.path: ``python -m``/``-c`` or pytest from a clone), which transformers imports where it is installed: the
+# name goes to the installed package. Where there is none, transformers finds no version here and leaves it alone.
+if __name__ == "kernels" and (_spec := _installed_kernels()) is not None:
+    import importlib.util
+    import sys
+
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import system returns what sys.modules holds once this body ends
     _spec.loader.exec_module(_module)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,12 +23,11 @@ def test_transformers_imports_from_the_repository_root():
     assert done.stdout.strip() == "dsla_hf.kernels.chunk"
 
 
-def test_top_level_kernels_is_the_installed_package_or_none():
-    done = run_from_root("import kernels; print(kernels.__file__)")
+def test_top_level_kernels_is_the_installed_package():
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
-        assert done.returncode != 0 and "no installed package named 'kernels'" in done.stderr
-    else:
-        assert done.returncode == 0, done.stderr
-        assert not Path(done.stdout.strip()).resolve().is_relative_to(ROOT)
+        pytest.skip("Hugging Face's kernels package is not installed here: nothing to shadow")
+    done = run_from_root("import kernels; print(kernels.__file__)")
+    assert done.returncode == 0, done.stderr
+    assert not Path(done.stdout.strip()).resolve().is_relative_to(ROOT)
