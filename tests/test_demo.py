@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from dsla_hf.commands.demo import DemoData, evaluate_models
+from dsla_hf.commands.demo import DemoData, evaluate_models, generation_stats
 from dsla_hf.evaluation.metrics import perplexity
 from dsla_hf.serving.models import toy_model, toy_tokenizer
 
@@ -24,3 +24,17 @@ def test_evaluate_models_scores_each_model_at_its_layers():
         assert entry["ood"]["ppl"] == perplexity(model, heldout[:, :20], 2)["ppl"]
         assert set(entry["passkey"]["per_length"]) == {"80"} and 0 <= entry["passkey"]["accuracy"] <= 1
         assert entry["heldout_long"]["tokens"] == heldout.numel() - 1
+
+
+def test_generation_stats_decodes_greedy_tokens_with_the_cache():
+    model = toy_model()
+    model.set_dsla_layers(0.5)
+    ids = torch.randint(3, 101, (1, 30), generator=torch.Generator().manual_seed(1))
+    stats = generation_stats(model, ids, 6)
+    # The reference: the same greedy tokens from full forwards without a cache.
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(stats["tokens"], seq[:, ids.shape[1] :])
+    assert stats["prefill_s"] > 0 and stats["decode_ms_per_token"] > 0 and stats["cache_mib"] > 0
