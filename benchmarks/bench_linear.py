@@ -46,8 +46,7 @@ def main() -> None:
     use_isa(args.isa)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from dsla_hf.kernels import onednn_preferred
-    from dsla_hf.kernels.dense import ONEDNN_MIN_MACS, picks_onednn
+    from dsla_hf.kernels.dense import ONEDNN_MIN_MACS, WIDE_OUTPUTS, picks_onednn, projection_libraries
 
     onednn = torch.ops.mkldnn._linear_pointwise
     rows = []
@@ -55,7 +54,8 @@ def main() -> None:
         for tokens in args.tokens:
             for name, (n_out, n_in) in SHAPES.items():
                 x, weight = torch.randn(tokens, n_in), torch.randn(n_out, n_in)
-                calls = max(1, int(2e8 // (tokens * n_out * n_in)))  # ~0.1-1 s a round
+                macs = tokens * n_out * n_in
+                calls = max(1, int(2e8 // macs))  # ~0.1-1 s a round
                 reference = F.linear(x, weight)
                 error = (onednn(x, weight, None, "none", [], "") - reference).norm() / reference.norm()
                 mkl, dnn = [], []
@@ -74,15 +74,19 @@ def main() -> None:
                         "mkl_ms": 1e3 * mkl_s,
                         "onednn_ms": 1e3 * dnn_s,
                         "onednn_speedup": mkl_s / dnn_s,
-                        "gflops_mkl": 2 * tokens * n_out * n_in / mkl_s / 1e9,
-                        "gflops_onednn": 2 * tokens * n_out * n_in / dnn_s / 1e9,
+                        "gflops_mkl": 2 * macs / mkl_s / 1e9,
+                        "gflops_onednn": 2 * macs / dnn_s / 1e9,
                         "relative_difference": error.item(),
-                        "rule_picks": "oneDNN" if picks_onednn(tokens * n_out * n_in) else "MKL",
+                        "rule_picks": "oneDNN" if picks_onednn(macs, wide=n_out >= WIDE_OUTPUTS * n_in) else "MKL",
                     }
                 )
                 print(rows[-1])
     result = {"meta": machine(args.threads), "setup": vars(args), "rows": rows}
-    chosen = f"oneDNN from {ONEDNN_MIN_MACS:,} multiply-adds, MKL below" if onednn_preferred() else "MKL"
+    chosen = {
+        "onednn": f"oneDNN from {ONEDNN_MIN_MACS:,} multiply-adds, MKL below",
+        "mkl, onednn for wide outputs": f"MKL, and oneDNN for outputs {WIDE_OUTPUTS}x their inputs or wider (an LM "
+        f"head) from {ONEDNN_MIN_MACS:,} multiply-adds",
+    }.get(projection_libraries(), "MKL")
     lines = [
         f"Ran on {describe(result['meta'])}. `dsla_hf.kernels.linear` picks {chosen} here.",
         "",

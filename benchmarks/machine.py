@@ -43,7 +43,7 @@ def machine(threads: int, device=None) -> dict:
     import torch
     import transformers
 
-    from dsla_hf.kernels import cpp_chunk, onednn_preferred
+    from dsla_hf.kernels import cpp_chunk, projection_libraries
     from dsla_hf.kernels.dispatch import cpp_available, cpu_isa, cpu_name
 
     cpp = cpp_available()
@@ -54,7 +54,7 @@ def machine(threads: int, device=None) -> dict:
         "threads": threads,
         "dsla_kernel_isa": cpp_chunk.vector_isa() if cpp else None,
         "default_cpu_backend": "cpp" if cpp else "torch",
-        "cpu_projections": "onednn" if onednn_preferred() else "mkl",  # the library of `dsla_hf.kernels.linear`
+        "cpu_projections": projection_libraries(),  # the libraries of `dsla_hf.kernels.linear`
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -46,7 +46,7 @@ if __name__ == "kernels" and (_spec := _installed_kernels()) is not None:
 else:
     from .chunk import chunk_dsla
     from .decode import DecodeWeights, decode_backend, fused_decode_dsla, naive_decode_dsla
-    from .dense import Linear, linear, onednn_preferred, use_fast_linears
+    from .dense import Linear, linear, onednn_preferred, projection_libraries, use_fast_linears
     from .dispatch import backend_summary
     from .features import HedgehogFeatures, feature_tensor, hedgehog
     from .fold import fold_kv
@@ -76,6 +76,7 @@ else:
         "naive_decode_dsla",
         "naive_dsla",
         "onednn_preferred",
+        "projection_libraries",
         "scratch",
         "use_fast_linears",
         "window_attention",

@@ -5,8 +5,9 @@ MKL picks its code by CPU vendor: on AMD it runs its AVX2 ("zen") sgemm even whe
 oneDNN uses on any vendor. On a Zen 5 EPYC with AVX-512 that is 1.8-2.3x on SmolLM2's projections at 512-4096
 tokens and 2.6x on its LM head at one token (`benchmarks/bench_linear.py`). With both libraries limited to AVX2
 (an AVX2-only AMD's code) oneDNN is 1.04-1.3x on the products alone, but the default layer ran slower with it at
-512 and 16k tokens (0.86x and 7.27x against softmax, 0.92x and 8.13x with MKL), so AVX2 code keeps MKL. On Intel
-CPUs MKL runs its AVX-512 code, so there the default stays MKL too.
+512 and 16k tokens (0.86x and 7.27x against softmax, 0.92x and 8.13x with MKL), so AVX2 code keeps MKL, but for
+products with wide outputs (an LM head: `WIDE_OUTPUTS`), for which MKL is slow there. On Intel CPUs MKL runs its
+AVX-512 code, so there the default stays MKL.
 
 Like the rest of this package, the module imports nothing from ``dsla_hf``: saved models carry it as remote code.
 """
@@ -26,13 +27,23 @@ from .dispatch import cpu_isa, cpuinfo
 # q, k, v and o products at one token (0.33M and 0.11M) stay with MKL, its MLP and LM head go to oneDNN.
 ONEDNN_MIN_MACS = 800_000
 
+# Products whose outputs are this many times their inputs (an LM head's vocabulary) run oneDNN on AVX2 code too, on
+# CPUs not made by Intel: there MKL's float32 product is slow for them. SmolLM2's LM head (576 -> 49152) ran 1.9-2.3x
+# faster with oneDNN at one token, 1.5-2.0x at 8 and 1.04-1.18x at 512-4096 on two AVX2-only EPYCs (Zen 1, Zen 3)
+# and on a Zen 5's AVX2 code, where its other products ranged from 0.4x to 1.6x (`benchmarks/bench_linear.py`).
+WIDE_OUTPUTS = 16
+
+
+def _has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
 
 @functools.cache
 def onednn_preferred() -> bool:
     """Whether float32 CPU products run `linear` through oneDNN. ``DSLA_HF_ONEDNN_LINEAR=1`` forces it (where
     PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: a CPU with AVX-512 that is not Intel's (where MKL runs
     AVX2 code), unless ``DSLA_HF_CPU_ISA=avx2`` asks for an AVX2 machine's code paths."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not _has_onednn():
         return False
     choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
     if choice is not None:
@@ -42,9 +53,31 @@ def onednn_preferred() -> bool:
     return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
 
 
-def picks_onednn(multiply_adds: int) -> bool:
-    """Whether a float32 CPU product of this many multiply-adds runs oneDNN (the rule of `linear`)."""
-    return onednn_preferred() and multiply_adds >= ONEDNN_MIN_MACS
+def onednn_for_wide_outputs() -> bool:
+    """Whether products with wide outputs (:data:`WIDE_OUTPUTS`) run oneDNN where the others keep MKL: on any CPU
+    with AVX2 or more that is not Intel's (``DSLA_HF_ONEDNN_LINEAR`` decides for them too)."""
+    if not _has_onednn():
+        return False
+    choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
+    if choice is not None:
+        return choice == "1"
+    return cpu_isa() in ("avx2", "avx512") and cpuinfo().get("vendor_id") != "GenuineIntel"
+
+
+def picks_onednn(multiply_adds: int, wide: bool = False) -> bool:
+    """Whether a float32 CPU product of this many multiply-adds runs oneDNN (the rule of `linear`); `wide`: its
+    outputs are at least :data:`WIDE_OUTPUTS` times its inputs."""
+    if multiply_adds < ONEDNN_MIN_MACS:
+        return False
+    return onednn_preferred() or wide and onednn_for_wide_outputs()
+
+
+def projection_libraries() -> str:
+    """In words, the libraries of `linear` here, for result files: "onednn", "mkl", or "mkl, onednn for wide
+    outputs"."""
+    if onednn_preferred():
+        return "onednn"
+    return "mkl, onednn for wide outputs" if onednn_for_wide_outputs() else "mkl"
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,20 +107,16 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU float32 tensors outside autocast, by oneDNN where
-    :func:`onednn_preferred` and the product has at least `ONEDNN_MIN_MACS` multiply-adds, with gradients too
-    (equal within float32 rounding: the two libraries sum in different orders). `out` (inference only) receives
-    the result on the MKL path; oneDNN's matmul has none, so use the returned tensor."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and picks_onednn(x.numel() // max(1, x.shape[-1]) * weight.numel())
-        and not torch.is_autocast_enabled("cpu")
-    ):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn(x, weight, bias)
+    """``F.linear(x, weight, bias)``; on CPU float32 tensors outside autocast, by oneDNN where :func:`picks_onednn`
+    (by the CPU, the product's size and the width of its outputs), with gradients too (equal within float32
+    rounding: the two libraries sum in different orders). `out` (inference only) receives the result on the MKL
+    path; oneDNN's matmul has none, so use the returned tensor."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        multiply_adds = x.numel() // max(1, x.shape[-1]) * weight.numel()
+        if picks_onednn(multiply_adds, wide=weight.shape[0] >= WIDE_OUTPUTS * weight.shape[1]):
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+                return _OneDNNLinear.apply(x, weight, bias)
+            return _onednn(x, weight, bias)
     if out is None:
         return F.linear(x, weight, bias)
     torch.matmul(x, weight.t(), out=out)

@@ -51,7 +51,7 @@ def describe(device: torch.device) -> dict:
     the kernels DSLA layers run and the projections' library there (or the GPU), and the versions."""
     import transformers
 
-    from .kernels import backend_summary, onednn_preferred
+    from .kernels import backend_summary, projection_libraries
     from .kernels.dispatch import cpu_isa, cpu_name
 
     where = {"cpu": cpu_name(), "cpu_isa": cpu_isa()}
@@ -60,7 +60,7 @@ def describe(device: torch.device) -> dict:
     if device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)
     else:
-        where["cpu_projections"] = "onednn" if onednn_preferred() else "mkl"
+        where["cpu_projections"] = projection_libraries()
     return {**where, "torch": torch.__version__, "transformers": transformers.__version__}
 
 

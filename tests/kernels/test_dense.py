@@ -70,16 +70,19 @@ def test_out_receives_the_result_on_the_mkl_path(library):
 
 
 @pytest.mark.parametrize(
-    "vendor, isa, kernel_isa, expected",
+    "vendor, isa, kernel_isa, expected, wide",
     [
-        ("AuthenticAMD", "avx512", "native", True),  # MKL would run its AVX2 code here
-        ("HygonGenuine", "avx512", "native", True),
-        ("AuthenticAMD", "avx512", "avx2", False),  # an AVX2 machine's code paths asked for
-        ("AuthenticAMD", "avx2", "native", False),  # AVX2 code: the layer was slower with oneDNN at 512 and 16k
-        ("GenuineIntel", "avx512", "native", False),  # MKL runs AVX-512 on Intel
+        ("AuthenticAMD", "avx512", "native", True, True),  # MKL would run its AVX2 code here
+        ("HygonGenuine", "avx512", "native", True, True),
+        ("AuthenticAMD", "avx512", "avx2", False, True),  # an AVX2 machine's code paths asked for
+        ("AuthenticAMD", "avx2", "native", False, True),  # AVX2 code: the layer was slower with oneDNN at 512 and 16k
+        ("AuthenticAMD", "other", "native", False, False),
+        ("GenuineIntel", "avx512", "native", False, False),  # MKL runs AVX-512 on Intel
+        ("GenuineIntel", "avx2", "native", False, False),
     ],
 )
-def test_dispatch_rule(monkeypatch, vendor, isa, kernel_isa, expected):
+def test_dispatch_rule(monkeypatch, vendor, isa, kernel_isa, expected, wide):
+    """All products (`onednn_preferred`), and those with wide outputs (an LM head's) where the others keep MKL."""
     monkeypatch.delenv("DSLA_HF_ONEDNN_LINEAR", raising=False)
     monkeypatch.setenv("DSLA_HF_CPU_ISA", kernel_isa)
     monkeypatch.setattr(dense, "cpuinfo", lambda: {"vendor_id": vendor})
@@ -87,9 +90,33 @@ def test_dispatch_rule(monkeypatch, vendor, isa, kernel_isa, expected):
     onednn_preferred.cache_clear()
     try:
         assert onednn_preferred() is (expected and ONEDNN)
-        monkeypatch.setenv("DSLA_HF_ONEDNN_LINEAR", "0" if expected else "1")  # the override wins either way
+        assert dense.onednn_for_wide_outputs() is (wide and ONEDNN)
+        for forced in ("0", "1"):  # the override wins either way, for both
+            monkeypatch.setenv("DSLA_HF_ONEDNN_LINEAR", forced)
+            onednn_preferred.cache_clear()
+            assert onednn_preferred() is dense.onednn_for_wide_outputs() is (forced == "1" and ONEDNN)
+    finally:
         onednn_preferred.cache_clear()
-        assert onednn_preferred() is (not expected and ONEDNN)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+def test_wide_outputs_alone_take_onednn_on_avx2_code(monkeypatch):
+    """On an AVX2-only AMD CPU an LM head's product (outputs >= WIDE_OUTPUTS x inputs) is oneDNN's, a square one
+    MKL's, both equal to `F.linear`'s."""
+    monkeypatch.delenv("DSLA_HF_ONEDNN_LINEAR", raising=False)
+    monkeypatch.delenv("DSLA_HF_CPU_ISA", raising=False)
+    monkeypatch.setattr(dense, "cpuinfo", lambda: {"vendor_id": "AuthenticAMD"})
+    monkeypatch.setattr(dense, "cpu_isa", lambda: "avx2")
+    monkeypatch.setattr(dense, "ONEDNN_MIN_MACS", 0)
+    onednn_preferred.cache_clear()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    try:
+        for width, library in ((dense.WIDE_OUTPUTS * 64, "oneDNN"), (64, "MKL")):
+            weight = torch.randn(width, 64)
+            y = linear(x, weight)
+            assert ("OneDNN" in type(y.grad_fn).__name__) == (library == "oneDNN"), library
+            torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
     finally:
         onednn_preferred.cache_clear()
 

@@ -51,7 +51,7 @@ from ...kernels import (
     fused_recurrent_dsla,
     hedgehog,
     linear,
-    onednn_preferred,
+    projection_libraries,
     scratch,
     use_fast_linears,
     window_attention,
@@ -66,7 +66,8 @@ logger = logging.get_logger(__name__)
 @functools.cache
 def announce_kernels(device: torch.device) -> None:
     """Say once per device which kernels the DSLA layers run (remote code included)."""
-    projections = "; the projections run oneDNN" if device.type == "cpu" and onednn_preferred() else ""
+    libraries = projection_libraries() if device.type == "cpu" else "mkl"
+    projections = "" if libraries == "mkl" else f"; projections by {libraries}"
     logger.warning(f"DSLA layers on {device} run {backend_summary(device)}{projections}")
 
 
