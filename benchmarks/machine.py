@@ -94,7 +94,8 @@ def describe(meta: dict) -> str:
             f"{meta['dsla_backend']}; torch {meta['torch']}, transformers {meta['transformers']}"
         )
     kernel = f"C++ kernels on the {meta['dsla_kernel_isa']} path" if meta["dsla_kernel_isa"] else "PyTorch path"
-    projections = {"onednn": "oneDNN", "mkl": "MKL"}.get(meta.get("cpu_projections"), "MKL")
+    projections = meta.get("cpu_projections", "mkl").replace("onednn", "oneDNN").replace("mkl", "MKL")
+    projections = projections.replace("wide outputs", "wide outputs (the LM head)")
     return (
         f"{meta['cpu']} ({meta['cpu_isa']}), {meta['threads']} threads; {kernel}, projections by {projections}, "
         f"PyTorch on its {meta['torch_cpu_capability']} kernels; torch {meta['torch']}, "
