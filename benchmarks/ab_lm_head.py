@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from machine import describe, machine
 
-from dsla_hf import DSLACache, convert_llama_to_dsla, load_teacher
+from dsla_hf import convert_llama_to_dsla, load_teacher
+from dsla_hf.commands.demo import generation_stats
 from dsla_hf.kernels import dense
-
-
-def median_step(model, ids: torch.Tensor, steps: int) -> float:
-    cache = DSLACache(model.config)
-    token = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,7 +42,8 @@ def main() -> None:
                 for name, layers, library in setups:
                     dense.WIDE_OUTPUTS = rule if library == "oneDNN" else 1 << 30  # MKL: no output is that wide
                     model.set_dsla_layers(layers)
-                    times.setdefault(f"{name}, LM head by {library}", []).append(median_step(model, ids, args.steps))
+                    step_s = generation_stats(model, ids, args.steps + 1)["decode_ms_per_token"] / 1e3  # the median
+                    times.setdefault(f"{name}, LM head by {library}", []).append(step_s)
     finally:
         dense.WIDE_OUTPUTS = rule
     meta = machine(args.threads)

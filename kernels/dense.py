@@ -34,8 +34,12 @@ ONEDNN_MIN_MACS = 800_000
 WIDE_OUTPUTS = 16
 
 
-def _has_onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _forced() -> bool | None:
+    """``DSLA_HF_ONEDNN_LINEAR``'s choice (always False where PyTorch has no oneDNN), or None: the rule decides."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
+    return None if choice is None else choice == "1"
 
 
 @functools.cache
@@ -43,11 +47,8 @@ def onednn_preferred() -> bool:
     """Whether float32 CPU products run `linear` through oneDNN. ``DSLA_HF_ONEDNN_LINEAR=1`` forces it (where
     PyTorch has oneDNN), ``=0`` keeps MKL; unset, the rule: a CPU with AVX-512 that is not Intel's (where MKL runs
     AVX2 code), unless ``DSLA_HF_CPU_ISA=avx2`` asks for an AVX2 machine's code paths."""
-    if not _has_onednn():
-        return False
-    choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
-    if choice is not None:
-        return choice == "1"
+    if (forced := _forced()) is not None:
+        return forced
     if os.environ.get("DSLA_HF_CPU_ISA", "native").lower() == "avx2":  # an AVX2 machine's code paths
         return False
     return cpu_isa() == "avx512" and cpuinfo().get("vendor_id") != "GenuineIntel"
@@ -56,11 +57,8 @@ def onednn_preferred() -> bool:
 def onednn_for_wide_outputs() -> bool:
     """Whether products with wide outputs (:data:`WIDE_OUTPUTS`) run oneDNN where the others keep MKL: on any CPU
     with AVX2 or more that is not Intel's (``DSLA_HF_ONEDNN_LINEAR`` decides for them too)."""
-    if not _has_onednn():
-        return False
-    choice = os.environ.get("DSLA_HF_ONEDNN_LINEAR")
-    if choice is not None:
-        return choice == "1"
+    if (forced := _forced()) is not None:
+        return forced
     return cpu_isa() in ("avx2", "avx512") and cpuinfo().get("vendor_id") != "GenuineIntel"
 
 
